@@ -1,0 +1,134 @@
+"""`edge-spade`: a thin command line over the Python API (edge_spade.runtime)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import IO, Sequence
+
+from .errors import EdgeSpadeError, QuestionError
+from .registry import load_registry
+from .runtime import Answer, Runtime, load_model
+
+log = logging.getLogger("edge_spade")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-spade", description="Fast single-token answers from quantized LLMs.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ask", help="answer a question (one token: a choice, yes/no, or the next token)")
+    p.add_argument("question", nargs="?", help="the question, or the text to continue when there are no choices")
+    p.add_argument("--choices", nargs="+", metavar="CHOICE", help="answer options (yes no: the words themselves)")
+    p.add_argument("--file", help="JSON lines {id?, question, choices?}; one JSON answer per line ('-': stdin)")
+    p.add_argument("--json", action="store_true", help="print the answer as one JSON object")
+    p.add_argument("--model", help="registry name or .gguf path (default: the default model; see `models`)")
+    depth = p.add_mutually_exclusive_group()
+    depth.add_argument("--layer", type=int, help="decode at this layer (0-based) instead of full depth")
+    depth.add_argument("--full", action="store_true", help="full-depth answer (the default for now)")
+    p.add_argument("--lens", choices=["spade", "logit"], default="spade", help="decoder used at --layer")
+    p.add_argument("--tail", type=int, default=1, help="SPADE tail width: prompt rows forwarded besides the start")
+    p.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all this process may use)")
+    p.add_argument("--gpu-layers", type=int, default=0, help="layers offloaded to Metal/GPU backends")
+    p.add_argument("--ctx", type=int, default=2048, help="context size in tokens (the longest prompt)")
+
+    m = sub.add_parser("models", help="list the models edge-spade knows and where they come from")
+    m.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="edge-spade: %(message)s")
+    try:
+        if args.command == "models":
+            return cmd_models(args)
+        return cmd_ask(args)
+    except EdgeSpadeError as exc:
+        if os.environ.get("EDGE_SPADE_DEBUG"):
+            raise
+        print(f"edge-spade: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    if (args.question is None) == (args.file is None):
+        raise QuestionError("give a question, or --file with JSON lines (not both)")
+    rt = load_model(args.model, threads=args.threads, gpu_layers=args.gpu_layers, n_ctx=args.ctx)
+    options = dict(layer=args.layer, lens=args.lens, tail=args.tail, template=False if args.raw else None)
+    if args.file is None:
+        answer = rt.ask(args.question, args.choices, **options)
+        print(json.dumps(answer.to_dict(), ensure_ascii=False) if args.json else format_answer(answer))
+        return 0
+    stream = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
+    with stream:
+        return ask_lines(rt, stream, options, sys.stdout, json_out=args.json)
+
+
+def ask_lines(rt: Runtime, stream: IO[bytes], options: dict, out: IO[str], json_out: bool) -> int:
+    """Answer each JSON line as it comes; report bad lines on stderr and keep going."""
+    failed = 0
+    for number, raw in enumerate(stream, start=1):
+        if not raw.strip():
+            continue
+        try:
+            item = json.loads(raw.decode("utf-8"))
+            if not isinstance(item, dict) or not isinstance(item.get("question"), str):
+                raise QuestionError('expected an object with a "question" string')
+            choices = item.get("choices")
+            if choices is not None and not (isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
+                raise QuestionError('"choices" must be a list of strings')
+            answer = rt.ask(item["question"], choices, **options)
+        except (EdgeSpadeError, ValueError) as exc:  # ValueError covers JSON and UTF-8 errors
+            failed += 1
+            print(f"edge-spade: line {number}: {exc}", file=sys.stderr)
+            continue
+        record = {"id": item.get("id"), **answer.to_dict()}
+        out.write((json.dumps(record, ensure_ascii=False) if json_out else f"{item.get('id', number)}: "
+                   + format_answer(answer).splitlines()[0]) + "\n")
+        out.flush()
+    if failed:
+        print(f"edge-spade: {failed} line(s) failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def format_answer(a: Answer) -> str:
+    """Human-readable answer: the answer, each choice's probability, how and how fast."""
+    free = a.choice_index is None
+    head = repr(a.answer) if free else a.answer if a.label == a.answer else f"{a.label}. {a.answer}"
+    lines = [f"answer: {head}"]
+    shown = {key: repr(key) if free else key for key in a.probs}
+    width = max(map(len, shown.values()), default=0)
+    for key, p in a.probs.items():
+        lines.append(f"  {shown[key]:<{width}}  {p:6.3f}{' *' if key == a.answer else ''}")
+    where = "full depth" if a.mode == "full" else f"{a.mode} at layer {a.layer}"
+    t = a.timings_ms
+    lines.append(
+        f"{where} of {a.n_layers} layers | {a.prompt_tokens} prompt tokens | {a.model} | "
+        f"{t['total']:.1f} ms (prefill {t['prefill']:.1f}, tail {t['tail']:.1f})"
+    )
+    return "\n".join(lines)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    entries = load_registry()
+    if args.json:
+        print(json.dumps([{**e.__dict__, "source": e.source.__dict__} for e in entries.values()], indent=1))
+        return 0
+    for e in entries.values():
+        src = e.source
+        where = f"pip package {src.package}" if src.kind == "package" else f"hub {src.repo}/{e.file}"
+        print(f"{e.name:<24}{' (default)' if e.default else '':<11}{e.arch:<8}{e.n_layers:>3} layers  {where}")
+        print(f"{'':<24}{e.description}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

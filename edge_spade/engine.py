@@ -1,0 +1,342 @@
+"""One llama.cpp model + context, decoded layer by layer.
+
+Every readout is a single-token distribution over a decision set of token ids (None: the
+whole vocabulary) at the last prompt position:
+
+- `full`: the whole model. With a decision set the pass stops at `result_norm` and only the
+  decision rows of the output matrix are applied (the LM head is skipped).
+- `logit_lens(layer)`: the prompt pass stops after `layer`; final norm + head in numpy.
+- `spade(layer, tail)`: the prompt pass stops after `layer`; the start row and the last
+  `tail` rows are forwarded as a fresh short sequence through the remaining layers, by
+  overwriting `l_out-layer` of that short pass (llama.cpp cannot start a pass mid-way).
+- `trace`: one full pass that keeps the tail rows of every layer, so that SPADE and the
+  lenses at every layer can be computed afterwards without repeating the prompt pass.
+
+The whole prompt goes in one ubatch (`n_ubatch = n_ctx`) so that "after layer l" is one
+moment of one graph, and the KV cache is cleared around every pass.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+
+from .archs import Arch, lookup_arch
+from .errors import DecodeError, LayerError, ModelFileError, PromptTooLongError, QuestionError
+from .hooks import LayerHooks, Tap, load_ggml
+from .weights import OutputHead, read_index
+
+log = logging.getLogger(__name__)
+_llama_log = logging.getLogger("edge_spade.llama_cpp")
+
+_GGML_LOG_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.DEBUG, 4: logging.DEBUG}
+_backend: dict[str, object] = {}
+
+
+def _init_backend():
+    """llama.cpp's global init, once per process; its log goes to our logger at DEBUG."""
+    if not _backend:
+        import llama_cpp
+
+        ggml = load_ggml()
+
+        def on_log(level: int, text: bytes | None, _data: int) -> None:
+            if text:
+                _llama_log.log(_GGML_LOG_LEVELS.get(level, logging.DEBUG), text.decode("utf-8", "replace").rstrip())
+
+        _backend["log"] = llama_cpp.llama_log_callback(on_log)
+        llama_cpp.llama_log_set(_backend["log"], None)
+        llama_cpp.llama_backend_init()
+        _backend["ggml"] = ggml
+    return _backend["ggml"]
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on (llama.cpp is memory-bound past the physical cores)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How to run a model; the context is sized once and reused for every question."""
+
+    n_ctx: int = 2048
+    n_threads: int | None = None  # None: every CPU this process may use
+    n_gpu_layers: int = 0  # Metal or another GPU backend; CPU is what the tests cover
+    kv_type: Literal["f16", "f32"] = "f16"  # f32 for exact comparisons in tests
+
+
+@dataclass
+class Readout:
+    """Logits over the decision set at the last prompt position, and what they cost."""
+
+    logits: np.ndarray  # (n_decision,) or (n_vocab,)
+    layer: int  # the layer whose state produced them (n_layers - 1 for the full model)
+    prefill_ms: float  # the prompt pass, stopped or not
+    tail_ms: float = 0.0  # SPADE's short pass, or the numpy head
+
+
+@dataclass
+class Trace:
+    """Hidden states of one full prompt pass, for SPADE and lenses at every layer."""
+
+    tokens: list[int]
+    tail_rows: list[int]  # prompt positions kept in `states`
+    states: np.ndarray  # (n_layers - 1, len(tail_rows), n_embd): rows after each layer but the last
+    last: np.ndarray  # (n_layers, n_embd): the last prompt row after every layer
+    full: Readout  # the full model's readout
+
+
+def tail_positions(n_tokens: int, tail: int) -> list[int]:
+    """Prompt positions of a SPADE tail: the start token and the last `tail` tokens."""
+    if not isinstance(tail, int) or tail < 1:
+        raise LayerError(f"tail width must be a positive integer, got {tail!r}")
+    return sorted({0, *range(max(0, n_tokens - tail), n_tokens)})
+
+
+class Engine:
+    """A loaded GGUF model with one context, driven through llama.cpp's eval callback."""
+
+    def __init__(self, path: str | Path, settings: EngineSettings | None = None) -> None:
+        import llama_cpp
+
+        self.path = Path(path)
+        self.settings = settings or EngineSettings()
+        self.index = read_index(self.path)  # validates the file before llama.cpp sees it
+        self.arch: Arch = lookup_arch(self.index.arch)
+        ggml = _init_backend()
+        self._ll = llama_cpp
+        self._model = self._ctx = self._batch = None
+
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = self.settings.n_gpu_layers
+        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not self._model:
+            raise ModelFileError(f"llama.cpp could not load {self.path} (corrupt or incomplete GGUF?)")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_layers = llama_cpp.llama_model_n_layer(self._model)
+        self.n_embd = llama_cpp.llama_model_n_embd(self._model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+
+        self.hooks = LayerHooks(ggml)
+        n_ctx = self.settings.n_ctx
+        threads = self.settings.n_threads or default_threads()
+        kv = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32}[self.settings.kv_type]
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_ctx
+        cparams.n_seq_max = 1
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.type_k = cparams.type_v = kv
+        cparams.cb_eval = self.hooks.eval_callback
+        cparams.abort_callback = self.hooks.abort_callback
+        cparams.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            raise ModelFileError(f"llama.cpp could not create a context of {n_ctx} tokens for {self.path}")
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(self.n_ctx, 0, 1)
+        self.head = OutputHead(self.path, self.index)
+        log.debug("loaded %s: %s, %d layers, n_embd %d, %d threads", self.path.name, self.arch.name,
+                  self.n_layers, self.n_embd, threads)
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        ll = self._ll
+        if self._batch is not None:
+            ll.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            ll.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            ll.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    # -- vocabulary ---------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids of `text`; `add_special` adds BOS when the model wants one."""
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise QuestionError("the text is not valid UTF-8") from None
+        n_max = len(data) + 8
+        buf = (self._ll.llama_token * n_max)()
+        n = self._ll.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:
+            raise PromptTooLongError(f"text of {len(data)} bytes tokenizes to more than {n_max} tokens")
+        return list(buf[:n])
+
+    def token_text(self, token: int) -> str:
+        """The text of one token (special tokens included), as llama.cpp renders it."""
+        buf = ctypes.create_string_buffer(256)
+        n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+        return buf.raw[: max(n, 0)].decode("utf-8", "replace")
+
+    @property
+    def adds_bos(self) -> bool:
+        return bool(self._ll.llama_vocab_get_add_bos(self._vocab))
+
+    @property
+    def bos_text(self) -> str:
+        bos = self._ll.llama_vocab_bos(self._vocab)
+        return self.token_text(bos) if bos >= 0 else ""
+
+    @property
+    def eos_text(self) -> str:
+        eos = self._ll.llama_vocab_eos(self._vocab)
+        return self.token_text(eos) if eos >= 0 else ""
+
+    @property
+    def chat_template(self) -> str | None:
+        raw = self._ll.llama_model_chat_template(self._model, None)
+        return raw.decode("utf-8") if raw else None
+
+    # -- readouts -----------------------------------------------------------------------
+
+    def full(self, tokens: Sequence[int], ids: np.ndarray | None) -> Readout:
+        """The whole model's logits over `ids` (None: the vocabulary)."""
+        t0 = time.perf_counter()
+        if ids is None:
+            self._decode(tokens, {})
+            logits = self._last_logits()
+        else:
+            capture = self._decode(tokens, {self.arch.final_norm: Tap(read_rows=(-1,), stop=True)})
+            logits = self.head.logits(capture.rows[self.arch.final_norm][0], ids)
+        return Readout(logits, self.n_layers - 1, _ms(t0))
+
+    def logit_lens(self, tokens: Sequence[int], layer: int, ids: np.ndarray | None) -> Readout:
+        """Final norm + LM head applied to the last row after `layer`."""
+        self._check_layer(layer)
+        node = self.arch.layer_node(layer)
+        t0 = time.perf_counter()
+        capture = self._decode(tokens, {node: Tap(read_rows=(-1,), stop=True)})
+        t1 = time.perf_counter()
+        logits = self.lens(capture.rows[node][0], ids)
+        return Readout(logits, layer, _ms(t0, t1), _ms(t1))
+
+    def lens(self, hidden: np.ndarray, ids: np.ndarray | None) -> np.ndarray:
+        """The logit lens of one captured hidden state (n_embd,)."""
+        return self.head.logits(self.head.final_norm(hidden), ids)
+
+    def spade(self, tokens: Sequence[int], layer: int, ids: np.ndarray | None, tail: int = 1) -> Readout:
+        """SPADE at `layer`: stop the prompt pass there and forward the tail rows to the end."""
+        self._check_layer(layer)
+        rows = tail_positions(len(tokens), tail)
+        if layer == self.n_layers - 1:  # nothing left to run: SPADE is the full model
+            return self.full(tokens, ids)
+        node = self.arch.layer_node(layer)
+        t0 = time.perf_counter()
+        capture = self._decode(tokens, {node: Tap(read_rows=tuple(rows), stop=True)})
+        t1 = time.perf_counter()
+        logits = self.spade_tail(capture.rows[node], layer, ids, [tokens[r] for r in rows])
+        return Readout(logits, layer, _ms(t0, t1), _ms(t1))
+
+    def spade_tail(self, states: np.ndarray, layer: int, ids: np.ndarray | None,
+                   tokens: Sequence[int] | None = None) -> np.ndarray:
+        """Forward `states` (k, n_embd), taken after `layer`, through the layers above it.
+
+        The short sequence gets adjacent positions 0..k-1 (llama.cpp needs consecutive
+        positions; RoPE sees only distances). Its layers up to `layer` run on `tokens` (any
+        valid ids) and are overwritten at `l_out-layer`, so only the layers above count.
+        """
+        self._check_layer(layer)
+        if layer == self.n_layers - 1:
+            return self.lens(states[-1], ids)
+        k = states.shape[0]
+        tokens = list(tokens) if tokens is not None else [0] * k
+        taps = {self.arch.layer_node(layer): Tap(write=states)}
+        if ids is None:
+            self._decode(tokens, taps)
+            return self._last_logits()
+        taps[self.arch.final_norm] = Tap(read_rows=(-1,), stop=True)
+        capture = self._decode(tokens, taps)
+        return self.head.logits(capture.rows[self.arch.final_norm][0], ids)
+
+    def trace(self, tokens: Sequence[int], ids: np.ndarray | None, tail: int = 1) -> Trace:
+        """One full prompt pass that keeps the tail rows after every layer."""
+        rows = tail_positions(len(tokens), tail)
+        last = self.n_layers - 1
+        taps = {self.arch.layer_node(i): Tap(read_rows=tuple(rows)) for i in range(last)}
+        taps[self.arch.layer_node(last)] = Tap(read_rows=(-1,))  # only output rows survive the last layer
+        if ids is not None:
+            taps[self.arch.final_norm] = Tap(read_rows=(-1,), stop=True)
+        t0 = time.perf_counter()
+        capture = self._decode(tokens, taps)
+        if ids is None:
+            logits = self._last_logits()
+        else:
+            logits = self.head.logits(capture.rows[self.arch.final_norm][0], ids)
+        full = Readout(logits, last, _ms(t0))
+        states = np.stack([capture.rows[self.arch.layer_node(i)] for i in range(last)]) if last else \
+            np.zeros((0, len(rows), self.n_embd), np.float32)
+        final_rows = np.concatenate([states[:, -1, :], capture.rows[self.arch.layer_node(last)]])
+        return Trace(list(tokens), rows, states, final_rows, full)
+
+    # -- llama.cpp plumbing ---------------------------------------------------------------
+
+    def _check_layer(self, layer: int) -> None:
+        if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.n_layers:
+            raise LayerError(f"layer {layer} is outside 0..{self.n_layers - 1} for this {self.n_layers}-layer model")
+
+    def _decode(self, tokens: Sequence[int], taps: dict[str, Tap]):
+        """Decode `tokens` as sequence 0 on an empty cache, logits for the last token only."""
+        n = len(tokens)
+        if n == 0:
+            raise QuestionError("the prompt has no tokens")
+        if n > self.n_ctx:
+            raise PromptTooLongError(
+                f"the prompt has {n} tokens but the context holds {self.n_ctx}; shorten it or raise --ctx"
+            )
+        batch = self._batch
+        batch.n_tokens = n
+        for i, tok in enumerate(tokens):
+            batch.token[i] = int(tok)
+            batch.pos[i] = i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = i == n - 1
+        ll = self._ll
+        ll.llama_memory_clear(self._mem, True)
+        try:
+            rc, capture = self.hooks.run(taps, lambda: ll.llama_decode(self._ctx, batch))
+        finally:
+            ll.llama_memory_clear(self._mem, True)
+        if rc != 0 and not (rc == 2 and capture.stopped):
+            raise DecodeError(f"llama_decode failed with status {rc} on a {n}-token batch")
+        missing = [name for name, tap in taps.items() if tap.read_rows and name not in capture.rows]
+        if missing:
+            raise DecodeError(f"graph node(s) {', '.join(missing)} never appeared in the {self.arch.name} graph")
+        return capture
+
+    def _last_logits(self) -> np.ndarray:
+        ptr = self._ll.llama_get_logits_ith(self._ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+
+def _ms(start: float, end: float | None = None) -> float:
+    return ((end if end is not None else time.perf_counter()) - start) * 1000.0

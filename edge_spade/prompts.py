@@ -1,0 +1,158 @@
+"""Questions turned into prompt tokens and a decision set.
+
+- Choices are shown as lettered options; the decision set is the letter tokens.
+- Choices yes/no (in either order) use the words themselves.
+- No choices: the text is continued as is and the decision set is the whole vocabulary.
+
+Each choice may own several tokens ("A" and " A"; "yes", " yes", "Yes", " Yes"): its score is
+the log-sum-exp of their logits, so the answer does not hinge on which spelling the model
+prefers after this particular prompt. When the model ships a chat template (in its GGUF),
+multiple-choice prompts go through it as one user turn; free continuations never do.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from .errors import QuestionError
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+MAX_CHOICES = 26
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A formatted question: what the model reads and which tokens decide the answer."""
+
+    text: str
+    tokens: list[int]
+    kind: str  # "letters" | "yesno" | "free"
+    choices: tuple[str, ...]  # () for free answers
+    labels: tuple[str, ...]  # what each choice is called in the prompt ("A", "yes", ...)
+    ids: np.ndarray | None  # decision-set token ids; None = the whole vocabulary
+    groups: tuple[tuple[int, ...], ...]  # per choice, its positions in `ids`
+
+    def choice_logits(self, logits: np.ndarray) -> np.ndarray:
+        """(n_choices,) scores from logits over `ids`: log-sum-exp within each choice."""
+        return np.array([np.logaddexp.reduce(logits[list(g)]) for g in self.groups], dtype=np.float64)
+
+
+def check_question(question: str, choices: Sequence[str] | None) -> tuple[str, tuple[str, ...]]:
+    """Validate and normalise; raises QuestionError with what is wrong."""
+    if not isinstance(question, str) or not question.strip():
+        raise QuestionError("the question is empty")
+    for text in (question, *(choices or ())):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise QuestionError(f"{text!r} is not valid UTF-8 text") from None
+    if choices is None or len(choices) == 0:
+        return question, ()
+    cleaned = tuple(c.strip() for c in choices)
+    if len(cleaned) < 2:
+        raise QuestionError("give at least two choices, or none for a free answer")
+    if len(cleaned) > MAX_CHOICES:
+        raise QuestionError(f"at most {MAX_CHOICES} choices are supported, got {len(cleaned)}")
+    if any(not c for c in cleaned):
+        raise QuestionError("a choice is empty")
+    folded = [c.casefold() for c in cleaned]
+    dupes = sorted({c for c in cleaned if folded.count(c.casefold()) > 1})
+    if dupes:
+        raise QuestionError(f"duplicate choice(s): {', '.join(dupes)}")
+    return question, cleaned
+
+
+def is_yes_no(choices: Sequence[str]) -> bool:
+    return sorted(c.casefold() for c in choices) == ["no", "yes"]
+
+
+def format_question(question: str, choices: tuple[str, ...], labels: tuple[str, ...], chat: bool) -> str:
+    """The user-visible text of a question (before any chat template)."""
+    q = question.strip()
+    if not choices:
+        return question  # a free continuation is left exactly as written
+    if labels == choices:  # yes/no
+        return f"{q}\nAnswer yes or no." if chat else f"Question: {q}\nAnswer (yes or no):"
+    options = "\n".join(f"{label}. {text}" for label, text in zip(labels, choices))
+    if chat:
+        return f"{q}\n{options}\nAnswer with the letter of the correct option."
+    return f"Question: {q}\n{options}\nAnswer:"
+
+
+def render_chat(template: str, user: str, bos: str, eos: str) -> str:
+    """Apply a GGUF chat template (Jinja, as in Hugging Face tokenizer configs) to one user turn."""
+    return _compile(template).render(
+        messages=[{"role": "user", "content": user}], add_generation_prompt=True, bos_token=bos, eos_token=eos
+    )
+
+
+@lru_cache(maxsize=8)
+def _compile(template: str):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message: str):
+        raise QuestionError(f"the model's chat template refused the prompt: {message}")
+
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)
+
+
+def build_prompt(engine: "Engine", question: str, choices: Sequence[str] | None = None,
+                 template: bool | None = None) -> Prompt:
+    """Format, tokenize and pick the decision set. `template`: None = the model's own if it has one."""
+    question, choices = check_question(question, choices)
+    if not choices:
+        tokens = engine.tokenize(question)
+        return Prompt(question, tokens, "free", (), (), None, ())
+    yes_no = is_yes_no(choices)
+    labels = choices if yes_no else tuple(string.ascii_uppercase[: len(choices)])
+    chat_template = engine.chat_template if template in (None, True) else None
+    if template is True and chat_template is None:
+        raise QuestionError("this model has no chat template; drop --template")
+    user = format_question(question, choices, labels, chat=chat_template is not None)
+    if chat_template is not None:
+        text = render_chat(chat_template, user, engine.bos_text, engine.eos_text)
+        # The template writes BOS itself when the model wants one.
+        tokens = engine.tokenize(text, add_special=engine.adds_bos and not text.startswith(engine.bos_text or "\0"))
+    else:
+        text = user
+        tokens = engine.tokenize(text)
+    ids, groups = decision_set(engine, labels, any_case=yes_no)
+    return Prompt(text, tokens, "yesno" if yes_no else "letters", choices, labels, ids, groups)
+
+
+def decision_set(engine: "Engine", labels: Sequence[str], any_case: bool = False
+                 ) -> tuple[np.ndarray, tuple[tuple[int, ...], ...]]:
+    """Single-token spellings of each label (with and without a leading space; for words,
+    lower and capitalised too), as decision-set ids and per-label groups. Letters keep
+    their case: " a" is an article, not option A."""
+    ids: list[int] = []
+    groups: list[tuple[int, ...]] = []
+    owner: dict[int, str] = {}
+    for label in labels:
+        group: list[int] = []
+        forms = (label.lower(), label.capitalize()) if any_case else (label,)
+        for form in forms:
+            for spelling in (form, " " + form):
+                toks = engine.tokenize(spelling, add_special=False, parse_special=False)
+                if len(toks) != 1:
+                    continue
+                tok = toks[0]
+                if owner.setdefault(tok, label) != label:
+                    raise QuestionError(f"choices {owner[tok]!r} and {label!r} share the token {tok}")
+                if tok not in ids:
+                    ids.append(tok)
+                    group.append(len(ids) - 1)
+        if not group:
+            raise QuestionError(f"the label {label!r} is not a single token for this model")
+        groups.append(tuple(group))
+    return np.array(ids, dtype=np.int64), tuple(groups)

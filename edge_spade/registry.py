@@ -1,0 +1,199 @@
+"""Known models: declarative entries in `models/*.toml`, resolved to a verified local GGUF.
+
+A model comes from a Python package that ships (or assembles) the file, or from the Hugging
+Face Hub via huggingface-hub's own cache. Either way the file is checked against its sha256
+(pinned in the entry, else the hub's LFS sha256) once; the result is remembered by path,
+size and mtime so later runs do not re-hash hundreds of megabytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from importlib.resources import files
+from pathlib import Path
+
+from .errors import ModelFileError, ModelUnavailableError, UnknownModelError
+from .weights import cache_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "package" | "hub"
+    package: str = ""  # pip name (package sources)
+    module: str = ""  # import name holding the file
+    resource: str = ""  # file inside the module
+    assemble: bool = False  # the module's assemble() writes the file from chunks
+    repo: str = ""  # hub repo id (hub sources)
+    revision: str = "main"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    description: str
+    arch: str
+    n_layers: int
+    file: str
+    source: Source
+    sha256: str = ""
+    default: bool = False
+    notes: str = ""
+
+
+def _build(cls, raw: dict, where: str):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    return cls(**raw)
+
+
+def load_registry() -> dict[str, ModelEntry]:
+    """Every entry shipped in edge_spade.models, by name."""
+    entries: dict[str, ModelEntry] = {}
+    for res in sorted(files("edge_spade.models").iterdir(), key=lambda r: r.name):
+        if not res.name.endswith(".toml"):
+            continue
+        raw = tomllib.loads(res.read_text(encoding="utf-8"))
+        raw["source"] = _build(Source, raw.get("source", {}), f"{res.name} [source]")
+        entry = _build(ModelEntry, raw, res.name)
+        entries[entry.name] = entry
+    return entries
+
+
+def default_model() -> ModelEntry:
+    return next(e for e in load_registry().values() if e.default)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: Path
+    name: str  # registry name, or the file name for a plain path
+    entry: ModelEntry | None = None
+
+
+def resolve_model(model: str | os.PathLike | None = None) -> ResolvedModel:
+    """A registry name, or a path to a GGUF file, to a verified local file."""
+    if model is None:
+        entry = default_model()
+        return ResolvedModel(fetch(entry), entry.name, entry)
+    text = os.fspath(model)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise ModelFileError(f"{path} is a directory; give a .gguf file or a model name (see: edge-spade models)")
+    if path.is_file():
+        return ResolvedModel(path.resolve(), path.name)
+    registry = load_registry()
+    if text in registry:
+        return ResolvedModel(fetch(registry[text]), text, registry[text])
+    if text.endswith(".gguf") or os.sep in text or "/" in text:
+        raise ModelFileError(f"model file {path} does not exist")
+    raise UnknownModelError(f"unknown model {text!r}; known models: {', '.join(registry)} (or give a .gguf path)")
+
+
+def fetch(entry: ModelEntry) -> Path:
+    """The entry's file on disk, fetched if needed and verified."""
+    src = entry.source
+    if src.kind == "package":
+        path, expected = _from_package(entry), entry.sha256
+    elif src.kind == "hub":
+        path = download_from_hub(src.repo, entry.file, src.revision)
+        expected = entry.sha256 or hub_sha256(src.repo, entry.file, src.revision)
+    else:
+        raise ModelUnavailableError(f"model {entry.name}: unknown source kind {src.kind!r}")
+    verify_sha256(path, expected)
+    return path
+
+
+def _from_package(entry: ModelEntry) -> Path:
+    src = entry.source
+    try:
+        module = importlib.import_module(src.module)
+    except ImportError:
+        raise ModelUnavailableError(
+            f"model {entry.name} comes from the package {src.package}, which is not installed; "
+            f"run: pip install {src.package}  (or: pip install 'edge-spade[models]')"
+        ) from None
+    if not src.assemble:
+        return Path(str(files(module).joinpath(src.resource)))
+    target = cache_dir() / "models" / entry.file
+    if not target.exists():
+        log.info("assembling %s from the %s package (once)", entry.file, src.package)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".part{os.getpid()}")
+        try:
+            module.assemble(output_path=tmp, overwrite=True)
+            tmp.replace(target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
+
+
+def download_from_hub(repo: str, filename: str, revision: str = "main") -> Path:
+    """hf_hub_download into huggingface-hub's cache (with its own progress bar)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id=repo, filename=filename, revision=revision))
+    except LocalEntryNotFoundError:
+        raise ModelUnavailableError(
+            f"{repo}/{filename} is not in the local Hugging Face cache and the hub cannot be reached"
+        ) from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise ModelUnavailableError(f"could not download {repo}/{filename}: {exc}") from None
+
+
+def hub_sha256(repo: str, filename: str, revision: str = "main") -> str:
+    """The hub's own LFS sha256 of a file ('' if the hub cannot tell us)."""
+    from huggingface_hub import HfApi
+
+    try:
+        info = HfApi().get_paths_info(repo, [filename], revision=revision)
+    except Exception as exc:  # noqa: BLE001 - offline: verification falls back to the cache marker
+        log.warning("cannot ask the hub for the sha256 of %s/%s (%s); not verified", repo, filename, exc)
+        return ""
+    lfs = getattr(info[0], "lfs", None) if info else None
+    return getattr(lfs, "sha256", "") or ""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: Path, expected: str) -> None:
+    """Raise ModelFileError unless `path` hashes to `expected` ('' = nothing to check)."""
+    if not expected:
+        return
+    if not path.is_file():
+        raise ModelFileError(f"model file {path} does not exist")
+    stat = path.stat()
+    marker_file = cache_dir() / "verified.json"
+    try:
+        markers = json.loads(marker_file.read_text())
+    except (OSError, ValueError):
+        markers = {}
+    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": expected}
+    if markers.get(str(path)) == stamp:
+        return
+    log.info("verifying sha256 of %s", path.name)
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ModelFileError(f"{path} has sha256 {actual}, expected {expected}; delete it and fetch it again")
+    markers[str(path)] = stamp
+    marker_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = marker_file.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(markers, indent=1))
+    tmp.replace(marker_file)

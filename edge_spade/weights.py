@@ -1,0 +1,192 @@
+"""What we read from the GGUF file ourselves: a few hyperparameters and the LM head.
+
+llama.cpp owns the model; we only need the output matrix rows of the decision set (to skip
+the full LM head), the final norm weight (for the logit lens) and a few numbers. gguf's
+`GGUFReader` parses the whole header, which takes ~13 s for Gemma 3's 262k-token vocabulary,
+so the first open of a file records what we need in a small JSON index in the cache, keyed
+by the file's path, size and mtime; later opens read that and memory-map the tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ModelFileError
+
+log = logging.getLogger(__name__)
+
+INDEX_VERSION = 1
+GGUF_MAGIC = b"GGUF"
+
+
+def cache_dir() -> Path:
+    """edge-spade's cache folder: $EDGE_SPADE_CACHE, else $XDG_CACHE_HOME/edge-spade, else ~/.cache/edge-spade."""
+    env = os.environ.get("EDGE_SPADE_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "edge-spade"
+
+
+@dataclass(frozen=True)
+class TensorLoc:
+    offset: int  # absolute byte offset in the file
+    qtype: int  # GGMLQuantizationType
+    n_rows: int
+    n_cols: int
+
+
+@dataclass(frozen=True)
+class GgufIndex:
+    """The facts about one GGUF file that the runtime needs besides llama.cpp itself."""
+
+    arch: str
+    n_layers: int
+    n_embd: int
+    n_vocab: int
+    rms_eps: float
+    logit_softcap: float  # 0 = none
+    output: TensorLoc  # output.weight, or token_embd.weight when the embeddings are tied
+    output_norm: TensorLoc
+    file_size: int
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def _parse(path: Path) -> GgufIndex:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as exc:  # gguf raises ValueError, struct/numpy errors, IndexError on truncation
+        raise ModelFileError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from None
+    arch = _field(reader, "general.architecture")
+    if not isinstance(arch, str):
+        raise ModelFileError(f"{path} has no general.architecture; is it a model GGUF?")
+    tensors = {t.name: t for t in reader.tensors}
+    out = tensors.get("output.weight") or tensors.get("token_embd.weight")
+    norm = tensors.get("output_norm.weight")
+    if out is None or norm is None:
+        raise ModelFileError(f"{path} lacks output_norm.weight or an output matrix; is it a complete {arch} model?")
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise ModelFileError(f"{path} is truncated: tensor {t.name} ends past the end of the file")
+
+    def loc(t) -> TensorLoc:
+        n_cols = int(t.shape[0])
+        n_rows = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1
+        return TensorLoc(int(t.data_offset), int(t.tensor_type), n_rows, n_cols)
+
+    n_vocab = _field(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    return GgufIndex(
+        arch=arch,
+        n_layers=int(_field(reader, f"{arch}.block_count", 0)),
+        n_embd=int(_field(reader, f"{arch}.embedding_length", 0)),
+        n_vocab=int(n_vocab),
+        rms_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        logit_softcap=float(_field(reader, f"{arch}.final_logit_softcapping", 0.0) or 0.0),
+        output=loc(out),
+        output_norm=loc(norm),
+        file_size=size,
+    )
+
+
+def read_index(path: str | Path) -> GgufIndex:
+    """Index of a GGUF file, from the cache when the file has not changed."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise ModelFileError(f"model file {path} does not exist")
+    with path.open("rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or head[:4] != GGUF_MAGIC:
+        raise ModelFileError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    if struct.unpack("<I", head[4:8])[0] not in (2, 3):
+        raise ModelFileError(f"{path} has an unsupported GGUF version {struct.unpack('<I', head[4:8])[0]}")
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:32]
+    cached = cache_dir() / "index" / f"{key}.json"
+    if cached.exists():
+        try:
+            raw = json.loads(cached.read_text())
+            if raw.pop("version") == INDEX_VERSION:
+                raw["output"], raw["output_norm"] = TensorLoc(**raw["output"]), TensorLoc(**raw["output_norm"])
+                return GgufIndex(**raw)
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring a damaged index cache entry %s", cached)
+    log.info("indexing %s (first use of this file; later runs read the cache)", path.name)
+    index = _parse(path)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"version": INDEX_VERSION, **asdict(index)}))
+    tmp.replace(cached)
+    return index
+
+
+class OutputHead:
+    """The final norm and LM head, applied in numpy to rows we captured.
+
+    Rows of the output matrix are dequantized on first use and cached, so a decision set of a
+    few tokens costs a few hundred bytes of work; the whole matrix is dequantized only when a
+    whole-vocabulary readout is asked of numpy (logit lens over the vocabulary).
+    """
+
+    def __init__(self, path: str | Path, index: GgufIndex) -> None:
+        self.index = index
+        self._data = np.memmap(path, mode="r", dtype=np.uint8)
+        self.norm_weight = self._dequantize(index.output_norm, None).reshape(-1)  # (n_embd,)
+        self._rows: dict[int, np.ndarray] = {}
+        self._matrix: np.ndarray | None = None
+
+    def _dequantize(self, loc: TensorLoc, rows: np.ndarray | None) -> np.ndarray:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        qtype = GGMLQuantizationType(loc.qtype)
+        block, block_bytes = GGML_QUANT_SIZES[qtype]
+        row_bytes = loc.n_cols // block * block_bytes
+        raw = self._data[loc.offset : loc.offset + loc.n_rows * row_bytes].reshape(loc.n_rows, row_bytes)
+        if rows is not None:
+            raw = raw[rows]
+        if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            return np.asarray(raw).view(np.float32 if qtype == GGMLQuantizationType.F32 else np.float16).astype(np.float32)
+        return dequantize(np.asarray(raw), qtype).reshape(-1, loc.n_cols).astype(np.float32, copy=False)
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """(len(ids), n_embd) output-matrix rows."""
+        missing = [int(i) for i in ids if int(i) not in self._rows]
+        if missing:
+            for i, row in zip(missing, self._dequantize(self.index.output, np.asarray(missing))):
+                self._rows[i] = row
+        return np.stack([self._rows[int(i)] for i in ids])
+
+    def matrix(self) -> np.ndarray:
+        """(n_vocab, n_embd), dequantized once (Gemma 3 270M: 670 MB, ~4 s)."""
+        if self._matrix is None:
+            log.info("dequantizing the full output matrix (%d x %d)", self.index.output.n_rows, self.index.n_embd)
+            self._matrix = self._dequantize(self.index.output, None)
+        return self._matrix
+
+    def final_norm(self, hidden: np.ndarray) -> np.ndarray:
+        """RMSNorm times output_norm, as llama.cpp's result_norm. hidden: (..., n_embd)."""
+        h = hidden.astype(np.float32)
+        scale = 1.0 / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + self.index.rms_eps)
+        return h * scale * self.norm_weight
+
+    def logits(self, normed: np.ndarray, ids: np.ndarray | None) -> np.ndarray:
+        """Logits of already-normed rows over `ids` (None: the whole vocabulary)."""
+        weight = self.matrix() if ids is None else self.rows(ids)
+        out = normed @ weight.T
+        cap = self.index.logit_softcap
+        return np.tanh(out / cap) * cap if cap else out
