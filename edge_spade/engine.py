@@ -74,6 +74,7 @@ class EngineSettings:
     n_threads: int | None = None  # None: every CPU this process may use
     n_gpu_layers: int = 0  # Metal or another GPU backend; CPU is what the tests cover
     kv_type: Literal["f16", "f32"] = "f16"  # f32 for exact comparisons in tests
+    flash_attn: bool | None = None  # None: llama.cpp decides; on CPU it rounds attention through f16
 
 
 @dataclass
@@ -137,6 +138,8 @@ class Engine:
         cparams.n_seq_max = 1
         cparams.n_threads = cparams.n_threads_batch = threads
         cparams.type_k = cparams.type_v = kv
+        if self.settings.flash_attn is not None:
+            cparams.flash_attn_type = int(self.settings.flash_attn)
         cparams.cb_eval = self.hooks.eval_callback
         cparams.abort_callback = self.hooks.abort_callback
         cparams.no_perf = True

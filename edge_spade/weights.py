@@ -89,12 +89,11 @@ def _parse(path: Path) -> GgufIndex:
         n_rows = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1
         return TensorLoc(int(t.data_offset), int(t.tensor_type), n_rows, n_cols)
 
-    n_vocab = _field(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
     return GgufIndex(
         arch=arch,
         n_layers=int(_field(reader, f"{arch}.block_count", 0)),
         n_embd=int(_field(reader, f"{arch}.embedding_length", 0)),
-        n_vocab=int(n_vocab),
+        n_vocab=loc(out).n_rows,
         rms_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
         logit_softcap=float(_field(reader, f"{arch}.final_logit_softcapping", 0.0) or 0.0),
         output=loc(out),
