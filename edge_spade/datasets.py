@@ -1,0 +1,93 @@
+"""Benchmark and calibration sets in their original formats, as uniform items.
+
+ARC (jsonl: question.stem/choices, answerKey), BoolQ (jsonl: question, passage, answer),
+HEAD-QA (json: exams -> data: qtext, answers, ra) and cloze facts (jsonl: prompt, answer,
+category). The format is recognised from the content, not the file name.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import EdgeSpadeError
+
+
+class DatasetError(EdgeSpadeError):
+    """A data file in none of the known formats."""
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    question: str
+    choices: tuple[str, ...] | None  # None: a free single-token answer
+    gold: int | str | None  # index into choices, or the expected token text (cloze)
+    group: str = ""  # the data set (or cloze category)
+
+
+def load_items(path: str | Path, limit: int | None = None, few_shot: int = 3, seed: int = 0) -> list[Item]:
+    """Items of one file; cloze prompts get a few-shot prefix from other items of their category."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise DatasetError(f"cannot read {path}: {exc}") from None
+    if text.lstrip().startswith("{") and '"exams"' in text[:2000]:
+        items = _headqa(json.loads(text), path.stem)
+    else:
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        if not rows:
+            raise DatasetError(f"{path} holds no items")
+        first = rows[0]
+        if isinstance(first.get("question"), dict):
+            items = [_arc(r, path.stem) for r in rows]
+        elif "passage" in first and isinstance(first.get("answer"), bool):
+            items = [_boolq(i, r) for i, r in enumerate(rows)]
+        elif {"prompt", "answer"} <= set(first):
+            items = _cloze(rows, few_shot, seed)
+        else:
+            raise DatasetError(f"{path}: not ARC, BoolQ, HEAD-QA or cloze facts (keys: {sorted(first)})")
+    return items[:limit] if limit else items
+
+
+def _arc(row: dict, group: str) -> Item:
+    choices = row["question"]["choices"]
+    labels = [c["label"] for c in choices]
+    gold = labels.index(row["answerKey"]) if row.get("answerKey") in labels else None
+    return Item(row["id"], row["question"]["stem"], tuple(c["text"] for c in choices), gold, group)
+
+
+def _boolq(i: int, row: dict) -> Item:
+    q = row["question"].strip()
+    question = f"{row['passage'].strip()}\n{q[:1].upper()}{q[1:]}?"
+    return Item(f"boolq-{i}", question, ("yes", "no"), 0 if row["answer"] else 1, "boolq")
+
+
+def _headqa(data: dict, group: str) -> list[Item]:
+    items = []
+    for exam in data["exams"].values():
+        for q in exam["data"]:
+            if q.get("image"):
+                continue  # refers to an image that is not in the text release
+            aids = [a["aid"] for a in q["answers"]]
+            gold = aids.index(int(q["ra"])) if int(q["ra"]) in aids else None
+            items.append(Item(f"{exam['name']}-{q['qid']}", q["qtext"], tuple(a["atext"] for a in q["answers"]),
+                              gold, group))
+    return items
+
+
+def _cloze(rows: list[dict], few_shot: int, seed: int) -> list[Item]:
+    rng = random.Random(seed)
+    by_cat: dict[str, list[dict]] = {}
+    for r in rows:
+        by_cat.setdefault(r.get("category", ""), []).append(r)
+    items = []
+    for r in rows:
+        others = [o for o in by_cat[r.get("category", "")] if o is not r]
+        shots = rng.sample(others, min(few_shot, len(others)))
+        prefix = "".join(f"{s['prompt']}{s['answer']}\n" for s in shots)
+        items.append(Item(r.get("id", ""), prefix + r["prompt"], None, r["answer"], r.get("category", "")))
+    return items

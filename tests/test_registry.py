@@ -1,0 +1,104 @@
+"""Model registry: entries, package and hub sources, sha256 checks. Nothing here touches the network."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from edge_spade import registry
+from edge_spade.archs import lookup_arch
+from edge_spade.errors import ModelFileError, ModelUnavailableError
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGE_SPADE_CACHE", str(tmp_path / "cache"))
+
+
+def test_entries_are_complete():
+    entries = registry.load_registry()
+    assert [e.name for e in entries.values() if e.default] == ["gemma3-270m"]
+    for e in entries.values():
+        lookup_arch(e.arch)
+        assert e.file.endswith(".gguf") and e.n_layers > 0
+        assert e.source.kind in ("package", "hub")
+        if e.source.kind == "package":
+            assert len(e.sha256) == 64  # package files are pinned
+
+
+def test_unknown_keys_are_reported():
+    with pytest.raises(ValueError, match="unknown key"):
+        registry._build(registry.Source, {"kind": "hub", "repo": "x/y", "revsion": "main"}, "x.toml")
+
+
+def test_package_models_resolve_and_verify():
+    for name in ("gemma3-270m", "smollm2-135m"):
+        resolved = registry.resolve_model(name)
+        assert resolved.path.is_file() and resolved.entry.name == name
+        assert registry.sha256_file(resolved.path) == resolved.entry.sha256
+
+
+def test_missing_package_names_the_pip_command():
+    entry = registry.load_registry()["smollm2-135m"]
+    gone = replace(entry, source=replace(entry.source, module="edge_spade_no_such_module", package="no-such-pkg"))
+    with pytest.raises(ModelUnavailableError, match="pip install no-such-pkg"):
+        registry.fetch(gone)
+
+
+def test_hub_source_downloads_and_checks_the_lfs_sha(monkeypatch, tiny_model):
+    """The download is replaced at our own boundary; verification is real."""
+    entry = registry.load_registry()["qwen2.5-0.5b-instruct"]
+    calls = []
+    monkeypatch.setattr(registry, "download_from_hub", lambda repo, file, rev: calls.append((repo, file)) or tiny_model[0])
+    monkeypatch.setattr(registry, "hub_sha256", lambda repo, file, rev: registry.sha256_file(tiny_model[0]))
+    assert registry.fetch(entry) == tiny_model[0]
+    assert calls == [("Qwen/Qwen2.5-0.5B-Instruct-GGUF", "qwen2.5-0.5b-instruct-q4_k_m.gguf")]
+    monkeypatch.setattr(registry, "hub_sha256", lambda repo, file, rev: "0" * 64)
+    with pytest.raises(ModelFileError, match="expected 0000"):
+        registry.fetch(entry)
+
+
+def test_offline_hub_gives_a_clear_error(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "EDGE_SPADE_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "edge_spade.cli", "ask", "hi", "--model", "llama3.2-1b-instruct"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1
+    assert "not in the local Hugging Face cache" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_hub_cache_is_used_offline(tmp_path, tiny_model):
+    """huggingface-hub pointed at a local cache: the real hf_hub_download finds the file there."""
+    entry = registry.load_registry()["qwen2.5-0.5b-instruct"]
+    commit = "a" * 40
+    repo_dir = tmp_path / "hub" / ("models--" + entry.source.repo.replace("/", "--"))
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    snap = repo_dir / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (snap / entry.file).write_bytes(tiny_model[0].read_bytes())
+    code = (
+        "from edge_spade import registry; import sys\n"
+        f"print(registry.download_from_hub({entry.source.repo!r}, {entry.file!r}))"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()).read_bytes() == tiny_model[0].read_bytes()
+
+
+def test_verified_files_are_not_rehashed(monkeypatch, tmp_path):
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF" + b"\0" * 100)
+    digest = registry.sha256_file(f)
+    registry.verify_sha256(f, digest)
+    monkeypatch.setattr(registry, "sha256_file", lambda p: pytest.fail("re-hashed a verified file"))
+    registry.verify_sha256(f, digest)
+    f.write_bytes(b"GGUF" + b"\1" * 100)  # changed: hashed again, and refused
+    monkeypatch.setattr(registry, "sha256_file", lambda p: "bad")
+    with pytest.raises(ModelFileError, match="has sha256 bad"):
+        registry.verify_sha256(f, digest)
