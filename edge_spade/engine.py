@@ -24,7 +24,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 
@@ -280,6 +280,33 @@ class Engine:
         capture = self._decode(tokens, taps)
         return self.head.logits(capture.rows[self.arch.final_norm][0], ids)
 
+    def early_exit(self, tokens: Sequence[int], ids: np.ndarray | None,
+                   checks: dict[int, Callable[[np.ndarray], bool]], tail: int = 1) -> Readout:
+        """One prompt pass that may stop at any layer in `checks`, then answers with SPADE there.
+
+        `checks[layer]` sees the tail rows after `layer` (the last row is the answer position)
+        inside the eval callback and returns True to stop; the first True wins. Without an
+        exit the pass runs to the end and the readout is the full model's.
+        """
+        rows = tail_positions(len(tokens), tail)
+        last = self.n_layers - 1
+        for layer in checks:
+            self._check_layer(layer)
+        taps = {self.arch.layer_node(layer): Tap(read_rows=tuple(rows), decide=check)
+                for layer, check in checks.items() if layer < last}
+        if ids is not None:
+            taps[self.arch.final_norm] = Tap(read_rows=(-1,), stop=True)
+        t0 = time.perf_counter()
+        capture = self._decode(tokens, taps)
+        t1 = time.perf_counter()
+        if capture.stop_node is None:
+            logits = self._last_logits() if ids is None else self.head.logits(
+                capture.rows[self.arch.final_norm][0], ids)
+            return Readout(logits, last, _ms(t0, t1))
+        layer = next(layer for layer in checks if self.arch.layer_node(layer) == capture.stop_node)
+        logits = self.spade_tail(capture.rows[capture.stop_node], layer, ids, [tokens[r] for r in rows])
+        return Readout(logits, layer, _ms(t0, t1), _ms(t1))
+
     def trace(self, tokens: Sequence[int], ids: np.ndarray | None, tail: int = 1) -> Trace:
         """One full prompt pass that keeps the tail rows after every layer."""
         rows = tail_positions(len(tokens), tail)
@@ -331,7 +358,8 @@ class Engine:
             ll.llama_memory_clear(self._mem, True)
         if rc != 0 and not (rc == 2 and capture.stopped):
             raise DecodeError(f"llama_decode failed with status {rc} on a {n}-token batch")
-        missing = [name for name, tap in taps.items() if tap.read_rows and name not in capture.rows]
+        missing = [name for name, tap in taps.items()
+                   if tap.read_rows and name not in capture.rows and capture.stop_node is None]
         if missing:
             raise DecodeError(f"graph node(s) {', '.join(missing)} never appeared in the {self.arch.name} graph")
         return capture

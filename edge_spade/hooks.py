@@ -18,7 +18,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -131,6 +131,7 @@ class Tap:
     read_rows: tuple[int, ...] = ()  # rows to copy out; negative counts from the end
     write: np.ndarray | None = None  # (k, n_embd) float32 rows written over rows 0..k-1
     stop: bool = False  # abort the decode once this node is handled
+    decide: Optional[Callable[[np.ndarray], bool]] = None  # sees the rows read; True stops the decode
 
 
 @dataclass
@@ -140,6 +141,7 @@ class Capture:
     rows: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (len(read_rows), ne0)
     n_rows: dict[str, int] = field(default_factory=dict)  # name -> the node's row count
     stopped: bool = False
+    stop_node: str | None = None  # the node whose `decide` stopped the decode
 
 
 class LayerHooks:
@@ -205,6 +207,9 @@ class LayerHooks:
                     raise IndexError(f"row {row} of node {name} with {n_rows} rows")
                 self._get(tensor, out[i].ctypes.data, (row % n_rows) * stride, width * 4)
             self._capture.rows[name] = out
+            if tap.decide is not None and tap.decide(out):
+                self._capture.stop_node = name
+                self._stop = True
         if tap.write is not None:
             rows = np.ascontiguousarray(tap.write, dtype=np.float32)
             if rows.ndim != 2 or rows.shape[1] != width or rows.shape[0] > n_rows:

@@ -1,0 +1,77 @@
+"""The SPADE-EXIT rule: at evaluation layers, stop when the L-SPADE head is confident enough.
+
+At each evaluation layer the head maps the answer position's hidden state to a normed vector,
+the decision-set rows of the output matrix turn it into logits, and the entropy (nats) of the
+choice distribution is compared with the threshold. A negative threshold never exits; an
+infinite one exits at the first evaluation layer. The answer after an exit comes from SPADE
+at that layer (Engine.early_exit), never from the head.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .engine import Engine, Readout
+from .heads import OnnxHeads, entropy
+from .prompts import Prompt
+
+
+@dataclass(frozen=True)
+class ExitPolicy:
+    threshold: float  # nats; exit when the head's entropy is at or below it
+    eval_layers: tuple[int, ...]  # layers checked, in order
+    head_index: dict[int, int]  # layer -> index of its head in the ONNX file
+
+    def __post_init__(self) -> None:
+        missing = [layer for layer in self.eval_layers if layer not in self.head_index]
+        if missing:
+            raise ValueError(f"no head for evaluation layer(s) {missing}")
+
+
+@dataclass
+class ExitTrace:
+    """What the controller saw: entropy per evaluated layer and the time spent judging."""
+
+    entropies: dict[int, float] = field(default_factory=dict)
+    check_ms: float = 0.0
+
+
+def exit_checks(engine: Engine, heads: OnnxHeads, policy: ExitPolicy, prompt: Prompt,
+                seen: ExitTrace) -> dict[int, Callable[[np.ndarray], bool]]:
+    """Per evaluation layer, the callback-side test: head -> decision logits -> entropy <= threshold."""
+    rows = engine.head.rows(prompt.ids) if prompt.ids is not None else None
+
+    def check_at(layer: int) -> Callable[[np.ndarray], bool]:
+        index = policy.head_index[layer]
+
+        def check(states: np.ndarray) -> bool:
+            t0 = time.perf_counter()
+            normed = heads.normed(states[-1], index)
+            if rows is None:
+                h = entropy(engine.head.logits(normed, None))
+            else:
+                h = entropy(prompt.choice_logits(normed @ rows.T))
+            seen.entropies[layer] = h
+            seen.check_ms += (time.perf_counter() - t0) * 1000.0
+            return h <= policy.threshold
+
+        return check
+
+    return {layer: check_at(layer) for layer in policy.eval_layers}
+
+
+def spade_exit(engine: Engine, heads: OnnxHeads, policy: ExitPolicy, prompt: Prompt,
+               tail: int = 1) -> tuple[Readout, ExitTrace]:
+    """Answer `prompt` with SPADE-EXIT: one prompt pass, stopped at the first confident layer."""
+    seen = ExitTrace()
+    if policy.threshold < 0 or math.isnan(policy.threshold):
+        checks = {}  # never exits: no hooks at all, the plain full-depth pass
+    else:
+        checks = exit_checks(engine, heads, policy, prompt, seen)
+    readout = engine.early_exit(prompt.tokens, prompt.ids, checks, tail=tail)
+    return readout, seen
