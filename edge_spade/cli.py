@@ -29,13 +29,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="registry name or .gguf path (default: the default model; see `models`)")
     depth = p.add_mutually_exclusive_group()
     depth.add_argument("--layer", type=int, help="decode at this layer (0-based) instead of full depth")
-    depth.add_argument("--full", action="store_true", help="full-depth answer (the default for now)")
+    depth.add_argument("--full", action="store_true", help="full-depth answer, even when heads allow an early exit")
     p.add_argument("--lens", choices=["spade", "logit"], default="spade", help="decoder used at --layer")
-    p.add_argument("--tail", type=int, default=1, help="SPADE tail width: prompt rows forwarded besides the start")
+    p.add_argument("--tail", type=int, default=None,
+                   help="SPADE tail width: prompt rows forwarded besides the start (default 1, or the heads' own)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="SPADE-EXIT entropy threshold in nats (default: the calibrated one; negative: never exit)")
+    p.add_argument("--heads", default=None, help="heads folder from `edge-spade calibrate` (default: shipped heads)")
     p.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
     p.add_argument("--threads", type=int, help="CPU threads (default: all this process may use)")
     p.add_argument("--gpu-layers", type=int, default=0, help="layers offloaded to Metal/GPU backends")
     p.add_argument("--ctx", type=int, default=2048, help="context size in tokens (the longest prompt)")
+
+    c = sub.add_parser("calibrate", help="train L-SPADE heads and pick the exit threshold for a model")
+    c.add_argument("--model", help="registry name or .gguf path (default: the default model)")
+    c.add_argument("--data", action="append", required=True,
+                   help="ARC / BoolQ / HEAD-QA file of choice questions (repeatable); only prompts are used")
+    c.add_argument("--out", required=True, help="heads folder to write (lspade.onnx, tuned.onnx, heads.json)")
+    c.add_argument("--limit", type=int, default=None, help="questions per data file")
+    c.add_argument("--target-agreement", type=float, default=0.99)
+    c.add_argument("--confidence", type=float, default=0.95)
+    c.add_argument("--holdout", type=float, default=0.3, help="share of prompts held out to pick the threshold")
+    c.add_argument("--min-layer", type=int, default=1, help="first layer with a head")
+    c.add_argument("--rank", type=int, default=64)
+    c.add_argument("--steps", type=int, default=300)
+    c.add_argument("--tail", type=int, default=1)
+    c.add_argument("--threads", type=int)
 
     m = sub.add_parser("models", help="list the models edge-spade knows and where they come from")
     m.add_argument("--json", action="store_true")
@@ -48,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "models":
             return cmd_models(args)
+        if args.command == "calibrate":
+            return cmd_calibrate(args)
         return cmd_ask(args)
     except EdgeSpadeError as exc:
         if os.environ.get("EDGE_SPADE_DEBUG"):
@@ -61,8 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_ask(args: argparse.Namespace) -> int:
     if (args.question is None) == (args.file is None):
         raise QuestionError("give a question, or --file with JSON lines (not both)")
-    rt = load_model(args.model, threads=args.threads, gpu_layers=args.gpu_layers, n_ctx=args.ctx)
-    options = dict(layer=args.layer, lens=args.lens, tail=args.tail, template=False if args.raw else None)
+    rt = load_model(args.model, threads=args.threads, gpu_layers=args.gpu_layers, n_ctx=args.ctx, heads=args.heads)
+    options = dict(layer=args.layer, lens=args.lens, tail=args.tail, template=False if args.raw else None,
+                   full=args.full, threshold=args.threshold)
     if args.file is None:
         answer = rt.ask(args.question, args.choices, **options)
         print(json.dumps(answer.to_dict(), ensure_ascii=False) if args.json else format_answer(answer))
@@ -115,6 +137,26 @@ def format_answer(a: Answer) -> str:
         f"{t['total']:.1f} ms (prefill {t['prefill']:.1f}, tail {t['tail']:.1f})"
     )
     return "\n".join(lines)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .calibrate import calibrate
+    from .datasets import load_items
+
+    items = [item for path in args.data for item in load_items(path, limit=args.limit)]
+    rt = load_model(args.model, threads=args.threads, heads=False)
+    result = calibrate(
+        rt, items, args.out, data_names=[os.path.basename(p) for p in args.data], min_layer=args.min_layer,
+        holdout=args.holdout, target_agreement=args.target_agreement, confidence=args.confidence, rank=args.rank,
+        steps=args.steps, tail=args.tail,
+        progress=lambda xs: tqdm(xs, desc=f"calibrate {rt.name}", file=sys.stderr, disable=args.quiet),
+    )
+    m = result.manifest
+    print(f"heads for {m.model} ({len(m.layers)} layers) in {result.out_dir}; thresholds (nats): "
+          + ", ".join(f"{k} {v:.4g}" for k, v in m.thresholds.items()))
+    return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -281,12 +281,15 @@ class Engine:
         return self.head.logits(capture.rows[self.arch.final_norm][0], ids)
 
     def early_exit(self, tokens: Sequence[int], ids: np.ndarray | None,
-                   checks: dict[int, Callable[[np.ndarray], bool]], tail: int = 1) -> Readout:
+                   checks: dict[int, Callable[[np.ndarray], bool]], tail: int = 1,
+                   then_spade: bool = True) -> Readout:
         """One prompt pass that may stop at any layer in `checks`, then answers with SPADE there.
 
         `checks[layer]` sees the tail rows after `layer` (the last row is the answer position)
         inside the eval callback and returns True to stop; the first True wins. Without an
-        exit the pass runs to the end and the readout is the full model's.
+        exit the pass runs to the end and the readout is the full model's. `then_spade=False`
+        skips the SPADE pass after an exit (lens baselines answer from their own head): the
+        readout's logits are then empty and the caller supplies the answer.
         """
         rows = tail_positions(len(tokens), tail)
         last = self.n_layers - 1
@@ -304,6 +307,8 @@ class Engine:
                 capture.rows[self.arch.final_norm][0], ids)
             return Readout(logits, last, _ms(t0, t1))
         layer = next(layer for layer in checks if self.arch.layer_node(layer) == capture.stop_node)
+        if not then_spade:
+            return Readout(np.empty(0, np.float32), layer, _ms(t0, t1))
         logits = self.spade_tail(capture.rows[capture.stop_node], layer, ids, [tokens[r] for r in rows])
         return Readout(logits, layer, _ms(t0, t1), _ms(t1))
 

@@ -38,6 +38,7 @@ class ExitTrace:
     """What the controller saw: entropy per evaluated layer and the time spent judging."""
 
     entropies: dict[int, float] = field(default_factory=dict)
+    logits: dict[int, np.ndarray] = field(default_factory=dict)  # the head's decision logits per layer
     check_ms: float = 0.0
 
 
@@ -52,11 +53,10 @@ def exit_checks(engine: Engine, heads: OnnxHeads, policy: ExitPolicy, prompt: Pr
         def check(states: np.ndarray) -> bool:
             t0 = time.perf_counter()
             normed = heads.normed(states[-1], index)
-            if rows is None:
-                h = entropy(engine.head.logits(normed, None))
-            else:
-                h = entropy(prompt.choice_logits(normed @ rows.T))
+            logits = engine.head.logits(normed, None) if rows is None else normed @ rows.T
+            h = entropy(logits if rows is None else prompt.choice_logits(logits))
             seen.entropies[layer] = h
+            seen.logits[layer] = logits
             seen.check_ms += (time.perf_counter() - t0) * 1000.0
             return h <= policy.threshold
 
@@ -66,12 +66,18 @@ def exit_checks(engine: Engine, heads: OnnxHeads, policy: ExitPolicy, prompt: Pr
 
 
 def spade_exit(engine: Engine, heads: OnnxHeads, policy: ExitPolicy, prompt: Prompt,
-               tail: int = 1) -> tuple[Readout, ExitTrace]:
-    """Answer `prompt` with SPADE-EXIT: one prompt pass, stopped at the first confident layer."""
+               tail: int = 1, answer_from: str = "spade") -> tuple[Readout, ExitTrace]:
+    """Answer `prompt` with SPADE-EXIT: one prompt pass, stopped at the first confident layer.
+
+    `answer_from="head"` answers an exit with the head's own logits instead of SPADE's (the
+    tuned-lens and logit-lens baselines).
+    """
     seen = ExitTrace()
     if policy.threshold < 0 or math.isnan(policy.threshold):
         checks = {}  # never exits: no hooks at all, the plain full-depth pass
     else:
         checks = exit_checks(engine, heads, policy, prompt, seen)
-    readout = engine.early_exit(prompt.tokens, prompt.ids, checks, tail=tail)
+    readout = engine.early_exit(prompt.tokens, prompt.ids, checks, tail=tail, then_spade=answer_from == "spade")
+    if readout.logits.size == 0:
+        readout.logits = seen.logits[readout.layer]
     return readout, seen

@@ -69,6 +69,14 @@ def load_registry() -> dict[str, ModelEntry]:
     return entries
 
 
+def shipped_heads(name: str) -> Path | None:
+    """The calibrated heads folder shipped for a registry model (models/<name>/), if any."""
+    folder = files("edge_spade.models").joinpath(name)
+    if folder.joinpath("heads.json").is_file():
+        return Path(str(folder))
+    return None
+
+
 def default_model() -> ModelEntry:
     return next(e for e in load_registry().values() if e.default)
 

@@ -22,7 +22,9 @@ import numpy as np
 from .engine import Engine, EngineSettings, Readout
 from .errors import LayerError
 from .prompts import Prompt, build_prompt
-from .registry import resolve_model
+from .manifest import load_heads
+from .policy import ExitPolicy, spade_exit
+from .registry import resolve_model, shipped_heads
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,9 @@ class Answer:
     model: str
     token: int  # the winning token id (free answers) or the label's most likely token
     tail: int = 1  # SPADE tail width (prompt rows forwarded besides the start token)
+    exit_layer: int | None = None  # spade-exit: the layer it stopped at (None: no exit, full answer)
+    entropy: dict[int, float] | None = None  # spade-exit: head entropy (nats) at each evaluated layer
+    threshold: float | None = None  # spade-exit: the threshold in force
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,11 +61,20 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 
 class Runtime:
-    """A loaded model ready for questions; create once, ask many times (not thread-safe)."""
+    """A loaded model ready for questions; create once, ask many times (not thread-safe).
 
-    def __init__(self, engine: Engine, name: str) -> None:
+    With calibrated heads, choice questions are answered by SPADE-EXIT unless a layer or the
+    full model is asked for; free answers stay at full depth (the shipped heads are calibrated
+    on decision sets, not on the whole vocabulary).
+    """
+
+    def __init__(self, engine: Engine, name: str, heads_dir: Path | None = None) -> None:
         self.engine = engine
         self.name = name
+        self.heads_dir = heads_dir
+        self.manifest = self.heads = None
+        if heads_dir is not None:
+            self.manifest, self.heads = load_heads(heads_dir, engine)
 
     @property
     def n_layers(self) -> int:
@@ -76,15 +90,39 @@ class Runtime:
         *,
         layer: int | None = None,
         lens: Lens = "spade",
-        tail: int = 1,
+        tail: int | None = None,
         template: bool | None = None,
+        full: bool = False,
+        threshold: float | None = None,
         top_k: int = 5,
     ) -> Answer:
-        """Answer with the full model, or at `layer` with SPADE (default) or the logit lens."""
+        """Answer by SPADE-EXIT (with heads), at `layer` with SPADE or the logit lens, or at full depth."""
         t0 = time.perf_counter()
         prompt = self.prompt(question, choices, template)
-        readout, mode = self.readout(prompt, layer=layer, lens=lens, tail=tail)
-        return self.answer(prompt, readout, mode, t0, tail=tail, top_k=top_k)
+        if self.can_exit(prompt) and layer is None and not full:
+            return self.ask_exit(prompt, t0, threshold=threshold, tail=tail)
+        k = 1 if tail is None else tail
+        readout, mode = self.readout(prompt, layer=None if full else layer, lens=lens, tail=k)
+        return self.answer(prompt, readout, mode, t0, tail=k, top_k=top_k)
+
+    def can_exit(self, prompt: Prompt) -> bool:
+        return self.heads is not None and prompt.ids is not None
+
+    def ask_exit(self, prompt: Prompt, t0: float, *, threshold: float | None = None,
+                 tail: int | None = None) -> Answer:
+        """SPADE-EXIT: one prompt pass stopped at the first layer whose L-SPADE head is confident."""
+        manifest = self.manifest
+        tau = manifest.threshold if threshold is None else threshold
+        k = manifest.tail if tail is None else tail
+        policy = ExitPolicy(tau, tuple(manifest.eval_layers), {layer: i for i, layer in enumerate(manifest.layers)})
+        readout, seen = spade_exit(self.engine, self.heads, policy, prompt, tail=k)
+        answer = self.answer(prompt, readout, "spade-exit", t0, tail=k)
+        exited = readout.layer < self.engine.n_layers - 1
+        answer.exit_layer = readout.layer if exited else None
+        answer.entropy = {layer: round(h, 5) for layer, h in seen.entropies.items()}
+        answer.threshold = tau
+        answer.timings_ms["heads"] = round(seen.check_ms, 3)
+        return answer
 
     def readout(self, prompt: Prompt, *, layer: int | None, lens: Lens = "spade", tail: int = 1) -> tuple[Readout, str]:
         if layer is None:
@@ -118,7 +156,7 @@ class Runtime:
         total = (time.perf_counter() - t0) * 1000.0
         timings = {"total": round(total, 3), "prefill": round(readout.prefill_ms, 3), "tail": round(readout.tail_ms, 3)}
         return Answer(text, index, label, probs, mode, readout.layer, self.engine.n_layers, len(prompt.tokens),
-                      timings, self.name, token, tail if mode == "spade" else 1)
+                      timings, self.name, token, tail if mode in ("spade", "spade-exit") else 1)
 
     def close(self) -> None:
         self.engine.close()
@@ -131,11 +169,22 @@ def load_model(
     gpu_layers: int = 0,
     n_ctx: int = 2048,
     kv_type: Literal["f16", "f32"] = "f16",
+    heads: str | Path | None | Literal[False] = None,
 ) -> Runtime:
-    """A registry name or a GGUF path (None: the default model), loaded and ready."""
+    """A registry name or a GGUF path (None: the default model), loaded and ready.
+
+    `heads`: a folder made by `edge-spade calibrate`; None uses the heads shipped for a
+    registry model (if any); False loads none (full depth and fixed-layer modes only).
+    """
     resolved = resolve_model(model)
     settings = EngineSettings(n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers, kv_type=kv_type)
-    return Runtime(Engine(resolved.path, settings), resolved.name)
+    heads_dir = None if heads is False else Path(heads) if heads is not None else shipped_heads(resolved.name)
+    engine = Engine(resolved.path, settings)
+    try:
+        return Runtime(engine, resolved.name, heads_dir)
+    except Exception:
+        engine.close()
+        raise
 
 
 _loaded: dict[tuple, Runtime] = {}

@@ -162,6 +162,23 @@ class OutputHead:
             return np.asarray(raw).view(np.float32 if qtype == GGMLQuantizationType.F32 else np.float16).astype(np.float32)
         return dequantize(np.asarray(raw), qtype).reshape(-1, loc.n_cols).astype(np.float32, copy=False)
 
+    def fingerprint(self, n_sample: int = 64) -> str:
+        """sha256 of the output matrix's type, shape and raw bytes of evenly spaced rows.
+
+        Ties trained heads to this exact output matrix without hashing hundreds of MB per load.
+        """
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        loc = self.index.output
+        block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(loc.qtype)]
+        row_bytes = loc.n_cols // block * block_bytes
+        digest = hashlib.sha256(f"{loc.qtype}|{loc.n_rows}|{loc.n_cols}".encode())
+        for row in np.linspace(0, loc.n_rows - 1, min(n_sample, loc.n_rows)).astype(int):
+            start = loc.offset + int(row) * row_bytes
+            digest.update(self._data[start : start + row_bytes].tobytes())
+        digest.update(self.norm_weight.tobytes())
+        return digest.hexdigest()
+
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """(len(ids), n_embd) output-matrix rows."""
         missing = [int(i) for i in ids if int(i) not in self._rows]

@@ -58,3 +58,10 @@ def test_never_exiting_hooks_still_give_the_full_answer(tiny_engine, identity_he
     readout, seen = spade_exit(tiny_engine, identity_heads, policy(1e-12), prompt)
     assert readout.layer == tiny.N_LAYERS - 1 and sorted(seen.entropies) == list(LAYERS)
     np.testing.assert_array_equal(readout.logits, tiny_engine.full(prompt.tokens, prompt.ids).logits)
+
+
+def test_lens_baseline_answers_from_its_own_head(tiny_engine, identity_heads, prompt):
+    readout, _ = spade_exit(tiny_engine, identity_heads, policy(math.inf), prompt, answer_from="head")
+    assert readout.layer == LAYERS[0] and readout.tail_ms == 0.0
+    want = tiny_engine.logit_lens(prompt.tokens, LAYERS[0], prompt.ids).logits
+    np.testing.assert_allclose(readout.logits, want, atol=1e-4 * np.abs(want).max())

@@ -1,0 +1,158 @@
+"""SPADE-EXIT against the full-depth answer: fidelity, exit layers and wall-clock speedup.
+
+    python -m benchmarks.exit --model gemma3-270m --limit 100 --out results/exit-gemma3-270m.json
+
+For each question every configuration runs in turn in one process with the same threads
+(round robin, so load drift hits all alike): the full-depth answer, SPADE-EXIT at the shipped
+threshold and at a sweep of thresholds, a never-exiting threshold (the cost of hooks and
+heads), the tuned-lens and logit-lens exits at their own calibrated thresholds, and SPADE at
+the oracle layer (the earliest layer whose SPADE answer equals the full answer). Speedups are
+medians of per-question ratios full / configuration. Free-answer sets (cloze) are skipped:
+the shipped heads are calibrated on decision sets only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import data_path, progress, pyplot, save_json
+from edge_spade import load_model
+from edge_spade.calibrate import collect
+from edge_spade.datasets import load_items
+from edge_spade.heads import LayerHead, OnnxHeads, export_onnx
+from edge_spade.manifest import load_heads
+from edge_spade.metrics import accuracy, agreement, cohen_kappa, constant_agreement
+from edge_spade.policy import ExitPolicy, spade_exit
+
+log = logging.getLogger("benchmarks.exit")
+DATASETS = ["arc/ARC-Easy-Test.jsonl", "arc/ARC-Challenge-Test.jsonl", "boolq/dev.jsonl", "headqa/dev_HEAD_EN.json"]
+NEVER = 1e-12  # entropy is never at or below this: hooks and heads run, nothing exits
+
+
+def configurations(rt, sweep: list[float]) -> dict[str, tuple]:
+    """name -> (heads, threshold, answer_from)."""
+    m = rt.manifest
+    identity = OnnxHeads(export_onnx([LayerHead.identity(rt.engine.n_embd, 1) for _ in m.layers],
+                                     rt.engine.head.norm_weight, rt.engine.index.rms_eps))
+    _, tuned = load_heads(rt.heads_dir, rt.engine, "tuned.onnx")
+    configs = {"spade-exit": (rt.heads, m.threshold, "spade"), "never-exit": (rt.heads, NEVER, "spade"),
+               "tuned-lens-exit": (tuned, m.thresholds.get("tuned", -1.0), "head"),
+               "logit-lens-exit": (identity, m.thresholds.get("logit_lens", -1.0), "head")}
+    for tau in sweep:
+        configs[f"spade-exit@{tau:.3g}"] = (rt.heads, tau, "spade")
+    return configs
+
+
+def run_dataset(rt, data: str, limit: int | None, sweep: list[float]) -> tuple[list[dict], list[float]]:
+    engine, m = rt.engine, rt.manifest
+    items = [i for i in load_items(data_path(data), limit=limit) if i.choices]
+    configs = configurations(rt, sweep)
+    answers = {name: [] for name in configs}
+    exit_layers = {name: [] for name in configs}
+    times = {name: [] for name in [*configs, "full", "oracle"]}
+    full_answers, gold, oracle_layers = [], [], []
+    for item in progress(items, len(items), f"exit {rt.name} {Path(data).stem}"):
+        prompt = rt.prompt(item.question, item.choices)
+        sample = collect(rt, [item], tail=m.tail)[0]  # SPADE answers at every layer (cached)
+        t0 = time.perf_counter()
+        full = engine.full(prompt.tokens, prompt.ids)
+        times["full"].append(time.perf_counter() - t0)
+        full_answer = int(np.argmax(prompt.choice_logits(full.logits)))
+        full_answers.append(full_answer)
+        gold.append(item.gold)
+        oracle = next(layer for layer in range(engine.n_layers) if sample.choice(sample.spade[layer]) == full_answer)
+        oracle_layers.append(oracle)
+        t0 = time.perf_counter()
+        engine.spade(prompt.tokens, oracle, prompt.ids, tail=m.tail)
+        times["oracle"].append(time.perf_counter() - t0)
+        for name, (heads, tau, source) in configs.items():
+            policy = ExitPolicy(tau, tuple(m.eval_layers), {layer: i for i, layer in enumerate(m.layers)})
+            t0 = time.perf_counter()
+            readout, _ = spade_exit(engine, heads, policy, prompt, tail=m.tail, answer_from=source)
+            times[name].append(time.perf_counter() - t0)
+            answers[name].append(int(np.argmax(prompt.choice_logits(readout.logits))))
+            exit_layers[name].append(readout.layer)
+    full_t = np.array(times["full"])
+    rows = []
+    for name in configs:
+        rows.append({
+            "data": data, "method": name, "threshold": configs[name][1], "n": len(items),
+            "accuracy": accuracy(answers[name], gold), "agreement": agreement(answers[name], full_answers),
+            "kappa": cohen_kappa(answers[name], full_answers), "constant_agreement": constant_agreement(full_answers),
+            "full_accuracy": accuracy(full_answers, gold),
+            "mean_exit_layer": float(np.mean(exit_layers[name])),
+            "speedup_median": float(np.median(full_t / np.array(times[name]))),
+            "oracle_speedup": float(np.median(full_t / np.array(times["oracle"]))),
+            "oracle_mean_exit_layer": float(np.mean(oracle_layers)),
+        })
+    overhead = list(np.array(times["never-exit"]) / full_t)
+    return rows, overhead
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="registry name (default: the default model and its shipped heads)")
+    p.add_argument("--heads", default=None, help="heads folder (default: the shipped heads)")
+    p.add_argument("--data", nargs="+", default=DATASETS)
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--sweep", type=float, nargs="*", default=None, help="extra thresholds (default: from the curve)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    rt = load_model(args.model, threads=args.threads, heads=args.heads)
+    if rt.heads is None:
+        p.error(f"{rt.name} has no heads: run edge-spade calibrate first, or pass --heads")
+    sweep = args.sweep
+    if sweep is None:  # thresholds at which the calibration curve's mean exit layer is spread out
+        curve = [c for c in rt.manifest.curves["lspade"] if np.isfinite(c["threshold"])]
+        sweep = sorted({round(curve[int(i)]["threshold"], 4) for i in np.linspace(1, len(curve) - 1, 5)})
+    rows, overhead = [], []
+    for data in args.data:
+        r, o = run_dataset(rt, data, args.limit, sweep)
+        rows += r
+        overhead += o
+    result = {"model": rt.name, "tail": rt.manifest.tail, "rows": rows,
+              "overhead_no_exit": float(statistics.median(overhead))}
+    print(f"{rt.name}: overhead with hooks and heads but no exit: x{result['overhead_no_exit']:.3f}")
+    print(f"{'data':<26}{'method':<22}{'thr':>7}{'n':>5}{'acc':>7}{'agree':>7}{'kappa':>7}{'const':>7}"
+          f"{'exit L':>7}{'speedup':>8}{'oracle':>8}")
+    for r in rows:
+        print(f"{r['data']:<26}{r['method']:<22}{r['threshold']:>7.3g}{r['n']:>5}{r['accuracy']:>7.3f}"
+              f"{r['agreement']:>7.3f}{r['kappa']:>7.3f}{r['constant_agreement']:>7.3f}{r['mean_exit_layer']:>7.2f}"
+              f"{r['speedup_median']:>8.2f}{r['oracle_speedup']:>8.2f}")
+    if args.out:
+        out = save_json(result, args.out)
+        plot(result, out.with_suffix(".png"))
+    return 0
+
+
+def plot(result: dict, png: Path) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for data in dict.fromkeys(r["data"] for r in result["rows"]):
+        pts = sorted((r["speedup_median"], r["agreement"]) for r in result["rows"]
+                     if r["data"] == data and r["method"].startswith("spade-exit"))
+        ax.plot(*zip(*pts), marker="o", label=data)
+    ax.set_xlabel("median wall-clock speedup vs full depth")
+    ax.set_ylabel("agreement with the full model")
+    ax.set_title(f"SPADE-EXIT frontier - {result['model']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

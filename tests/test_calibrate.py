@@ -1,0 +1,95 @@
+"""Calibration end to end on the tiny model; heads that do not fit are refused; the bound by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import tiny
+
+from edge_spade import load_model
+from edge_spade.calibrate import calibrate, clopper_pearson_lower, pick_threshold, CurvePoint
+from edge_spade.cli import main
+from edge_spade.datasets import Item
+from edge_spade.manifest import HeadsMismatchError
+
+WORDS = ["sky", "water", "paris", "blue", "france", "capital", "answer", "question"]
+
+
+def items(n: int) -> list[Item]:
+    out = []
+    for i in range(n):
+        a, b, c = WORDS[i % 8], WORDS[(i * 3 + 1) % 8], WORDS[(i * 5 + 2) % 8]
+        choices = tuple(dict.fromkeys([a, b, c, "the"]))
+        out.append(Item(f"q{i}", f"which {a} is the {b} of {c}?", choices, 0))
+    return out
+
+
+@pytest.fixture(scope="module")
+def heads_dir(tiny_model, tmp_path_factory):
+    from conftest import EXACT
+
+    rt = load_model(str(tiny_model[0]), n_ctx=EXACT.n_ctx, kv_type="f32", heads=False)
+    out = tmp_path_factory.mktemp("heads") / "tiny-heads"
+    result = calibrate(rt, items(40), out, data_names=["generated"], rank=4, steps=40, target_agreement=0.5)
+    rt.close()
+    assert result.out_dir == out
+    return out
+
+
+def test_calibration_writes_a_complete_heads_folder(heads_dir, tiny_model):
+    manifest = json.loads((heads_dir / "heads.json").read_text())
+    assert manifest["layers"] == [1, 2] and manifest["n_layers"] == tiny.N_LAYERS
+    assert set(manifest["thresholds"]) == {"lspade", "tuned", "logit_lens"}
+    assert manifest["calibration"]["n_prompts"] == 40 and manifest["calibration"]["n_holdout"] == 12
+    assert (heads_dir / "lspade.onnx").stat().st_size > 0 and (heads_dir / "tuned.onnx").exists()
+    curve = manifest["curves"]["lspade"]
+    assert curve[0]["threshold"] == 0.0 and curve[-1]["mean_exit_layer"] <= tiny.N_LAYERS - 1
+
+
+def test_heads_drive_spade_exit(heads_dir, tiny_model, capsys):
+    code = main(["ask", "which sky is blue?", "--choices", "sky", "water", "--model", str(tiny_model[0]),
+                 "--heads", str(heads_dir), "--threshold", "inf", "--json"])
+    a = json.loads(capsys.readouterr().out)
+    assert code == 0 and a["mode"] == "spade-exit" and a["exit_layer"] == 1 and list(a["entropy"]) == ["1"]
+    code = main(["ask", "which sky is blue?", "--choices", "sky", "water", "--model", str(tiny_model[0]),
+                 "--heads", str(heads_dir), "--threshold", "-1", "--json"])
+    a = json.loads(capsys.readouterr().out)
+    assert code == 0 and a["exit_layer"] is None and a["layer"] == tiny.N_LAYERS - 1 and a["threshold"] == -1
+
+
+def test_heads_for_another_model_are_refused(heads_dir, tmp_path, capsys):
+    other = tmp_path / "other.gguf"
+    tiny.write_tiny_gguf(other, seed=7)
+    with pytest.raises(HeadsMismatchError, match="output matrix differs"):
+        load_model(str(other), heads=heads_dir)
+    code = main(["ask", "x?", "--choices", "sky", "water", "--model", str(other), "--heads", str(heads_dir)])
+    assert code == 1 and "calibrate for this model" in capsys.readouterr().err
+
+
+def test_tampered_heads_are_refused(heads_dir, tiny_model, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(heads_dir, bad)
+    (bad / "lspade.onnx").write_bytes(b"not onnx")
+    with pytest.raises(HeadsMismatchError, match="does not match its sha256"):
+        load_model(str(tiny_model[0]), heads=bad)
+
+
+def test_clopper_pearson_by_hand():
+    # all successes: the bound solves p^n = alpha
+    assert clopper_pearson_lower(10, 10, 0.95) == pytest.approx(0.05 ** 0.1, abs=1e-9)
+    assert clopper_pearson_lower(0, 10) == 0.0
+    # 9 of 10: P(X >= 9 | p) = 10 p^9 (1-p) + p^10 = 0.05 at p = 0.6058 (solved by hand below)
+    p = clopper_pearson_lower(9, 10, 0.95)
+    assert 10 * p**9 * (1 - p) + p**10 == pytest.approx(0.05, abs=1e-9)
+    assert p == pytest.approx(0.6058, abs=1e-4)
+
+
+def test_threshold_is_the_largest_that_keeps_the_bound():
+    curve = [CurvePoint(0.0, 1.0, 0.99, 17, 0), CurvePoint(0.1, 1.0, 0.991, 12, 0.3),
+             CurvePoint(0.5, 0.99, 0.97, 9, 0.8), CurvePoint(math.inf, 0.9, 0.85, 1, 1)]
+    assert pick_threshold(curve, 0.99) == 0.1
+    assert pick_threshold(curve, 0.999) == -1.0
