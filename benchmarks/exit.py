@@ -7,8 +7,8 @@ For each question every configuration runs in turn in one process with the same 
 threshold and at a sweep of thresholds, a never-exiting threshold (the cost of hooks and
 heads), the tuned-lens and logit-lens exits at their own calibrated thresholds, and SPADE at
 the oracle layer (the earliest layer whose SPADE answer equals the full answer). Speedups are
-medians of per-question ratios full / configuration. Free-answer sets (cloze) are skipped:
-the shipped heads are calibrated on decision sets only.
+medians of per-question ratios full / configuration. Choice sets use the "choice" head set,
+the cloze facts (free answers, with a few-shot prefix) the "free" one.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ if __package__ in (None, ""):
 
 from benchmarks.common import data_path, progress, pyplot, save_json
 from edge_spade import load_model
-from edge_spade.calibrate import collect
+from edge_spade.calibrate import FREE_TOP_K, collect
 from edge_spade.datasets import load_items
 from edge_spade.heads import LayerHead, OnnxHeads, export_onnx
 from edge_spade.manifest import load_heads
@@ -35,58 +35,70 @@ from edge_spade.metrics import accuracy, agreement, cohen_kappa, constant_agreem
 from edge_spade.policy import ExitPolicy, spade_exit
 
 log = logging.getLogger("benchmarks.exit")
-DATASETS = ["arc/ARC-Easy-Test.jsonl", "arc/ARC-Challenge-Test.jsonl", "boolq/dev.jsonl", "headqa/dev_HEAD_EN.json"]
+DATASETS = ["cloze/facts.jsonl", "arc/ARC-Easy-Test.jsonl", "arc/ARC-Challenge-Test.jsonl", "boolq/dev.jsonl",
+            "headqa/dev_HEAD_EN.json"]
 NEVER = 1e-12  # entropy is never at or below this: hooks and heads run, nothing exits
 
 
-def configurations(rt, sweep: list[float]) -> dict[str, tuple]:
+def configurations(rt, kind: str, tuned, sweep: list[float]) -> dict[str, tuple]:
     """name -> (heads, threshold, answer_from)."""
-    m = rt.manifest
-    identity = OnnxHeads(export_onnx([LayerHead.identity(rt.engine.n_embd, 1) for _ in m.layers],
+    head_set = rt.manifest.sets[kind]
+    identity = OnnxHeads(export_onnx([LayerHead.identity(rt.engine.n_embd, 1) for _ in head_set.layers],
                                      rt.engine.head.norm_weight, rt.engine.index.rms_eps))
-    _, tuned = load_heads(rt.heads_dir, rt.engine, "tuned.onnx")
-    configs = {"spade-exit": (rt.heads, m.threshold, "spade"), "never-exit": (rt.heads, NEVER, "spade"),
-               "tuned-lens-exit": (tuned, m.thresholds.get("tuned", -1.0), "head"),
-               "logit-lens-exit": (identity, m.thresholds.get("logit_lens", -1.0), "head")}
+    lspade = rt.heads[kind]
+    configs = {"spade-exit": (lspade, head_set.threshold, "spade"), "never-exit": (lspade, NEVER, "spade"),
+               "tuned-lens-exit": (tuned[kind], head_set.thresholds.get("tuned", -1.0), "head"),
+               "logit-lens-exit": (identity, head_set.thresholds.get("logit_lens", -1.0), "head")}
     for tau in sweep:
-        configs[f"spade-exit@{tau:.3g}"] = (rt.heads, tau, "spade")
+        configs[f"spade-exit@{tau:.3g}"] = (lspade, tau, "spade")
     return configs
 
 
-def run_dataset(rt, data: str, limit: int | None, sweep: list[float]) -> tuple[list[dict], list[float]]:
+def default_sweep(head_set, n: int = 5) -> list[float]:
+    """Thresholds spread over the calibration curve's range of mean exit layers."""
+    curve = [c for c in head_set.curves["lspade"] if np.isfinite(c["threshold"])]
+    return sorted({round(curve[int(i)]["threshold"], 4) for i in np.linspace(1, len(curve) - 1, n)})
+
+
+def run_dataset(rt, data: str, limit: int | None, sweep: list[float] | None, tuned) -> tuple[list[dict], list[float]]:
     engine, m = rt.engine, rt.manifest
-    items = [i for i in load_items(data_path(data), limit=limit) if i.choices]
-    configs = configurations(rt, sweep)
+    items = load_items(data_path(data), limit=limit)
+    kind = "choice" if items[0].choices else "free"
+    if kind not in m.sets:
+        log.warning("no %s heads for %s: skipping %s", kind, rt.name, data)
+        return [], []
+    head_set = m.sets[kind]
+    configs = configurations(rt, kind, tuned, default_sweep(head_set) if sweep is None else sweep)
+    policies = {name: ExitPolicy.from_head_set(head_set, tau) for name, (_, tau, _) in configs.items()}
     answers = {name: [] for name in configs}
     exit_layers = {name: [] for name in configs}
     times = {name: [] for name in [*configs, "full", "oracle"]}
     full_answers, gold, oracle_layers = [], [], []
     for item in progress(items, len(items), f"exit {rt.name} {Path(data).stem}"):
         prompt = rt.prompt(item.question, item.choices)
-        sample = collect(rt, [item], tail=m.tail)[0]  # SPADE answers at every layer (cached)
+        sample = collect(rt, [item], tail=head_set.tail, top_k=head_set.top_k or FREE_TOP_K)[0]  # SPADE per layer
         t0 = time.perf_counter()
         full = engine.full(prompt.tokens, prompt.ids)
         times["full"].append(time.perf_counter() - t0)
-        full_answer = int(np.argmax(prompt.choice_logits(full.logits)))
+        full_answer = decide(prompt, full.logits)
         full_answers.append(full_answer)
-        gold.append(item.gold)
-        oracle = next(layer for layer in range(engine.n_layers) if sample.choice(sample.spade[layer]) == full_answer)
+        gold.append(item.gold if item.choices else _first_token(engine, item.gold))
+        oracle = next(layer for layer in range(engine.n_layers) if sample.answer(layer) == full_answer)
         oracle_layers.append(oracle)
         t0 = time.perf_counter()
-        engine.spade(prompt.tokens, oracle, prompt.ids, tail=m.tail)
+        engine.spade(prompt.tokens, oracle, prompt.ids, tail=head_set.tail)
         times["oracle"].append(time.perf_counter() - t0)
-        for name, (heads, tau, source) in configs.items():
-            policy = ExitPolicy(tau, tuple(m.eval_layers), {layer: i for i, layer in enumerate(m.layers)})
+        for name, (heads, _, source) in configs.items():
             t0 = time.perf_counter()
-            readout, _ = spade_exit(engine, heads, policy, prompt, tail=m.tail, answer_from=source)
+            readout, _ = spade_exit(engine, heads, policies[name], prompt, tail=head_set.tail, answer_from=source)
             times[name].append(time.perf_counter() - t0)
-            answers[name].append(int(np.argmax(prompt.choice_logits(readout.logits))))
+            answers[name].append(decide(prompt, readout.logits))
             exit_layers[name].append(readout.layer)
     full_t = np.array(times["full"])
     rows = []
     for name in configs:
         rows.append({
-            "data": data, "method": name, "threshold": configs[name][1], "n": len(items),
+            "data": data, "method": name, "threshold": configs[name][1], "n": len(items), "tail_k": head_set.tail,
             "accuracy": accuracy(answers[name], gold), "agreement": agreement(answers[name], full_answers),
             "kappa": cohen_kappa(answers[name], full_answers), "constant_agreement": constant_agreement(full_answers),
             "full_accuracy": accuracy(full_answers, gold),
@@ -97,6 +109,16 @@ def run_dataset(rt, data: str, limit: int | None, sweep: list[float]) -> tuple[l
         })
     overhead = list(np.array(times["never-exit"]) / full_t)
     return rows, overhead
+
+
+def decide(prompt, logits: np.ndarray) -> int:
+    """A choice index, or the token id of a free answer."""
+    return int(np.argmax(logits if prompt.ids is None else prompt.choice_logits(logits)))
+
+
+def _first_token(engine, text: str) -> int | None:
+    toks = engine.tokenize(text, add_special=False, parse_special=False)
+    return toks[0] if toks else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,18 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     rt = load_model(args.model, threads=args.threads, heads=args.heads)
-    if rt.heads is None:
+    if not rt.heads:
         p.error(f"{rt.name} has no heads: run edge-spade calibrate first, or pass --heads")
-    sweep = args.sweep
-    if sweep is None:  # thresholds at which the calibration curve's mean exit layer is spread out
-        curve = [c for c in rt.manifest.curves["lspade"] if np.isfinite(c["threshold"])]
-        sweep = sorted({round(curve[int(i)]["threshold"], 4) for i in np.linspace(1, len(curve) - 1, 5)})
+    _, tuned = load_heads(rt.heads_dir, rt.engine, tuned=True)
     rows, overhead = [], []
     for data in args.data:
-        r, o = run_dataset(rt, data, args.limit, sweep)
+        r, o = run_dataset(rt, data, args.limit, args.sweep, tuned)
         rows += r
         overhead += o
-    result = {"model": rt.name, "tail": rt.manifest.tail, "rows": rows,
+    result = {"model": rt.name, "rows": rows,
               "overhead_no_exit": float(statistics.median(overhead))}
     print(f"{rt.name}: overhead with hooks and heads but no exit: x{result['overhead_no_exit']:.3f}")
     print(f"{'data':<26}{'method':<22}{'thr':>7}{'n':>5}{'acc':>7}{'agree':>7}{'kappa':>7}{'const':>7}"

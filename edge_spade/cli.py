@@ -7,7 +7,8 @@ import json
 import logging
 import os
 import sys
-from typing import IO, Sequence
+from collections.abc import Sequence
+from typing import IO
 
 from .errors import EdgeSpadeError, QuestionError
 from .registry import load_registry
@@ -44,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("calibrate", help="train L-SPADE heads and pick the exit threshold for a model")
     c.add_argument("--model", help="registry name or .gguf path (default: the default model)")
     c.add_argument("--data", action="append", required=True,
-                   help="ARC / BoolQ / HEAD-QA file of choice questions (repeatable); only prompts are used")
+                   help="ARC / BoolQ / HEAD-QA / cloze file (repeatable); only the prompts are used")
     c.add_argument("--out", required=True, help="heads folder to write (lspade.onnx, tuned.onnx, heads.json)")
     c.add_argument("--limit", type=int, default=None, help="questions per data file")
     c.add_argument("--target-agreement", type=float, default=0.99)
@@ -53,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--min-layer", type=int, default=1, help="first layer with a head")
     c.add_argument("--rank", type=int, default=64)
     c.add_argument("--steps", type=int, default=300)
-    c.add_argument("--tail", type=int, default=1)
+    c.add_argument("--tail", type=int, default=1, help="SPADE tail width for choice questions")
+    c.add_argument("--free-tail", type=int, default=None, help="SPADE tail width for free answers (default --tail)")
+    c.add_argument("--variants", type=int, default=3, help="few-shot prefixes per cloze fact")
     c.add_argument("--threads", type=int)
 
     m = sub.add_parser("models", help="list the models edge-spade knows and where they come from")
@@ -145,17 +148,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate
     from .datasets import load_items
 
-    items = [item for path in args.data for item in load_items(path, limit=args.limit)]
+    items = [item for path in args.data for item in load_items(path, limit=args.limit, variants=args.variants)]
     rt = load_model(args.model, threads=args.threads, heads=False)
-    result = calibrate(
+    m = calibrate(
         rt, items, args.out, data_names=[os.path.basename(p) for p in args.data], min_layer=args.min_layer,
         holdout=args.holdout, target_agreement=args.target_agreement, confidence=args.confidence, rank=args.rank,
-        steps=args.steps, tail=args.tail,
+        steps=args.steps, tail=args.tail, free_tail=args.free_tail,
         progress=lambda xs: tqdm(xs, desc=f"calibrate {rt.name}", file=sys.stderr, disable=args.quiet),
     )
-    m = result.manifest
-    print(f"heads for {m.model} ({len(m.layers)} layers) in {result.out_dir}; thresholds (nats): "
-          + ", ".join(f"{k} {v:.4g}" for k, v in m.thresholds.items()))
+    for kind, head_set in m.sets.items():
+        print(f"{m.model} {kind} heads (layers {head_set.layers[0]}-{head_set.layers[-1]}, tail {head_set.tail}) in "
+              f"{args.out}; thresholds (nats): " + ", ".join(f"{k} {v:.4g}" for k, v in head_set.thresholds.items()))
     return 0
 
 

@@ -28,8 +28,10 @@ class Item:
     group: str = ""  # the data set (or cloze category)
 
 
-def load_items(path: str | Path, limit: int | None = None, few_shot: int = 3, seed: int = 0) -> list[Item]:
-    """Items of one file; cloze prompts get a few-shot prefix from other items of their category."""
+def load_items(path: str | Path, limit: int | None = None, few_shot: int = 3, seed: int = 0,
+               variants: int = 1) -> list[Item]:
+    """Items of one file; cloze prompts get a few-shot prefix from other items of their category
+    (`variants` prefixes per fact, for calibration)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -47,7 +49,7 @@ def load_items(path: str | Path, limit: int | None = None, few_shot: int = 3, se
         elif "passage" in first and isinstance(first.get("answer"), bool):
             items = [_boolq(i, r) for i, r in enumerate(rows)]
         elif {"prompt", "answer"} <= set(first):
-            items = _cloze(rows, few_shot, seed)
+            items = [item for v in range(variants) for item in _cloze(rows, few_shot, seed + v, f"-v{v}" * (v > 0))]
         else:
             raise DatasetError(f"{path}: not ARC, BoolQ, HEAD-QA or cloze facts (keys: {sorted(first)})")
     return items[:limit] if limit else items
@@ -79,7 +81,7 @@ def _headqa(data: dict, group: str) -> list[Item]:
     return items
 
 
-def _cloze(rows: list[dict], few_shot: int, seed: int) -> list[Item]:
+def _cloze(rows: list[dict], few_shot: int, seed: int, suffix: str = "") -> list[Item]:
     rng = random.Random(seed)
     by_cat: dict[str, list[dict]] = {}
     for r in rows:
@@ -89,5 +91,5 @@ def _cloze(rows: list[dict], few_shot: int, seed: int) -> list[Item]:
         others = [o for o in by_cat[r.get("category", "")] if o is not r]
         shots = rng.sample(others, min(few_shot, len(others)))
         prefix = "".join(f"{s['prompt']}{s['answer']}\n" for s in shots)
-        items.append(Item(r.get("id", ""), prefix + r["prompt"], None, r["answer"], r.get("category", "")))
+        items.append(Item(r.get("id", "") + suffix, prefix + r["prompt"], None, r["answer"], r.get("category", "")))
     return items

@@ -29,7 +29,7 @@ class LayerHead:
     b: np.ndarray
 
     @classmethod
-    def identity(cls, d: int, rank: int, seed: int = 0) -> "LayerHead":
+    def identity(cls, d: int, rank: int, seed: int = 0) -> LayerHead:
         rng = np.random.default_rng(seed)
         v = (rng.standard_normal((rank, d)) / np.sqrt(d)).astype(np.float32)
         return cls(np.zeros((d, rank), np.float32), v, np.zeros(d, np.float32))
@@ -59,9 +59,9 @@ def entropy(logits: np.ndarray) -> float:
 
 def train_head(
     hidden: np.ndarray,  # (N, d) last-row states after the layer
-    target_logits: np.ndarray,  # (N, m) target logits over `rows`' ids
-    mask: np.ndarray,  # (N, m) bool: ids in each sample's decision set
-    rows: np.ndarray,  # (m, d) output-matrix rows of those ids
+    target_logits: np.ndarray,  # (N, m) target logits over each sample's ids
+    mask: np.ndarray,  # (N, m) bool: which of the m slots are real ids (decision sets differ in size)
+    rows: np.ndarray,  # (m, d) shared output-matrix rows, or (N, m, d) rows per sample
     norm_weight: np.ndarray,  # (d,)
     eps: float,
     rank: int = 64,
@@ -84,12 +84,12 @@ def train_head(
         y = h + t @ head.u.T + head.b  # (N, d)
         s = np.sqrt(np.mean(y * y, axis=-1, keepdims=True) + eps)  # (N, 1)
         nrm = y / s
-        logits = (nrm * norm_weight) @ rows.T  # (N, m)
+        logits = _apply_rows(nrm * norm_weight, rows)  # (N, m)
         logq = np.where(mask, masked_log_softmax(logits, mask), 0.0)
         q = np.where(mask, np.exp(logq), 0.0)
         losses.append(float(-(target * logq).sum() / n))
         dlogits = ((q - target) / n).astype(np.float32)
-        dn = (dlogits @ rows) * norm_weight  # (N, d)
+        dn = (np.einsum("nm,nmd->nd", dlogits, rows) if rows.ndim == 3 else dlogits @ rows) * norm_weight
         dy = (dn - nrm * np.mean(dn * nrm, axis=-1, keepdims=True)) / s
         grads = [dy.T @ t + weight_decay * head.u, (dy @ head.u).T @ h + weight_decay * head.v, dy.sum(axis=0)]
         for i, (p, g) in enumerate(zip(params, grads)):
@@ -99,10 +99,22 @@ def train_head(
     return head, losses
 
 
+def _apply_rows(z: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """(N, d) with (m, d) shared or (N, m, d) per-sample rows -> (N, m) logits."""
+    return np.einsum("nd,nmd->nm", z, rows) if rows.ndim == 3 else z @ rows.T
+
+
 def head_logits(head: LayerHead, hidden: np.ndarray, rows: np.ndarray, norm_weight: np.ndarray,
                 eps: float) -> np.ndarray:
-    """(N, m) logits of the head over `rows`."""
-    return rms_norm(head.adjust(hidden), norm_weight, eps) @ rows.T
+    """(N, m) logits of the head over `rows` ((m, d) shared or (N, m, d) per sample)."""
+    return _apply_rows(rms_norm(head.adjust(hidden), norm_weight, eps), rows)
+
+
+def topk_entropy(logits: np.ndarray, k: int) -> float:
+    """Entropy (nats) of the distribution renormalised over the k largest logits."""
+    if logits.shape[-1] > k:
+        logits = logits[np.argpartition(logits, -k)[-k:]]
+    return entropy(logits)
 
 
 # -- ONNX -------------------------------------------------------------------------------------

@@ -16,9 +16,9 @@ from __future__ import annotations
 import ctypes
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 
@@ -131,7 +131,7 @@ class Tap:
     read_rows: tuple[int, ...] = ()  # rows to copy out; negative counts from the end
     write: np.ndarray | None = None  # (k, n_embd) float32 rows written over rows 0..k-1
     stop: bool = False  # abort the decode once this node is handled
-    decide: Optional[Callable[[np.ndarray], bool]] = None  # sees the rows read; True stops the decode
+    decide: Callable[[np.ndarray], bool] | None = None  # sees the rows read; True stops the decode
 
 
 @dataclass

@@ -1,4 +1,9 @@
-"""The heads manifest (`heads.json`): what the ONNX heads are, how they were made, which model they fit."""
+"""The heads manifest (`heads.json`): what the ONNX heads are, how they were made, which model they fit.
+
+A heads folder holds one *head set* per answer kind: "choice" (the decision set is the choice
+tokens) and "free" (the whole vocabulary; entropy over the top-k tokens). Each set has its
+own layers, threshold, SPADE tail width and calibration record.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +17,44 @@ from .errors import EdgeSpadeError
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .heads import OnnxHeads
 
 HEADS_FORMAT = 1
+KINDS = ("choice", "free")
 
 
 class HeadsMismatchError(EdgeSpadeError):
     """Heads made for another model, or a heads folder whose files do not match its manifest."""
+
+
+def _build(cls, raw: dict, where: str):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise HeadsMismatchError(f"{where}: unknown key(s) {', '.join(unknown)}; made by a newer edge-spade?")
+    try:
+        return cls(**raw)
+    except TypeError as exc:
+        raise HeadsMismatchError(f"{where}: incomplete manifest ({exc})") from None
+
+
+@dataclass
+class HeadSet:
+    kind: str  # "choice" | "free"
+    file: str  # L-SPADE heads (ONNX), one per layer in `layers`
+    tuned_file: str  # tuned-lens heads, same layers (the paper's baseline)
+    layers: list[int]
+    eval_layers: list[int]  # layers checked by default
+    threshold: float  # L-SPADE entropy threshold (nats); -1 = never exit
+    thresholds: dict[str, float] = field(default_factory=dict)  # lspade, tuned, logit_lens
+    tail: int = 1  # SPADE tail width used for targets and exits
+    top_k: int | None = None  # free answers: entropy over the head's top-k tokens
+    calibration: dict = field(default_factory=dict)
+    curves: dict = field(default_factory=dict)  # method -> [{threshold, agreement, lower_bound, mean_exit_layer}]
+    layer_stats: list = field(default_factory=list)
+
+    def head_index(self) -> dict[int, int]:
+        return {layer: i for i, layer in enumerate(self.layers)}
 
 
 @dataclass
@@ -29,39 +66,24 @@ class HeadsManifest:
     arch: str
     n_layers: int
     n_embd: int
-    layers: list[int]  # layers with a head, in ONNX index order
-    eval_layers: list[int]  # layers checked by default
-    threshold: float  # default L-SPADE entropy threshold (nats); -1 = never exit
-    thresholds: dict[str, float] = field(default_factory=dict)  # per method: lspade, tuned, logit_lens
-    tail: int = 1
-    rank: int = 64
-    onnx_opset: int = 17
-    dtype: str = "float16"
-    calibration: dict = field(default_factory=dict)
-    curves: dict = field(default_factory=dict)  # method -> [{threshold, agreement, lower_bound, mean_exit_layer}]
-    layer_stats: list = field(default_factory=list)
+    rank: int
+    onnx_opset: int
+    dtype: str
+    sets: dict[str, HeadSet]
     hashes: dict[str, str] = field(default_factory=dict)  # file name -> sha256
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict, where: str) -> "HeadsManifest":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise HeadsMismatchError(f"{where}: unknown key(s) {', '.join(unknown)}; made by a newer edge-spade?")
-        try:
-            manifest = cls(**raw)
-        except TypeError as exc:
-            raise HeadsMismatchError(f"{where}: incomplete manifest ({exc})") from None
+    def from_dict(cls, raw: dict, where: str) -> HeadsManifest:
+        raw = dict(raw)
+        sets = raw.get("sets", {})
+        raw["sets"] = {k: _build(HeadSet, v, f"{where} [sets.{k}]") for k, v in sets.items()}
+        manifest = _build(cls, raw, where)
         if manifest.format != HEADS_FORMAT:
             raise HeadsMismatchError(f"{where}: heads format {manifest.format}, this edge-spade reads {HEADS_FORMAT}")
         return manifest
-
-
-def output_fingerprint(engine: "Engine") -> str:
-    return engine.head.fingerprint()
 
 
 def load_manifest(folder: Path) -> HeadsManifest:
@@ -73,8 +95,9 @@ def load_manifest(folder: Path) -> HeadsManifest:
     return HeadsManifest.from_dict(raw, str(path))
 
 
-def load_heads(folder: str | Path, engine: "Engine", name: str = "lspade.onnx"):
-    """The manifest and an onnxruntime session for `name`, after checking they fit `engine`'s model."""
+def load_heads(folder: str | Path, engine: Engine, tuned: bool = False
+               ) -> tuple[HeadsManifest, dict[str, OnnxHeads]]:
+    """The manifest and one onnxruntime session per head set, after checking they fit `engine`'s model."""
     from .heads import OnnxHeads
 
     folder = Path(folder)
@@ -83,11 +106,16 @@ def load_heads(folder: str | Path, engine: "Engine", name: str = "lspade.onnx"):
         raise HeadsMismatchError(
             f"heads in {folder} were made for a {manifest.n_layers}-layer model with n_embd {manifest.n_embd} "
             f"({manifest.model}), not for {engine.path.name} ({engine.n_layers} layers, n_embd {engine.n_embd})")
-    if manifest.output_fingerprint != output_fingerprint(engine):
+    if manifest.output_fingerprint != engine.head.fingerprint():
         raise HeadsMismatchError(
             f"heads in {folder} were calibrated on {manifest.model_file}, whose output matrix differs from "
             f"{engine.path.name}'s; calibrate for this model (edge-spade calibrate)")
-    data = (folder / name).read_bytes() if (folder / name).exists() else None
-    if data is None or hashlib.sha256(data).hexdigest() != manifest.hashes.get(name):
-        raise HeadsMismatchError(f"{folder / name} is missing or does not match its sha256 in heads.json")
-    return manifest, OnnxHeads(data)
+    sessions = {}
+    for kind, head_set in manifest.sets.items():
+        name = head_set.tuned_file if tuned else head_set.file
+        path = folder / name
+        data = path.read_bytes() if path.is_file() else None
+        if data is None or hashlib.sha256(data).hexdigest() != manifest.hashes.get(name):
+            raise HeadsMismatchError(f"{path} is missing or does not match its sha256 in heads.json")
+        sessions[kind] = OnnxHeads(data)
+    return manifest, sessions

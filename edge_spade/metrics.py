@@ -7,7 +7,7 @@ exit: Cohen's kappa and the agreement a constant answer would get go beside it e
 from __future__ import annotations
 
 from collections import Counter
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 
 def agreement(a: Sequence[Hashable], b: Sequence[Hashable]) -> float:

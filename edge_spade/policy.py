@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
 from .engine import Engine, Readout
-from .heads import OnnxHeads, entropy
+from .heads import OnnxHeads, entropy, topk_entropy
 from .prompts import Prompt
 
 
@@ -26,6 +26,12 @@ class ExitPolicy:
     threshold: float  # nats; exit when the head's entropy is at or below it
     eval_layers: tuple[int, ...]  # layers checked, in order
     head_index: dict[int, int]  # layer -> index of its head in the ONNX file
+    top_k: int | None = None  # free answers: entropy over the head's top-k tokens
+
+    @classmethod
+    def from_head_set(cls, head_set, threshold: float | None = None) -> ExitPolicy:
+        tau = head_set.threshold if threshold is None else threshold
+        return cls(tau, tuple(head_set.eval_layers), head_set.head_index(), head_set.top_k)
 
     def __post_init__(self) -> None:
         missing = [layer for layer in self.eval_layers if layer not in self.head_index]
@@ -53,8 +59,12 @@ def exit_checks(engine: Engine, heads: OnnxHeads, policy: ExitPolicy, prompt: Pr
         def check(states: np.ndarray) -> bool:
             t0 = time.perf_counter()
             normed = heads.normed(states[-1], index)
-            logits = engine.head.logits(normed, None) if rows is None else normed @ rows.T
-            h = entropy(logits if rows is None else prompt.choice_logits(logits))
+            if rows is None:  # free answer: the whole vocabulary (numpy matmul over the output matrix)
+                logits = engine.head.logits(normed, None)
+                h = topk_entropy(logits, policy.top_k or logits.shape[0])
+            else:
+                logits = normed @ rows.T
+                h = entropy(prompt.choice_logits(logits))
             seen.entropies[layer] = h
             seen.logits[layer] = logits
             seen.check_ms += (time.perf_counter() - t0) * 1000.0

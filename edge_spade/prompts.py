@@ -13,9 +13,10 @@ multiple-choice prompts go through it as one user turn; free continuations never
 from __future__ import annotations
 
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -106,7 +107,7 @@ def _compile(template: str):
     return env.from_string(template)
 
 
-def build_prompt(engine: "Engine", question: str, choices: Sequence[str] | None = None,
+def build_prompt(engine: Engine, question: str, choices: Sequence[str] | None = None,
                  template: bool | None = None) -> Prompt:
     """Format, tokenize and pick the decision set. `template`: None = the model's own if it has one."""
     question, choices = check_question(question, choices)
@@ -130,7 +131,7 @@ def build_prompt(engine: "Engine", question: str, choices: Sequence[str] | None 
     return Prompt(text, tokens, "yesno" if yes_no else "letters", choices, labels, ids, groups)
 
 
-def decision_set(engine: "Engine", labels: Sequence[str], any_case: bool = False
+def decision_set(engine: Engine, labels: Sequence[str], any_case: bool = False
                  ) -> tuple[np.ndarray, tuple[tuple[int, ...], ...]]:
     """Single-token spellings of each label (with and without a leading space; for words,
     lower and capitalised too), as decision-set ids and per-label groups. Letters keep

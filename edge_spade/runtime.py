@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
 from .engine import Engine, EngineSettings, Readout
 from .errors import LayerError
-from .prompts import Prompt, build_prompt
+from .heads import OnnxHeads
 from .manifest import load_heads
 from .policy import ExitPolicy, spade_exit
+from .prompts import Prompt, build_prompt
 from .registry import resolve_model, shipped_heads
 
 log = logging.getLogger(__name__)
@@ -63,16 +65,16 @@ def softmax(x: np.ndarray) -> np.ndarray:
 class Runtime:
     """A loaded model ready for questions; create once, ask many times (not thread-safe).
 
-    With calibrated heads, choice questions are answered by SPADE-EXIT unless a layer or the
-    full model is asked for; free answers stay at full depth (the shipped heads are calibrated
-    on decision sets, not on the whole vocabulary).
+    With calibrated heads for the question's kind (choice or free answer), questions are
+    answered by SPADE-EXIT unless a layer or the full model is asked for.
     """
 
     def __init__(self, engine: Engine, name: str, heads_dir: Path | None = None) -> None:
         self.engine = engine
         self.name = name
         self.heads_dir = heads_dir
-        self.manifest = self.heads = None
+        self.manifest = None
+        self.heads: dict[str, OnnxHeads] = {}  # answer kind ("choice", "free") -> heads
         if heads_dir is not None:
             self.manifest, self.heads = load_heads(heads_dir, engine)
 
@@ -105,17 +107,22 @@ class Runtime:
         readout, mode = self.readout(prompt, layer=None if full else layer, lens=lens, tail=k)
         return self.answer(prompt, readout, mode, t0, tail=k, top_k=top_k)
 
+    @staticmethod
+    def kind(prompt: Prompt) -> str:
+        return "free" if prompt.ids is None else "choice"
+
     def can_exit(self, prompt: Prompt) -> bool:
-        return self.heads is not None and prompt.ids is not None
+        return self.kind(prompt) in self.heads
 
     def ask_exit(self, prompt: Prompt, t0: float, *, threshold: float | None = None,
                  tail: int | None = None) -> Answer:
         """SPADE-EXIT: one prompt pass stopped at the first layer whose L-SPADE head is confident."""
-        manifest = self.manifest
-        tau = manifest.threshold if threshold is None else threshold
-        k = manifest.tail if tail is None else tail
-        policy = ExitPolicy(tau, tuple(manifest.eval_layers), {layer: i for i, layer in enumerate(manifest.layers)})
-        readout, seen = spade_exit(self.engine, self.heads, policy, prompt, tail=k)
+        kind = self.kind(prompt)
+        head_set = self.manifest.sets[kind]
+        policy = ExitPolicy.from_head_set(head_set, threshold)
+        tau = policy.threshold
+        k = head_set.tail if tail is None else tail
+        readout, seen = spade_exit(self.engine, self.heads[kind], policy, prompt, tail=k)
         answer = self.answer(prompt, readout, "spade-exit", t0, tail=k)
         exited = readout.layer < self.engine.n_layers - 1
         answer.exit_layer = readout.layer if exited else None

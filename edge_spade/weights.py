@@ -159,7 +159,8 @@ class OutputHead:
         if rows is not None:
             raw = raw[rows]
         if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-            return np.asarray(raw).view(np.float32 if qtype == GGMLQuantizationType.F32 else np.float16).astype(np.float32)
+            dtype = np.float32 if qtype == GGMLQuantizationType.F32 else np.float16
+            return np.asarray(raw).view(dtype).astype(np.float32)
         return dequantize(np.asarray(raw), qtype).reshape(-1, loc.n_cols).astype(np.float32, copy=False)
 
     def fingerprint(self, n_sample: int = 64) -> str:

@@ -9,7 +9,7 @@ import pytest
 import tiny
 
 from edge_spade import load_model
-from edge_spade.calibrate import calibrate, clopper_pearson_lower, pick_threshold, CurvePoint
+from edge_spade.calibrate import CurvePoint, calibrate, clopper_pearson_lower, pick_threshold
 from edge_spade.cli import main
 from edge_spade.datasets import Item
 from edge_spade.manifest import HeadsMismatchError
@@ -30,21 +30,29 @@ def items(n: int) -> list[Item]:
 def heads_dir(tiny_model, tmp_path_factory):
     from conftest import EXACT
 
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EDGE_SPADE_CACHE", str(tmp_path_factory.mktemp("cache")))  # calibration traces stay private
     rt = load_model(str(tiny_model[0]), n_ctx=EXACT.n_ctx, kv_type="f32", heads=False)
     out = tmp_path_factory.mktemp("heads") / "tiny-heads"
-    result = calibrate(rt, items(40), out, data_names=["generated"], rank=4, steps=40, target_agreement=0.5)
+    free = [Item(f"f{i}", f"the {w} of {v} is", None, None) for i, (w, v) in enumerate(zip(WORDS * 3, WORDS[::-1] * 3))]
+    manifest = calibrate(rt, items(40) + free, out, data_names=["generated"], rank=4, steps=40,
+                         target_agreement=0.5, free_tail=3, top_k=8)
     rt.close()
-    assert result.out_dir == out
+    mp.undo()
+    assert set(manifest.sets) == {"choice", "free"}
     return out
 
 
 def test_calibration_writes_a_complete_heads_folder(heads_dir, tiny_model):
     manifest = json.loads((heads_dir / "heads.json").read_text())
-    assert manifest["layers"] == [1, 2] and manifest["n_layers"] == tiny.N_LAYERS
-    assert set(manifest["thresholds"]) == {"lspade", "tuned", "logit_lens"}
-    assert manifest["calibration"]["n_prompts"] == 40 and manifest["calibration"]["n_holdout"] == 12
-    assert (heads_dir / "lspade.onnx").stat().st_size > 0 and (heads_dir / "tuned.onnx").exists()
-    curve = manifest["curves"]["lspade"]
+    assert manifest["n_layers"] == tiny.N_LAYERS and set(manifest["sets"]) == {"choice", "free"}
+    choice, free = manifest["sets"]["choice"], manifest["sets"]["free"]
+    assert choice["layers"] == [1, 2] and set(choice["thresholds"]) == {"lspade", "tuned", "logit_lens"}
+    assert choice["calibration"]["n_prompts"] == 40 and choice["calibration"]["n_holdout"] == 12
+    assert free["tail"] == 3 and free["top_k"] == 8 and free["calibration"]["n_prompts"] == 24
+    for name in ("lspade-choice.onnx", "tuned-choice.onnx", "lspade-free.onnx", "tuned-free.onnx"):
+        assert (heads_dir / name).stat().st_size > 0
+    curve = choice["curves"]["lspade"]
     assert curve[0]["threshold"] == 0.0 and curve[-1]["mean_exit_layer"] <= tiny.N_LAYERS - 1
 
 
@@ -57,6 +65,10 @@ def test_heads_drive_spade_exit(heads_dir, tiny_model, capsys):
                  "--heads", str(heads_dir), "--threshold", "-1", "--json"])
     a = json.loads(capsys.readouterr().out)
     assert code == 0 and a["exit_layer"] is None and a["layer"] == tiny.N_LAYERS - 1 and a["threshold"] == -1
+    code = main(["ask", "the sky of", "--model", str(tiny_model[0]), "--heads", str(heads_dir), "--threshold", "inf",
+                 "--json"])
+    a = json.loads(capsys.readouterr().out)
+    assert code == 0 and a["mode"] == "spade-exit" and a["exit_layer"] == 1 and a["tail"] == 3
 
 
 def test_heads_for_another_model_are_refused(heads_dir, tmp_path, capsys):
@@ -73,7 +85,7 @@ def test_tampered_heads_are_refused(heads_dir, tiny_model, tmp_path):
 
     bad = tmp_path / "bad"
     shutil.copytree(heads_dir, bad)
-    (bad / "lspade.onnx").write_bytes(b"not onnx")
+    (bad / "lspade-choice.onnx").write_bytes(b"not onnx")
     with pytest.raises(HeadsMismatchError, match="does not match its sha256"):
         load_model(str(tiny_model[0]), heads=bad)
 

@@ -37,7 +37,8 @@ def test_ask_spade_and_lens_modes(capsys, tiny_path):
     code, out, _ = run(capsys, "ask", "the capital of", "--model", tiny_path, "--layer", "1", "--json")
     a = json.loads(out)
     assert code == 0 and a["mode"] == "spade" and a["layer"] == 1 and a["choice_index"] is None
-    code, out, _ = run(capsys, "ask", "the capital of", "--model", tiny_path, "--layer", "2", "--lens", "logit", "--json")
+    code, out, _ = run(capsys, "ask", "the capital of", "--model", tiny_path, "--layer", "2", "--lens", "logit",
+                       "--json")
     assert code == 0 and json.loads(out)["mode"] == "logit-lens"
     code, out, _ = run(capsys, "ask", "what?", "--choices", "a b", "c d", "e f", "--model", tiny_path, "--full")
     assert code == 0 and "full depth of 4 layers" in out and "answer: " in out

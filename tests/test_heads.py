@@ -15,7 +15,8 @@ def problem(seed: int = 1):
     g = (1 + 0.1 * rng.standard_normal(D)).astype(np.float32)
     h = rng.standard_normal((N, D)).astype(np.float32)
     true = LayerHead(0.5 * rng.standard_normal((D, 4)).astype(np.float32),
-                     rng.standard_normal((4, D)).astype(np.float32) / 4, 0.3 * rng.standard_normal(D).astype(np.float32))
+                     rng.standard_normal((4, D)).astype(np.float32) / 4,
+                     0.3 * rng.standard_normal(D).astype(np.float32))
     mask = np.ones((N, M), bool)
     mask[: N // 2, M // 2:] = False  # half the samples have a smaller decision set
     return h, head_logits(true, h, rows, g, EPS), mask, rows, g
@@ -33,7 +34,10 @@ def test_training_recovers_the_target_distribution():
     q = np.exp(masked_log_softmax(head_logits(head, h, rows, g, EPS), mask))
     p = np.exp(masked_log_softmax(target, mask))
     start = np.exp(masked_log_softmax(rms_norm(h, g, EPS) @ rows.T, mask))
-    kl = lambda a, b: float(np.where(mask, a * (np.log(np.clip(a, 1e-30, None)) - np.log(np.clip(b, 1e-30, None))), 0).sum() / N)  # noqa: E731
+    def kl(a, b):
+        logs = np.log(np.clip(a, 1e-30, None)) - np.log(np.clip(b, 1e-30, None))
+        return float(np.where(mask, a * logs, 0).sum() / N)
+
     assert losses[-1] < losses[0]
     assert kl(p, q) < 0.1 * kl(p, start)  # much closer to the target than the logit lens it started from
     assert (np.argmax(np.where(mask, q, -1), 1) == np.argmax(np.where(mask, p, -1), 1)).mean() > 0.9

@@ -25,7 +25,7 @@ CLOZE = [
 ])
 def test_known_free_answers(request, fixture, prompt, expected):
     rt = request.getfixturevalue(fixture)
-    first, second = rt.ask(prompt), rt.ask(prompt)
+    first, second = rt.ask(prompt, full=True), rt.ask(prompt, full=True)
     assert first.answer == expected
     assert first.mode == "full" and first.layer == rt.n_layers - 1 and first.choice_index is None
     assert first.probs == second.probs and first.token == second.token  # deterministic
@@ -35,15 +35,15 @@ def test_known_free_answers(request, fixture, prompt, expected):
 def test_choice_answers_are_deterministic_and_normalised(request, fixture):
     rt = request.getfixturevalue(fixture)
     q, choices = "Which gas do plants absorb from the air?", ["oxygen", "carbon dioxide", "helium"]
-    a, b = rt.ask(q, choices), rt.ask(q, choices)
+    a, b = rt.ask(q, choices, full=True), rt.ask(q, choices, full=True)
     assert a.probs == b.probs and a.answer == b.answer
     assert abs(sum(a.probs.values()) - 1) < 1e-9 and a.answer == choices[a.choice_index]
-    yes = rt.ask("Is the sky blue?", ["yes", "no"])
+    yes = rt.ask("Is the sky blue?", ["yes", "no"], full=True)
     assert yes.label == yes.answer and set(yes.probs) == {"yes", "no"}
 
 
 def test_gemma_says_yes_to_the_sky(gemma):
-    a = gemma.ask("Is the sky blue?", ["yes", "no"])
+    a = gemma.ask("Is the sky blue?", ["yes", "no"], full=True)
     assert a.answer == "yes" and a.probs["yes"] > 0.6
 
 
@@ -80,3 +80,29 @@ def test_spade_agreement_rises_with_depth_and_beats_logit_lens(request, fixture)
     assert np.mean([agree[i] for i in late]) > np.mean([agree[i] for i in early]) + 0.3, agree
     assert agree[-1] >= 0.75, agree  # one layer before the end SPADE almost always agrees
     assert sum(agree[i] for i in mid) > sum(lens_agree[i] for i in mid), (agree, lens_agree)
+
+
+@pytest.mark.parametrize("fixture", ["gemma", "smollm"])
+def test_shipped_heads_fit_and_stay_small(request, fixture):
+    rt = request.getfixturevalue(fixture)
+    assert set(rt.heads) == {"choice", "free"}  # loading checked the fingerprint and file hashes
+    size = sum(p.stat().st_size for p in rt.heads_dir.iterdir())
+    assert size < 10 * 2**20, f"heads of {rt.name} take {size / 2**20:.1f} MB"
+
+
+@pytest.mark.parametrize("fixture", ["gemma", "smollm"])
+@pytest.mark.parametrize("question, choices", [
+    ("Which gas do plants absorb from the air?", ["oxygen", "carbon dioxide", "helium"]),
+    ("Is water wet?", ["yes", "no"]),
+    ("The capital of Italy is", None),
+])
+def test_spade_exit_extremes(request, fixture, question, choices):
+    rt = request.getfixturevalue(fixture)
+    full = rt.ask(question, choices, full=True)
+    never = rt.ask(question, choices, threshold=-1.0)
+    assert never.mode == "spade-exit" and never.exit_layer is None and never.probs == full.probs
+    head_set = rt.manifest.sets["free" if choices is None else "choice"]
+    first = rt.ask(question, choices, threshold=float("inf"))
+    assert first.exit_layer == head_set.eval_layers[0] and list(first.entropy) == [head_set.eval_layers[0]]
+    spade = rt.ask(question, choices, layer=first.exit_layer, tail=head_set.tail)
+    assert first.probs == spade.probs and first.tail == head_set.tail

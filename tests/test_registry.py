@@ -54,7 +54,8 @@ def test_hub_source_downloads_and_checks_the_lfs_sha(monkeypatch, tiny_model):
     """The download is replaced at our own boundary; verification is real."""
     entry = registry.load_registry()["qwen2.5-0.5b-instruct"]
     calls = []
-    monkeypatch.setattr(registry, "download_from_hub", lambda repo, file, rev: calls.append((repo, file)) or tiny_model[0])
+    monkeypatch.setattr(registry, "download_from_hub",
+                        lambda repo, file, rev: calls.append((repo, file)) or tiny_model[0])
     monkeypatch.setattr(registry, "hub_sha256", lambda repo, file, rev: registry.sha256_file(tiny_model[0]))
     assert registry.fetch(entry) == tiny_model[0]
     assert calls == [("Qwen/Qwen2.5-0.5B-Instruct-GGUF", "qwen2.5-0.5b-instruct-q4_k_m.gguf")]
