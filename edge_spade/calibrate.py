@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .datasets import Item
+from .errors import EdgeSpadeError
 from .heads import ONNX_OPSET, LayerHead, entropy, export_onnx, topk_entropy, train_head
 from .manifest import HEADS_FORMAT, HeadSet, HeadsManifest
 from .runtime import Runtime
@@ -77,7 +78,11 @@ def collect(rt: Runtime, items: Iterable[Item], tail: int = 1, progress: Callabl
     items = list(items)
     samples = []
     for item in progress(items) if progress else items:
-        prompt = rt.prompt(item.question, item.choices)
+        try:
+            prompt = rt.prompt(item.question, item.choices)
+        except EdgeSpadeError as exc:  # e.g. a data item with a too-long or malformed question
+            log.warning("skipping %s: %s", item.id, exc)
+            continue
         ids = prompt.ids.tolist() if prompt.ids is not None else f"top{top_k}"
         key = hashlib.sha256(json.dumps([prompt.tokens, ids]).encode()).hexdigest()[:24]
         path = folder / f"{key}.npz"
@@ -136,19 +141,23 @@ def train_heads(rt: Runtime, samples: list[Sample], layers: list[int], target: s
 
 
 def judge(rt: Runtime, heads: list[LayerHead], layers: list[int], samples: list[Sample],
-          top_k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(entropy, own answer) of each head on each sample, as the runtime computes them."""
+          top_k: int, candidates: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(entropy, own answer) of each head on each sample, as the runtime computes them.
+
+    Free answers: entropy over the head's top-k among `candidates`, own answer over the vocabulary.
+    """
     engine = rt.engine
     ent = np.zeros((len(samples), len(layers)))
     own = np.zeros((len(samples), len(layers)), np.int64)
+    cand_rows = engine.head.rows(candidates) if candidates is not None else None
     for n, s in enumerate(samples):
         rows = None if s.free else engine.head.rows(s.ids[0])
         for j, (layer, head) in enumerate(zip(layers, heads)):
             normed = head.adjust(s.hidden[layer][None])[0]
             normed = engine.head.final_norm(normed)
             if s.free:
-                logits = engine.head.logits(normed, None)
-                ent[n, j], own[n, j] = topk_entropy(logits, top_k), int(np.argmax(logits))
+                ent[n, j] = topk_entropy(cand_rows @ normed, top_k)
+                own[n, j] = int(np.argmax(engine.head.logits(normed, None)))
             else:
                 choice = np.array([np.logaddexp.reduce((rows @ normed)[list(g)]) for g in s.groups])
                 ent[n, j], own[n, j] = entropy(choice), int(np.argmax(choice))
@@ -229,11 +238,13 @@ def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[in
     lspade = train_heads(rt, train, layers, "spade", rank, steps, lr)
     tuned = train_heads(rt, train, layers, "full", rank, steps, lr)
     identity = [LayerHead.identity(engine.n_embd, 1) for _ in layers]
+    # Free answers: the tokens SPADE ranks highly anywhere in the training split.
+    candidates = np.unique(np.concatenate([s.ids.ravel() for s in train])) if kind == "free" else None
     full = np.array([s.answer(L - 1) for s in held])
     spade_answers = np.array([[s.answer(layer) for layer in layers] for s in held])
     curves, thresholds = {}, {}
     for name, heads in (("lspade", lspade), ("tuned", tuned), ("logit_lens", identity)):
-        ent, own = judge(rt, heads, layers, held, top_k)
+        ent, own = judge(rt, heads, layers, held, top_k, candidates)
         answers = spade_answers if name == "lspade" else own  # lens baselines answer from their own head
         curves[name] = exit_curve(full, answers, ent, layers, L, confidence)
         thresholds[name] = pick_threshold(curves[name], target_agreement)
@@ -244,6 +255,7 @@ def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[in
     head_set = HeadSet(
         kind=kind, file=f"lspade-{kind}.onnx", tuned_file=f"tuned-{kind}.onnx", layers=layers, eval_layers=layers,
         threshold=thresholds["lspade"], thresholds=thresholds, tail=tail, top_k=top_k if kind == "free" else None,
+        candidates=candidates.tolist() if candidates is not None else None,
         calibration={
             "data": data_names, "n_prompts": len(samples), "n_train": len(train), "n_holdout": len(held),
             "target": ("SPADE's distribution over each prompt's decision set" if kind == "choice" else

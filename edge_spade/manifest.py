@@ -48,7 +48,8 @@ class HeadSet:
     threshold: float  # L-SPADE entropy threshold (nats); -1 = never exit
     thresholds: dict[str, float] = field(default_factory=dict)  # lspade, tuned, logit_lens
     tail: int = 1  # SPADE tail width used for targets and exits
-    top_k: int | None = None  # free answers: entropy over the head's top-k tokens
+    top_k: int | None = None  # free answers: entropy over the head's top-k tokens...
+    candidates: list[int] | None = None  # ...among these token ids (SPADE's top tokens in calibration)
     calibration: dict = field(default_factory=dict)
     curves: dict = field(default_factory=dict)  # method -> [{threshold, agreement, lower_bound, mean_exit_layer}]
     layer_stats: list = field(default_factory=list)

@@ -63,8 +63,7 @@ def check_question(question: str, choices: Sequence[str] | None) -> tuple[str, t
         raise QuestionError(f"at most {MAX_CHOICES} choices are supported, got {len(cleaned)}")
     if any(not c for c in cleaned):
         raise QuestionError("a choice is empty")
-    folded = [c.casefold() for c in cleaned]
-    dupes = sorted({c for c in cleaned if folded.count(c.casefold()) > 1})
+    dupes = sorted({c for c in cleaned if cleaned.count(c) > 1})  # case matters: "WW only" vs "Ww only"
     if dupes:
         raise QuestionError(f"duplicate choice(s): {', '.join(dupes)}")
     return question, cleaned

@@ -50,6 +50,7 @@ def test_calibration_writes_a_complete_heads_folder(heads_dir, tiny_model):
     assert choice["layers"] == [1, 2] and set(choice["thresholds"]) == {"lspade", "tuned", "logit_lens"}
     assert choice["calibration"]["n_prompts"] == 40 and choice["calibration"]["n_holdout"] == 12
     assert free["tail"] == 3 and free["top_k"] == 8 and free["calibration"]["n_prompts"] == 24
+    assert free["candidates"] and choice["candidates"] is None
     for name in ("lspade-choice.onnx", "tuned-choice.onnx", "lspade-free.onnx", "tuned-free.onnx"):
         assert (heads_dir / name).stat().st_size > 0
     curve = choice["curves"]["lspade"]

@@ -62,7 +62,7 @@ def test_file_mode_reports_bad_lines_and_answers_the_rest(capsys, tmp_path, tiny
 @pytest.mark.parametrize("argv, message", [
     (["ask", "   "], "question is empty"),
     (["ask", "x?", "--choices", "yes"], "at least two choices"),
-    (["ask", "x?", "--choices", "Paris", "paris"], "duplicate choice"),
+    (["ask", "x?", "--choices", "Paris", " Paris"], "duplicate choice"),
     (["ask", "x?", "--choices", "a", ""], "choice is empty"),
     (["ask", "the sky " * 200, "--ctx", "64"], "but the context holds"),
     (["ask", "x", "--layer", "9"], "outside 0..3"),

@@ -36,7 +36,7 @@ def test_free_answers_keep_the_text_and_use_the_vocabulary(tiny_engine):
 
 
 @pytest.mark.parametrize("question, choices, message", [
-    ("", None, "empty"), ("q", ["a"], "at least two"), ("q", ["a", "A "], "duplicate"),
+    ("", None, "empty"), ("q", ["a"], "at least two"), ("q", ["a", "a "], "duplicate"),
     ("q\udcff", None, "not valid UTF-8"), ("q", [str(i) for i in range(27)], "at most 26"),
 ])
 def test_rejected_questions(question, choices, message):
