@@ -144,7 +144,8 @@ def judge(rt: Runtime, heads: list[LayerHead], layers: list[int], samples: list[
           top_k: int, candidates: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """(entropy, own answer) of each head on each sample, as the runtime computes them.
 
-    Free answers: entropy over the head's top-k among `candidates`, own answer over the vocabulary.
+    Free answers: entropy over the head's top-k among `candidates`, and its own answer among them
+    too (a head trained on top-k targets leaves the other tokens' logits unconstrained).
     """
     engine = rt.engine
     ent = np.zeros((len(samples), len(layers)))
@@ -156,8 +157,8 @@ def judge(rt: Runtime, heads: list[LayerHead], layers: list[int], samples: list[
             normed = head.adjust(s.hidden[layer][None])[0]
             normed = engine.head.final_norm(normed)
             if s.free:
-                ent[n, j] = topk_entropy(cand_rows @ normed, top_k)
-                own[n, j] = int(np.argmax(engine.head.logits(normed, None)))
+                logits = cand_rows @ normed
+                ent[n, j], own[n, j] = topk_entropy(logits, top_k), int(candidates[np.argmax(logits)])
             else:
                 choice = np.array([np.logaddexp.reduce((rows @ normed)[list(g)]) for g in s.groups])
                 ent[n, j], own[n, j] = entropy(choice), int(np.argmax(choice))
@@ -328,6 +329,7 @@ def write_heads(out_dir: Path, manifest: HeadsManifest, files: dict[str, bytes])
         old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
         if out_dir.exists():
             out_dir.replace(old)
+        tmp.chmod(0o755)
         tmp.replace(out_dir)
         shutil.rmtree(old, ignore_errors=True)
     finally:

@@ -96,6 +96,10 @@ def spade_exit(engine: Engine, heads: OnnxHeads, policy: ExitPolicy, prompt: Pro
     else:
         checks = exit_checks(engine, heads, policy, prompt, seen)
     readout = engine.early_exit(prompt.tokens, prompt.ids, checks, tail=tail, then_spade=answer_from == "spade")
-    if readout.logits.size == 0:
+    if readout.logits.size == 0:  # a lens baseline's own answer
         readout.logits = seen.logits[readout.layer]
+        if prompt.ids is None and policy.candidates is not None:  # candidate logits -> vocabulary-sized
+            full = np.full(engine.n_vocab, -np.inf, np.float32)
+            full[list(policy.candidates)] = readout.logits
+            readout.logits = full
     return readout, seen
