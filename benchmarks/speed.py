@@ -31,14 +31,14 @@ def run(models: list[str], data: str, limit: int, fractions: list[float], thread
     ratios: dict[tuple[str, str], list[float]] = {}
     tokens: dict[str, list[int]] = {rt.name: [] for rt in runtimes}
     for rt in runtimes:  # warm-up: first calls build graphs and dequantize rows
-        rt.ask(items[0].question, items[0].choices)
+        rt.ask(items[0].question, items[0].choices, full=True)
     for item in progress(items, len(items), "speed"):
         for rt in runtimes:
             modes = [("full", None)] + [(f"spade@{f:g}", round(f * (rt.n_layers - 1))) for f in fractions]
             per_mode: dict[str, float] = {}
             for _ in range(repeat):
                 for mode, layer in modes:
-                    a = rt.ask(item.question, item.choices, layer=layer)
+                    a = rt.ask(item.question, item.choices, layer=layer, full=layer is None)
                     per_mode[mode] = min(per_mode.get(mode, float("inf")), a.timings_ms["total"])
             tokens[rt.name].append(a.prompt_tokens)
             for mode, ms in per_mode.items():
