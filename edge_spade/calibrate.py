@@ -220,10 +220,15 @@ def exit_curve(full: np.ndarray, answers: np.ndarray, entropies: np.ndarray, lay
     return curve
 
 
-def pick_threshold(curve: list[CurvePoint], target: float) -> float:
-    """The largest finite threshold whose lower bound reaches the target (-1: never exit)."""
-    ok = [p.threshold for p in curve if p.lower_bound >= target and math.isfinite(p.threshold)]
-    return max(ok) if ok else -1.0
+def pick_threshold(curve: list[CurvePoint], target: float, min_exit_rate: float = 0.05) -> float:
+    """The largest finite threshold whose lower bound reaches the target; -1 (never exit, and no
+    hooks at all) when none does or when it would exit on fewer than `min_exit_rate` of the
+    held-out prompts: checking every layer for almost no exits only costs time."""
+    ok = [p for p in curve if p.lower_bound >= target and math.isfinite(p.threshold)]
+    if not ok:
+        return -1.0
+    best = max(ok, key=lambda p: p.threshold)
+    return best.threshold if best.exit_rate >= min_exit_rate else -1.0
 
 
 def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[int], *, holdout: float,
@@ -262,6 +267,7 @@ def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[in
             "target": ("SPADE's distribution over each prompt's decision set" if kind == "choice" else
                        f"SPADE's distribution over its top-{top_k} tokens at the same layer"),
             "target_agreement": target_agreement, "confidence": confidence, "bound": "Clopper-Pearson, one-sided",
+            "min_exit_rate": 0.05,
             "steps": steps, "lr": lr, "train_seconds": round(time.perf_counter() - t0, 1),
         },
         curves={k: [p.__dict__ for p in v] for k, v in curves.items()},

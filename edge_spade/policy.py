@@ -68,7 +68,7 @@ def exit_checks(engine: Engine, heads: OnnxHeads, policy: ExitPolicy, prompt: Pr
         def check(states: np.ndarray) -> bool:
             t0 = time.perf_counter()
             normed = heads.normed(states[-1], index)
-            logits = engine.head.logits(normed, None) if rows is None else normed @ rows.T
+            logits = engine.head.logits(normed, None) if rows is None else rows @ normed
             if prompt.ids is None:
                 h = topk_entropy(logits, policy.top_k or logits.shape[0])
             else:

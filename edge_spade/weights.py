@@ -146,6 +146,7 @@ class OutputHead:
         self._data = np.memmap(path, mode="r", dtype=np.uint8)
         self.norm_weight = self._dequantize(index.output_norm, None).reshape(-1)  # (n_embd,)
         self._rows: dict[int, np.ndarray] = {}
+        self._row_sets: dict[bytes, np.ndarray] = {}  # large id sets asked for again (candidates)
         self._matrix: np.ndarray | None = None
 
     def _dequantize(self, loc: TensorLoc, rows: np.ndarray | None) -> np.ndarray:
@@ -182,11 +183,17 @@ class OutputHead:
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """(len(ids), n_embd) output-matrix rows."""
+        key = np.asarray(ids, np.int64).tobytes() if len(ids) > 256 else None
+        if key is not None and key in self._row_sets:
+            return self._row_sets[key]
         missing = [int(i) for i in ids if int(i) not in self._rows]
         if missing:
             for i, row in zip(missing, self._dequantize(self.index.output, np.asarray(missing))):
                 self._rows[i] = row
-        return np.stack([self._rows[int(i)] for i in ids])
+        out = np.stack([self._rows[int(i)] for i in ids])
+        if key is not None:
+            self._row_sets[key] = out
+        return out
 
     def matrix(self) -> np.ndarray:
         """(n_vocab, n_embd), dequantized once (Gemma 3 270M: 670 MB, ~4 s)."""

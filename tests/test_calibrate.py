@@ -106,3 +106,4 @@ def test_threshold_is_the_largest_that_keeps_the_bound():
              CurvePoint(0.5, 0.99, 0.97, 9, 0.8), CurvePoint(math.inf, 0.9, 0.85, 1, 1)]
     assert pick_threshold(curve, 0.99) == 0.1
     assert pick_threshold(curve, 0.999) == -1.0
+    assert pick_threshold(curve, 0.99, min_exit_rate=0.5) == -1.0  # too few exits to pay for the checks
