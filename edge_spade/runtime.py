@@ -101,8 +101,8 @@ class Runtime:
         """Answer by SPADE-EXIT (with heads), at `layer` with SPADE or the logit lens, or at full depth."""
         t0 = time.perf_counter()
         prompt = self.prompt(question, choices, template)
-        if self.can_exit(prompt) and layer is None and not full:
-            return self.ask_exit(prompt, t0, threshold=threshold, tail=tail)
+        if self.can_exit(prompt) and layer is None and lens == "spade" and not full:
+            return self.ask_exit(prompt, t0, threshold=threshold, tail=tail, top_k=top_k)
         k = 1 if tail is None else tail
         readout, mode = self.readout(prompt, layer=None if full else layer, lens=lens, tail=k)
         return self.answer(prompt, readout, mode, t0, tail=k, top_k=top_k)
@@ -115,7 +115,7 @@ class Runtime:
         return self.kind(prompt) in self.heads
 
     def ask_exit(self, prompt: Prompt, t0: float, *, threshold: float | None = None,
-                 tail: int | None = None) -> Answer:
+                 tail: int | None = None, top_k: int = 5) -> Answer:
         """SPADE-EXIT: one prompt pass stopped at the first layer whose L-SPADE head is confident."""
         kind = self.kind(prompt)
         head_set = self.manifest.sets[kind]
@@ -123,7 +123,7 @@ class Runtime:
         tau = policy.threshold
         k = head_set.tail if tail is None else tail
         readout, seen = spade_exit(self.engine, self.heads[kind], policy, prompt, tail=k)
-        answer = self.answer(prompt, readout, "spade-exit", t0, tail=k)
+        answer = self.answer(prompt, readout, "spade-exit", t0, tail=k, top_k=top_k)
         exited = readout.layer < self.engine.n_layers - 1
         answer.exit_layer = readout.layer if exited else None
         answer.entropy = {layer: round(h, 5) for layer, h in seen.entropies.items()}
