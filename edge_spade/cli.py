@@ -133,7 +133,14 @@ def format_answer(a: Answer) -> str:
     width = max(map(len, shown.values()), default=0)
     for key, p in a.probs.items():
         lines.append(f"  {shown[key]:<{width}}  {p:6.3f}{' *' if key == a.answer else ''}")
-    where = "full depth" if a.mode == "full" else f"{a.mode} at layer {a.layer}"
+    if a.mode == "full":
+        where = "full depth"
+    elif a.mode == "spade-exit" and a.exit_layer is None:
+        where = f"spade-exit, no exit (threshold {a.threshold:g} nats): full depth"
+    elif a.mode == "spade-exit":
+        where = f"spade-exit at layer {a.exit_layer} (entropy {a.entropy[a.exit_layer]:.3f} <= {a.threshold:g})"
+    else:
+        where = f"{a.mode} at layer {a.layer}"
     t = a.timings_ms
     lines.append(
         f"{where} of {a.n_layers} layers | {a.prompt_tokens} prompt tokens | {a.model} | "
