@@ -17,7 +17,6 @@ class Arch:
     tested: bool  # exercised by the test suite on a real model
     layer_out: str = "l_out-{}"  # residual stream after layer il, one row per batch token
     final_norm: str = "result_norm"  # final RMSNorm times output_norm, before the LM head
-    embed_scale: bool = False  # token embeddings scaled by sqrt(n_embd) (token path only)
     note: str = ""
 
     def layer_node(self, layer: int) -> str:
@@ -28,7 +27,7 @@ ARCHS: dict[str, Arch] = {
     a.name: a
     for a in (
         Arch("llama", tested=True, note="SmolLM2, Llama 3.x"),
-        Arch("gemma3", tested=True, embed_scale=True, note="Gemma 3 text models; norm weights already hold the +1"),
+        Arch("gemma3", tested=True, note="Gemma 3 text models; embeddings scaled by sqrt(n_embd) on the token path"),
         Arch("qwen2", tested=False, note="expected to work: same node names as llama, not tested"),
         Arch("qwen3", tested=False, note="expected to work: same node names as llama, not tested"),
     )

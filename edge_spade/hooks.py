@@ -139,7 +139,6 @@ class Capture:
     """Rows copied out of the graph during one decode, by node name."""
 
     rows: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (len(read_rows), ne0)
-    n_rows: dict[str, int] = field(default_factory=dict)  # name -> the node's row count
     stopped: bool = False
     stop_node: str | None = None  # the node whose `decide` stopped the decode
 
@@ -199,7 +198,6 @@ class LayerHooks:
         if t.type != GGML_TYPE_F32 or t.nb[0] != 4:
             raise RuntimeMismatchError(f"node {name} is not a contiguous F32 tensor (type {t.type})")
         width, n_rows, stride = int(t.ne[0]), int(t.ne[1]), int(t.nb[1])
-        self._capture.n_rows[name] = n_rows
         if tap.read_rows:
             out = np.empty((len(tap.read_rows), width), dtype=np.float32)
             for i, row in enumerate(tap.read_rows):
