@@ -80,7 +80,7 @@ def run_dataset(rt, data: str, limit: int | None, sweep: list[float] | None, tun
         t0 = time.perf_counter()
         full = engine.full(prompt.tokens, prompt.ids)
         times["full"].append(time.perf_counter() - t0)
-        full_answer = decide(prompt, full.logits)
+        full_answer = prompt.decide(full.logits)
         full_answers.append(full_answer)
         gold.append(item.gold if item.choices else _first_token(engine, item.gold))
         oracle = next(layer for layer in range(engine.n_layers) if sample.answer(layer) == full_answer)
@@ -92,7 +92,7 @@ def run_dataset(rt, data: str, limit: int | None, sweep: list[float] | None, tun
             t0 = time.perf_counter()
             readout, _ = spade_exit(engine, heads, policies[name], prompt, tail=head_set.tail, answer_from=source)
             times[name].append(time.perf_counter() - t0)
-            answers[name].append(decide(prompt, readout.logits))
+            answers[name].append(prompt.decide(readout.logits))
             exit_layers[name].append(readout.layer)
     full_t = np.array(times["full"])
     rows = []
@@ -109,11 +109,6 @@ def run_dataset(rt, data: str, limit: int | None, sweep: list[float] | None, tun
         })
     overhead = list(np.array(times["never-exit"]) / full_t)
     return rows, overhead
-
-
-def decide(prompt, logits: np.ndarray) -> int:
-    """A choice index, or the token id of a free answer."""
-    return int(np.argmax(logits if prompt.ids is None else prompt.choice_logits(logits)))
 
 
 def _first_token(engine, text: str) -> int | None:

@@ -31,9 +31,7 @@ log = logging.getLogger("benchmarks.layerwise")
 def decide(prompt, vocab_logits: np.ndarray):
     """(answer, vocab top-1): a choice index for choice questions, else the token id."""
     top1 = int(np.argmax(vocab_logits))
-    if prompt.ids is None:
-        return top1, top1
-    return int(np.argmax(prompt.choice_logits(vocab_logits[prompt.ids]))), top1
+    return (top1 if prompt.ids is None else prompt.decide(vocab_logits[prompt.ids])), top1
 
 
 def run(model: str | None, data: str, limit: int | None, tails: list[int], threads: int | None = None) -> dict:

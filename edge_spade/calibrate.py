@@ -32,6 +32,7 @@ from .datasets import Item
 from .errors import EdgeSpadeError
 from .heads import ONNX_OPSET, LayerHead, entropy, export_onnx, topk_entropy, train_head
 from .manifest import HEADS_FORMAT, HeadSet, HeadsManifest
+from .prompts import choice_logits
 from .runtime import Runtime
 from .weights import cache_dir
 
@@ -60,7 +61,7 @@ class Sample:
         return self.ids[0] if len(self.ids) == 1 else self.ids[layer]
 
     def choice(self, logits: np.ndarray) -> int:
-        return int(np.argmax([np.logaddexp.reduce(logits[list(g)]) for g in self.groups]))
+        return int(np.argmax(choice_logits(logits, self.groups)))
 
     def answer(self, layer: int) -> int:
         """SPADE's answer at `layer`: a choice index, or a token id for free prompts."""
@@ -160,7 +161,7 @@ def judge(rt: Runtime, heads: list[LayerHead], layers: list[int], samples: list[
                 logits = cand_rows @ normed
                 ent[n, j], own[n, j] = topk_entropy(logits, top_k), int(candidates[np.argmax(logits)])
             else:
-                choice = np.array([np.logaddexp.reduce((rows @ normed)[list(g)]) for g in s.groups])
+                choice = choice_logits(rows @ normed, s.groups)
                 ent[n, j], own[n, j] = entropy(choice), int(np.argmax(choice))
     return ent, own
 

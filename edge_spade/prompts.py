@@ -42,7 +42,16 @@ class Prompt:
 
     def choice_logits(self, logits: np.ndarray) -> np.ndarray:
         """(n_choices,) scores from logits over `ids`: log-sum-exp within each choice."""
-        return np.array([np.logaddexp.reduce(logits[list(g)]) for g in self.groups], dtype=np.float64)
+        return choice_logits(logits, self.groups)
+
+    def decide(self, logits: np.ndarray) -> int:
+        """The answer: a choice index, or the token id of a free answer (logits over the vocabulary)."""
+        return int(np.argmax(logits if self.ids is None else self.choice_logits(logits)))
+
+
+def choice_logits(logits: np.ndarray, groups: Sequence[Sequence[int]]) -> np.ndarray:
+    """Log-sum-exp of the decision-set logits of each choice's spellings."""
+    return np.array([np.logaddexp.reduce(logits[list(g)]) for g in groups], dtype=np.float64)
 
 
 def check_question(question: str, choices: Sequence[str] | None) -> tuple[str, tuple[str, ...]]:
