@@ -233,13 +233,8 @@ class Engine:
     def full(self, tokens: Sequence[int], ids: np.ndarray | None) -> Readout:
         """The whole model's logits over `ids` (None: the vocabulary)."""
         t0 = time.perf_counter()
-        if ids is None:
-            self._decode(tokens, {})
-            logits = self._last_logits()
-        else:
-            capture = self._decode(tokens, {self.arch.final_norm: Tap(read_rows=(-1,), stop=True)})
-            logits = self.head.logits(capture.rows[self.arch.final_norm][0], ids)
-        return Readout(logits, self.n_layers - 1, _ms(t0))
+        capture = self._decode(tokens, self._final_taps(ids))
+        return Readout(self._final_logits(capture, ids), self.n_layers - 1, _ms(t0))
 
     def logit_lens(self, tokens: Sequence[int], layer: int, ids: np.ndarray | None) -> Readout:
         """Final norm + LM head applied to the last row after `layer`."""
@@ -281,13 +276,8 @@ class Engine:
             return self.lens(states[-1], ids)
         k = states.shape[0]
         tokens = list(tokens) if tokens is not None else [0] * k
-        taps = {self.arch.layer_node(layer): Tap(write=states)}
-        if ids is None:
-            self._decode(tokens, taps)
-            return self._last_logits()
-        taps[self.arch.final_norm] = Tap(read_rows=(-1,), stop=True)
-        capture = self._decode(tokens, taps)
-        return self.head.logits(capture.rows[self.arch.final_norm][0], ids)
+        taps = {self.arch.layer_node(layer): Tap(write=states), **self._final_taps(ids)}
+        return self._final_logits(self._decode(tokens, taps), ids)
 
     def early_exit(self, tokens: Sequence[int], ids: np.ndarray | None,
                    checks: dict[int, Callable[[np.ndarray], bool]], tail: int = 1,
@@ -306,15 +296,12 @@ class Engine:
             self._check_layer(layer)
         taps = {self.arch.layer_node(layer): Tap(read_rows=tuple(rows), decide=check)
                 for layer, check in checks.items() if layer < last}
-        if ids is not None:
-            taps[self.arch.final_norm] = Tap(read_rows=(-1,), stop=True)
+        taps.update(self._final_taps(ids))
         t0 = time.perf_counter()
         capture = self._decode(tokens, taps)
         t1 = time.perf_counter()
         if capture.stop_node is None:
-            logits = self._last_logits() if ids is None else self.head.logits(
-                capture.rows[self.arch.final_norm][0], ids)
-            return Readout(logits, last, _ms(t0, t1))
+            return Readout(self._final_logits(capture, ids), last, _ms(t0, t1))
         layer = next(layer for layer in checks if self.arch.layer_node(layer) == capture.stop_node)
         if not then_spade:
             return Readout(np.empty(0, np.float32), layer, _ms(t0, t1))
@@ -327,15 +314,10 @@ class Engine:
         last = self.n_layers - 1
         taps = {self.arch.layer_node(i): Tap(read_rows=tuple(rows)) for i in range(last)}
         taps[self.arch.layer_node(last)] = Tap(read_rows=(-1,))  # only output rows survive the last layer
-        if ids is not None:
-            taps[self.arch.final_norm] = Tap(read_rows=(-1,), stop=True)
+        taps.update(self._final_taps(ids))
         t0 = time.perf_counter()
         capture = self._decode(tokens, taps)
-        if ids is None:
-            logits = self._last_logits()
-        else:
-            logits = self.head.logits(capture.rows[self.arch.final_norm][0], ids)
-        full = Readout(logits, last, _ms(t0))
+        full = Readout(self._final_logits(capture, ids), last, _ms(t0))
         states = np.stack([capture.rows[self.arch.layer_node(i)] for i in range(last)]) if last else \
             np.zeros((0, len(rows), self.n_embd), np.float32)
         final_rows = np.concatenate([states[:, -1, :], capture.rows[self.arch.layer_node(last)]])
@@ -380,6 +362,16 @@ class Engine:
         if missing:
             raise DecodeError(f"graph node(s) {', '.join(missing)} never appeared in the {self.arch.name} graph")
         return capture
+
+    def _final_taps(self, ids: np.ndarray | None) -> dict[str, Tap]:
+        """With a decision set, stop at result_norm and skip llama.cpp's LM head."""
+        return {} if ids is None else {self.arch.final_norm: Tap(read_rows=(-1,), stop=True)}
+
+    def _final_logits(self, capture, ids: np.ndarray | None) -> np.ndarray:
+        """The last position's logits: llama.cpp's over the vocabulary, or the decision rows in numpy."""
+        if ids is None:
+            return self._last_logits()
+        return self.head.logits(capture.rows[self.arch.final_norm][0], ids)
 
     def _last_logits(self) -> np.ndarray:
         ptr = self._ll.llama_get_logits_ith(self._ctx, -1)
