@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import EdgeSpadeError
+from .records import build
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -25,17 +26,6 @@ KINDS = ("choice", "free")
 
 class HeadsMismatchError(EdgeSpadeError):
     """Heads made for another model, or a heads folder whose files do not match its manifest."""
-
-
-def _build(cls, raw: dict, where: str):
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise HeadsMismatchError(f"{where}: unknown key(s) {', '.join(unknown)}; made by a newer edge-spade?")
-    try:
-        return cls(**raw)
-    except TypeError as exc:
-        raise HeadsMismatchError(f"{where}: incomplete manifest ({exc})") from None
 
 
 @dataclass
@@ -80,8 +70,8 @@ class HeadsManifest:
     def from_dict(cls, raw: dict, where: str) -> HeadsManifest:
         raw = dict(raw)
         sets = raw.get("sets", {})
-        raw["sets"] = {k: _build(HeadSet, v, f"{where} [sets.{k}]") for k, v in sets.items()}
-        manifest = _build(cls, raw, where)
+        raw["sets"] = {k: build(HeadSet, v, f"{where} [sets.{k}]", HeadsMismatchError) for k, v in sets.items()}
+        manifest = build(cls, raw, where, HeadsMismatchError)
         if manifest.format != HEADS_FORMAT:
             raise HeadsMismatchError(f"{where}: heads format {manifest.format}, this edge-spade reads {HEADS_FORMAT}")
         return manifest

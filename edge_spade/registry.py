@@ -14,11 +14,12 @@ import json
 import logging
 import os
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
 from .errors import ModelFileError, ModelUnavailableError, UnknownModelError
+from .records import build
 from .weights import cache_dir
 
 log = logging.getLogger(__name__)
@@ -48,14 +49,6 @@ class ModelEntry:
     notes: str = ""
 
 
-def _build(cls, raw: dict, where: str):
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}")
-    return cls(**raw)
-
-
 def load_registry() -> dict[str, ModelEntry]:
     """Every entry shipped in edge_spade.models, by name."""
     entries: dict[str, ModelEntry] = {}
@@ -63,8 +56,8 @@ def load_registry() -> dict[str, ModelEntry]:
         if not res.name.endswith(".toml"):
             continue
         raw = tomllib.loads(res.read_text(encoding="utf-8"))
-        raw["source"] = _build(Source, raw.get("source", {}), f"{res.name} [source]")
-        entry = _build(ModelEntry, raw, res.name)
+        raw["source"] = build(Source, raw.get("source", {}), f"{res.name} [source]")
+        entry = build(ModelEntry, raw, res.name)
         entries[entry.name] = entry
     return entries
 

@@ -13,6 +13,7 @@ import pytest
 from edge_spade import registry
 from edge_spade.archs import lookup_arch
 from edge_spade.errors import ModelFileError, ModelUnavailableError
+from edge_spade.records import build
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +34,7 @@ def test_entries_are_complete():
 
 def test_unknown_keys_are_reported():
     with pytest.raises(ValueError, match="unknown key"):
-        registry._build(registry.Source, {"kind": "hub", "repo": "x/y", "revsion": "main"}, "x.toml")
+        build(registry.Source, {"kind": "hub", "repo": "x/y", "revsion": "main"}, "x.toml")
 
 
 def test_package_models_resolve_and_verify():
