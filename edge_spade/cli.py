@@ -8,13 +8,17 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import IO
 
+from .bundle import HEADS_DIR, is_bundle, open_bundle, record_heads
 from .errors import EdgeSpadeError, QuestionError
+from .quantize import QUANT_TYPES
 from .registry import load_registry
 from .runtime import Answer, Runtime, load_model
 
 log = logging.getLogger("edge_spade")
+MODEL_HELP = "registry name, bundle folder or .gguf path (default: the default model; see `models`)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--choices", nargs="+", metavar="CHOICE", help="answer options (yes no: the words themselves)")
     p.add_argument("--file", help="JSON lines {id?, question, choices?}; one JSON answer per line ('-': stdin)")
     p.add_argument("--json", action="store_true", help="print the answer as one JSON object")
-    p.add_argument("--model", help="registry name or .gguf path (default: the default model; see `models`)")
+    p.add_argument("--model", help=MODEL_HELP)
     depth = p.add_mutually_exclusive_group()
     depth.add_argument("--layer", type=int, help="decode at this layer (0-based) instead of full depth")
     depth.add_argument("--full", action="store_true", help="full-depth answer, even when heads allow an early exit")
@@ -43,10 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=2048, help="context size in tokens (the longest prompt)")
 
     c = sub.add_parser("calibrate", help="train L-SPADE heads and pick the exit threshold for a model")
-    c.add_argument("--model", help="registry name or .gguf path (default: the default model)")
+    c.add_argument("--model", help=MODEL_HELP)
     c.add_argument("--data", action="append", required=True,
                    help="ARC / BoolQ / HEAD-QA / cloze file (repeatable); only the prompts are used")
-    c.add_argument("--out", required=True, help="heads folder to write (lspade.onnx, tuned.onnx, heads.json)")
+    c.add_argument("--out", help="heads folder to write (heads.json + ONNX); default for a bundle: its heads/")
     c.add_argument("--limit", type=int, default=None, help="questions per data file")
     c.add_argument("--target-agreement", type=float, default=0.99)
     c.add_argument("--confidence", type=float, default=0.95)
@@ -59,6 +63,21 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--variants", type=int, default=3, help="few-shot prefixes per cloze fact")
     c.add_argument("--threads", type=int)
 
+    v = sub.add_parser("convert", help="Hugging Face model or GGUF -> quantized GGUF in a bundle directory")
+    v.add_argument("source", help="Hugging Face folder, hub repo id (owner/name), .gguf file or bundle to requantize")
+    v.add_argument("--out", required=True, help="bundle directory to create")
+    v.add_argument("--quant", default="Q4_K_M", choices=QUANT_TYPES, help="llama.cpp quantization (default Q4_K_M)")
+    v.add_argument("--revision", default="main", help="hub revision (repo id sources)")
+    v.add_argument("--threads", type=int, help="quantizer threads")
+    v.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+
+    u = sub.add_parser("pull", help="download one GGUF file from the Hugging Face Hub (optionally into a bundle)")
+    u.add_argument("repo", help="hub repository id, e.g. bartowski/Llama-3.2-1B-Instruct-GGUF")
+    u.add_argument("--file", required=True, help="the .gguf file in the repository")
+    u.add_argument("--revision", default="main")
+    u.add_argument("--out", help="bundle directory to create (default: just download into the hub cache)")
+    u.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+
     m = sub.add_parser("models", help="list the models edge-spade knows and where they come from")
     m.add_argument("--json", action="store_true")
     return parser
@@ -67,11 +86,16 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="edge-spade: %(message)s")
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # gguf's writer narrates every file at INFO
     try:
         if args.command == "models":
             return cmd_models(args)
         if args.command == "calibrate":
             return cmd_calibrate(args)
+        if args.command == "convert":
+            return cmd_convert(args)
+        if args.command == "pull":
+            return cmd_pull(args)
         return cmd_ask(args)
     except EdgeSpadeError as exc:
         if os.environ.get("EDGE_SPADE_DEBUG"):
@@ -156,16 +180,45 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .datasets import load_items
 
     items = [item for path in args.data for item in load_items(path, limit=args.limit, variants=args.variants)]
+    bundle = open_bundle(args.model) if args.model and is_bundle(Path(args.model)) else None
+    out = args.out or (bundle.folder / HEADS_DIR if bundle else None)
+    if out is None:
+        raise QuestionError("give --out (a heads folder), or a bundle as --model")
     rt = load_model(args.model, threads=args.threads, heads=False)
     m = calibrate(
-        rt, items, args.out, data_names=[os.path.basename(p) for p in args.data], min_layer=args.min_layer,
+        rt, items, out, data_names=[os.path.basename(p) for p in args.data], min_layer=args.min_layer,
         holdout=args.holdout, target_agreement=args.target_agreement, confidence=args.confidence, rank=args.rank,
         steps=args.steps, tail=args.tail, free_tail=args.free_tail,
         progress=lambda xs: tqdm(xs, desc=f"calibrate {rt.name}", file=sys.stderr, disable=args.quiet),
     )
+    if bundle and Path(out).resolve() == bundle.folder / HEADS_DIR:
+        record_heads(bundle)
     for kind, head_set in m.sets.items():
         print(f"{m.model} {kind} heads (layers {head_set.layers[0]}-{head_set.layers[-1]}, tail {head_set.tail}) in "
-              f"{args.out}; thresholds (nats): " + ", ".join(f"{k} {v:.4g}" for k, v in head_set.thresholds.items()))
+              f"{out}; thresholds (nats): " + ", ".join(f"{k} {v:.4g}" for k, v in head_set.thresholds.items()))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .sources import convert
+
+    b = convert(args.source, args.out, args.quant, revision=args.revision, threads=args.threads, force=args.force,
+                progress=lambda xs: tqdm(xs, desc="convert", unit="tensor", file=sys.stderr, disable=args.quiet))
+    model = b.meta["model"]
+    print(f"{b.folder}: {model['architecture']}, {model['n_layers']} layers, {model['quantization']}, "
+          f"{model['size'] / 1e6:.1f} MB\nnext: edge-spade calibrate --model {b.folder} --data ...  "
+          f"or: edge-spade ask \"...\" --model {b.folder}")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from .sources import pull
+
+    result = pull(args.repo, args.file, args.out, revision=args.revision, force=args.force)
+    path = result.folder if hasattr(result, "folder") else result
+    print(f"{path}\nnext: edge-spade ask \"...\" --model {path}")
     return 0
 
 

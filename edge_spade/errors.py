@@ -45,3 +45,11 @@ class RuntimeMismatchError(EdgeSpadeError):
 
 class DecodeError(EdgeSpadeError):
     """llama_decode failed for a reason other than our own stop request."""
+
+
+class CheckpointError(EdgeSpadeError):
+    """A Hugging Face folder that cannot be converted: missing or corrupt files, unsupported settings."""
+
+
+class BundleError(EdgeSpadeError):
+    """A bundle directory whose files do not match its bundle.json."""

@@ -77,19 +77,26 @@ def default_model() -> ModelEntry:
 @dataclass(frozen=True)
 class ResolvedModel:
     path: Path
-    name: str  # registry name, or the file name for a plain path
+    name: str  # registry name, bundle folder name, or the file name for a plain path
     entry: ModelEntry | None = None
+    heads: Path | None = None  # a bundle's calibrated heads
 
 
 def resolve_model(model: str | os.PathLike | None = None) -> ResolvedModel:
-    """A registry name, or a path to a GGUF file, to a verified local file."""
+    """A registry name, a bundle folder or a path to a GGUF file, to a verified local file."""
     if model is None:
         entry = default_model()
         return ResolvedModel(fetch(entry), entry.name, entry)
     text = os.fspath(model)
     path = Path(text).expanduser()
     if path.is_dir():
-        raise ModelFileError(f"{path} is a directory; give a .gguf file or a model name (see: edge-spade models)")
+        from .bundle import is_bundle, open_bundle
+
+        if not is_bundle(path):
+            raise ModelFileError(f"{path} is a directory without bundle.json; give a bundle, a .gguf file "
+                                 "or a model name (see: edge-spade models)")
+        bundle = open_bundle(path)
+        return ResolvedModel(bundle.model, bundle.name, heads=bundle.heads_dir)
     if path.is_file():
         return ResolvedModel(path.resolve(), path.name)
     registry = load_registry()
@@ -97,7 +104,9 @@ def resolve_model(model: str | os.PathLike | None = None) -> ResolvedModel:
         return ResolvedModel(fetch(registry[text]), text, registry[text])
     if text.endswith(".gguf") or os.sep in text or "/" in text:
         raise ModelFileError(f"model file {path} does not exist")
-    raise UnknownModelError(f"unknown model {text!r}; known models: {', '.join(registry)} (or give a .gguf path)")
+    raise UnknownModelError(
+        f"unknown model {text!r}; known models: {', '.join(registry)} (or give a .gguf path or a bundle folder)"
+    )
 
 
 def fetch(entry: ModelEntry) -> Path:

@@ -178,14 +178,19 @@ def load_model(
     kv_type: Literal["f16", "f32"] = "f16",
     heads: str | Path | None | Literal[False] = None,
 ) -> Runtime:
-    """A registry name or a GGUF path (None: the default model), loaded and ready.
+    """A registry name, a bundle folder or a GGUF path (None: the default model), loaded and ready.
 
-    `heads`: a folder made by `edge-spade calibrate`; None uses the heads shipped for a
-    registry model (if any); False loads none (full depth and fixed-layer modes only).
+    `heads`: a folder made by `edge-spade calibrate`; None uses the bundle's heads or those
+    shipped for a registry model (if any); False loads none (full depth and fixed-layer modes only).
     """
     resolved = resolve_model(model)
     settings = EngineSettings(n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers, kv_type=kv_type)
-    heads_dir = None if heads is False else Path(heads) if heads is not None else shipped_heads(resolved.name)
+    if heads is False:
+        heads_dir = None
+    elif heads is not None:
+        heads_dir = Path(heads)
+    else:  # a bundle's own heads, or those shipped for a registry model
+        heads_dir = resolved.heads or (shipped_heads(resolved.name) if resolved.entry else None)
     engine = Engine(resolved.path, settings)
     try:
         return Runtime(engine, resolved.name, heads_dir)

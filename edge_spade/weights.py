@@ -23,7 +23,7 @@ from .errors import ModelFileError
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 GGUF_MAGIC = b"GGUF"
 
 
@@ -57,6 +57,7 @@ class GgufIndex:
     output: TensorLoc  # output.weight, or token_embd.weight when the embeddings are tied
     output_norm: TensorLoc
     file_size: int
+    file_type: int = -1  # general.file_type (llama_ftype), -1 when absent
 
 
 def _field(reader, key: str, default=None):
@@ -99,6 +100,7 @@ def _parse(path: Path) -> GgufIndex:
         output=loc(out),
         output_norm=loc(norm),
         file_size=size,
+        file_type=int(_field(reader, "general.file_type", -1)),
     )
 
 

@@ -1,0 +1,129 @@
+"""A Hugging Face checkpoint folder read lazily: config, tokenizer files and safetensors tensors.
+
+Tensors are opened with safetensors' memory map and read one at a time, so converting a model
+needs about one tensor of RAM beyond the writer's buffers. bf16 tensors come through
+ml_dtypes' numpy dtype (numpy has none of its own).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes  # noqa: F401 - registers numpy's "bfloat16" dtype, which safetensors' numpy loader asks for
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from .errors import CheckpointError, ModelUnavailableError
+
+log = logging.getLogger(__name__)
+
+# What a conversion needs from a hub repository; nothing else is downloaded.
+HUB_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+]
+
+
+class Checkpoint:
+    """config.json + safetensors shards + tokenizer files of one Hugging Face model folder."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise CheckpointError(f"{self.folder} is not a directory (expected a Hugging Face model folder)")
+        self.config: dict[str, Any] = self._json("config.json", required=True)
+        self.tokenizer_config: dict[str, Any] = self._json("tokenizer_config.json")
+        self._stack = ExitStack()
+        self._where: dict[str, Any] = {}  # tensor name -> open safetensors handle
+        for shard in self._shards():
+            try:
+                handle = self._stack.enter_context(safe_open(str(shard), framework="numpy"))
+            except (SafetensorError, OSError) as exc:
+                self.close()
+                raise CheckpointError(f"{shard.name} is not a readable safetensors file: {exc}") from None
+            for name in handle.keys():
+                self._where[name] = handle
+
+    def _json(self, name: str, required: bool = False) -> dict[str, Any]:
+        path = self.folder / name
+        if not path.is_file():
+            if required:
+                raise CheckpointError(f"{self.folder} has no {name}; is it a Hugging Face model folder?")
+            return {}
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+
+    def _shards(self) -> list[Path]:
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = self._json(index.name).get("weight_map", {})
+            shards = [self.folder / name for name in dict.fromkeys(weight_map.values())]
+            missing = [s.name for s in shards if not s.is_file()]
+            if missing:
+                raise CheckpointError(f"{self.folder}: shards listed in {index.name} are missing: {', '.join(missing)}")
+            return shards
+        shards = sorted(self.folder.glob("*.safetensors"))
+        if not shards:
+            found = ", ".join(sorted(p.name for p in self.folder.glob("*.bin"))) or "none"
+            raise CheckpointError(
+                f"{self.folder} has no .safetensors weights (found .bin: {found}); only safetensors are read"
+            )
+        return shards
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._where[name].get_slice(name).get_shape())
+
+    def tensor(self, name: str) -> np.ndarray:
+        """One tensor as float32 (read from the memory map now, not before)."""
+        try:
+            data = self._where[name].get_tensor(name)
+        except SafetensorError as exc:
+            raise CheckpointError(f"cannot read tensor {name}: {exc}") from None
+        return np.asarray(data, dtype=np.float32)
+
+    def items(self) -> Iterator[tuple[str, np.ndarray]]:
+        for name in self._where:
+            yield name, self.tensor(name)
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def snapshot(repo: str, revision: str = "main", cache_dir: str | Path | None = None) -> Path:
+    """A hub repository's conversion files (HUB_PATTERNS only) in huggingface-hub's cache."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id=repo, revision=revision, allow_patterns=HUB_PATTERNS,
+                                      cache_dir=cache_dir))
+    except LocalEntryNotFoundError:
+        raise ModelUnavailableError(f"{repo} is not in the local Hugging Face cache and the hub cannot be reached") \
+            from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise ModelUnavailableError(f"could not download {repo}: {exc}") from None

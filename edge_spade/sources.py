@@ -1,0 +1,89 @@
+"""What `edge-spade convert` and `pull` do: turn a model source into a bundle.
+
+Sources: a Hugging Face folder, a hub repository id (fetched with huggingface-hub), a GGUF
+file or a bundle (requantized with llama.cpp's quantizer), or one GGUF file of a hub
+repository (`pull`, no conversion).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from . import registry
+from .bundle import Bundle, build_bundle, is_bundle, open_bundle
+from .checkpoint import snapshot
+from .converter import OUT_TYPES, convert_checkpoint
+from .errors import CheckpointError, ModelFileError
+from .quantize import QUANT_TYPES, quantize
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[Iterable], Iterable]
+
+
+def convert(source: str, out: str | Path, quant: str = "Q4_K_M", *, revision: str = "main",
+            threads: int | None = None, force: bool = False, progress: Progress = lambda x: x) -> Bundle:
+    """A bundle at `out` from a Hugging Face folder or repo id, a GGUF file or a bundle."""
+    if quant not in QUANT_TYPES:
+        raise CheckpointError(f"quantization {quant!r} is not offered; choose one of {', '.join(QUANT_TYPES)}")
+    path = Path(source).expanduser()
+    if is_bundle(path):
+        gguf_in, record = open_bundle(path).model, {"kind": "bundle", "path": str(path.resolve())}
+    elif path.is_file():
+        gguf_in, record = path, {"kind": "gguf", "path": str(path.resolve())}
+    elif path.is_dir():
+        return _from_checkpoint(path, out, quant, {"kind": "hf-folder", "path": str(path.resolve())},
+                                threads, force, progress)
+    elif _looks_like_repo_id(source):
+        folder = snapshot(source, revision)
+        return _from_checkpoint(folder, out, quant, {"kind": "hub", "repo": source, "revision": revision},
+                                threads, force, progress)
+    else:
+        raise ModelFileError(f"{source} is neither a file, a folder nor a hub repository id (owner/name)")
+    return build_bundle(out, lambda dst: quantize(gguf_in, dst, quant, threads), {**record, "quant": quant}, force)
+
+
+def _from_checkpoint(folder: Path, out: str | Path, quant: str, record: dict, threads: int | None,
+                     force: bool, progress: Progress) -> Bundle:
+    def write(dst: Path) -> None:
+        if quant in OUT_TYPES:
+            convert_checkpoint(folder, dst, quant, progress)
+            return
+        staged = dst.with_name("model-f16.gguf")  # inside the bundle's temporary folder
+        try:
+            convert_checkpoint(folder, staged, "F16", progress)
+            quantize(staged, dst, quant, threads)
+        finally:
+            staged.unlink(missing_ok=True)
+
+    return build_bundle(out, write, {**record, "quant": quant}, force)
+
+
+def pull(repo: str, filename: str, out: str | Path | None = None, *, revision: str = "main",
+         force: bool = False) -> Path | Bundle:
+    """One GGUF of a hub repository, verified against the hub's sha256; a bundle when `out` is given."""
+    if not filename.endswith(".gguf"):
+        raise ModelFileError(f"{filename} is not a .gguf file; for Hugging Face weights use: edge-spade convert {repo}")
+    path = registry.download_from_hub(repo, filename, revision)
+    registry.verify_sha256(path, registry.hub_sha256(repo, filename, revision))
+    if out is None:
+        return path
+    return build_bundle(out, lambda dst: _link_or_copy(path, dst),
+                        {"kind": "hub-gguf", "repo": repo, "file": filename, "revision": revision}, force)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard link (no second copy of a large file) where the filesystem allows, else copy."""
+    try:
+        os.link(src.resolve(), dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and not text.endswith(".gguf")
