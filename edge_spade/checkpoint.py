@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +42,16 @@ class Checkpoint:
             raise CheckpointError(f"{self.folder} is not a directory (expected a Hugging Face model folder)")
         self.config: dict[str, Any] = self._json("config.json", required=True)
         self.tokenizer_config: dict[str, Any] = self._json("tokenizer_config.json")
-        self._stack = ExitStack()
-        self._where: dict[str, Any] = {}  # tensor name -> open safetensors handle
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._where: dict[str, Path] = {}  # tensor name -> shard
         for shard in self._shards():
             try:
-                handle = self._stack.enter_context(safe_open(str(shard), framework="numpy"))
+                with safe_open(str(shard), framework="numpy") as handle:
+                    names = list(handle.keys())
+                    self._shapes.update({n: tuple(handle.get_slice(n).get_shape()) for n in names})
             except (SafetensorError, OSError) as exc:
-                self.close()
                 raise CheckpointError(f"{shard.name} is not a readable safetensors file: {exc}") from None
-            for name in handle.keys():
-                self._where[name] = handle
+            self._where.update(dict.fromkeys(names, shard))
 
     def _json(self, name: str, required: bool = False) -> dict[str, Any]:
         path = self.folder / name
@@ -90,28 +89,21 @@ class Checkpoint:
         return name in self._where
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._where[name].get_slice(name).get_shape())
+        return self._shapes[name]
 
     def tensor(self, name: str) -> np.ndarray:
-        """One tensor as float32 (read from the memory map now, not before)."""
+        """One tensor as float32. The shard is mapped only while it is read, so the pages of
+        tensors already converted do not stay resident."""
         try:
-            data = self._where[name].get_tensor(name)
-        except SafetensorError as exc:
+            with safe_open(str(self._where[name]), framework="numpy") as handle:
+                data = handle.get_tensor(name)
+        except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"cannot read tensor {name}: {exc}") from None
         return np.asarray(data, dtype=np.float32)
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         for name in self._where:
             yield name, self.tensor(name)
-
-    def close(self) -> None:
-        self._stack.close()
-
-    def __enter__(self) -> Checkpoint:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def snapshot(repo: str, revision: str = "main", cache_dir: str | Path | None = None) -> Path:

@@ -84,31 +84,31 @@ def convert_checkpoint(folder: str | Path, out: str | Path, outtype: str = "F16"
     if outtype not in OUT_TYPES:
         raise CheckpointError(f"output type {outtype!r}: choose one of {', '.join(OUT_TYPES)}")
     out = Path(out)
-    with Checkpoint(folder) as ckpt:
-        spec = hf_arch(ckpt.config)
-        hp = _hparams(ckpt.config, spec)
-        vocab = load_vocab(ckpt.folder, hp["vocab_size"])
-        plans = _plan(ckpt, spec, hp, OUT_TYPES[outtype])
-        tmp = out.with_name(f".{out.name}.part{os.getpid()}")
-        try:
-            writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[spec.arch])
-            _write_hparams(writer, spec, hp, ckpt.config)
-            writer.add_file_type(FILE_TYPES[outtype])
-            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            vocab.add_to_gguf(writer)
-            for p in plans:
-                nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(p.shape, p.qtype)))
-                writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), nbytes, raw_dtype=p.qtype)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            for p in progress(plans):
-                data = gguf.quants.quantize(p.make(), p.qtype)
-                writer.write_tensor_data(data.view(np.uint8))
-            writer.close()
-            tmp.replace(out)
-        finally:
-            tmp.unlink(missing_ok=True)
+    ckpt = Checkpoint(folder)
+    spec = hf_arch(ckpt.config)
+    hp = _hparams(ckpt.config, spec)
+    vocab = load_vocab(ckpt.folder, hp["vocab_size"])
+    plans = _plan(ckpt, spec, hp, OUT_TYPES[outtype])
+    tmp = out.with_name(f".{out.name}.part{os.getpid()}")
+    try:
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[spec.arch])
+        _write_hparams(writer, spec, hp, ckpt.config)
+        writer.add_file_type(FILE_TYPES[outtype])
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        vocab.add_to_gguf(writer)
+        for p in plans:
+            nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(p.shape, p.qtype)))
+            writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), nbytes, raw_dtype=p.qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for p in progress(plans):
+            data = gguf.quants.quantize(p.make(), p.qtype)
+            writer.write_tensor_data(data.view(np.uint8))
+        writer.close()
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -126,7 +126,7 @@ class Engine:
         self.arch: Arch = lookup_arch(self.index.arch)
         ggml = _init_backend()
         self._ll = llama_cpp
-        self._model = self._ctx = self._batch = None
+        self._model = self._main = self._side = None
 
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = self.settings.n_gpu_layers
@@ -138,42 +138,24 @@ class Engine:
         self.n_embd = llama_cpp.llama_model_n_embd(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
 
-        self.hooks = LayerHooks(ggml)
-        n_ctx = self.settings.n_ctx
-        threads = self.settings.n_threads or default_threads()
-        kv = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32}[self.settings.kv_type]
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_ctx
-        cparams.n_seq_max = 1
-        cparams.n_threads = cparams.n_threads_batch = threads
-        cparams.type_k = cparams.type_v = kv
-        if self.settings.flash_attn is not None:
-            cparams.flash_attn_type = int(self.settings.flash_attn)
-        cparams.cb_eval = self.hooks.eval_callback
-        cparams.abort_callback = self.hooks.abort_callback
-        cparams.no_perf = True
-        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
-        if not self._ctx:
-            raise ModelFileError(f"llama.cpp could not create a context of {n_ctx} tokens for {self.path}")
-        self._mem = llama_cpp.llama_get_memory(self._ctx)
-        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
-        self._batch = llama_cpp.llama_batch_init(self.n_ctx, 0, 1)
+        self._ggml = ggml
+        self._main = _Context(self, self.settings.n_ctx)
+        self._side: _Context | None = None  # second context for tails run inside the main pass's callback
+        self.hooks = self._main.hooks
+        self.n_ctx = self._main.n_ctx
         self.head = OutputHead(self.path, self.index)
         log.debug("loaded %s: %s, %d layers, n_embd %d, %d threads", self.path.name, self.arch.name,
-                  self.n_layers, self.n_embd, threads)
+                  self.n_layers, self.n_embd, self._main.threads)
 
     # -- lifetime -------------------------------------------------------------------------
 
     def close(self) -> None:
-        ll = self._ll
-        if self._batch is not None:
-            ll.llama_batch_free(self._batch)
-            self._batch = None
-        if self._ctx:
-            ll.llama_free(self._ctx)
-            self._ctx = None
+        for context in (self._side, self._main):
+            if context is not None:
+                context.close()
+        self._main = self._side = None
         if self._model:
-            ll.llama_model_free(self._model)
+            self._ll.llama_model_free(self._model)
             self._model = None
 
     def __enter__(self) -> Engine:
@@ -264,12 +246,13 @@ class Engine:
         return Readout(logits, layer, _ms(t0, t1), _ms(t1))
 
     def spade_tail(self, states: np.ndarray, layer: int, ids: np.ndarray | None,
-                   tokens: Sequence[int] | None = None) -> np.ndarray:
+                   tokens: Sequence[int] | None = None, side: bool = False) -> np.ndarray:
         """Forward `states` (k, n_embd), taken after `layer`, through the layers above it.
 
         The short sequence gets adjacent positions 0..k-1 (llama.cpp needs consecutive
         positions; RoPE sees only distances). Its layers up to `layer` run on `tokens` (any
         valid ids) and are overwritten at `l_out-layer`, so only the layers above count.
+        `side=True` runs it on the second context, as exit checks inside a prompt pass must.
         """
         self._check_layer(layer)
         if layer == self.n_layers - 1:
@@ -277,7 +260,7 @@ class Engine:
         k = states.shape[0]
         tokens = list(tokens) if tokens is not None else [0] * k
         taps = {self.arch.layer_node(layer): Tap(write=states), **self._final_taps(ids)}
-        return self._final_logits(self._decode(tokens, taps), ids)
+        return self._final_logits(self._decode(tokens, taps, side=side), ids)
 
     def early_exit(self, tokens: Sequence[int], ids: np.ndarray | None,
                    checks: dict[int, Callable[[np.ndarray], bool]], tail: int = 1,
@@ -329,8 +312,12 @@ class Engine:
         if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.n_layers:
             raise LayerError(f"layer {layer} is outside 0..{self.n_layers - 1} for this {self.n_layers}-layer model")
 
-    def _decode(self, tokens: Sequence[int], taps: dict[str, Tap]):
-        """Decode `tokens` as sequence 0 on an empty cache, logits for the last token only."""
+    def _decode(self, tokens: Sequence[int], taps: dict[str, Tap], side: bool = False):
+        """Decode `tokens` as sequence 0 on an empty cache, logits for the last token only.
+
+        `side=True` runs on the second context: the way to decode from inside the main
+        context's eval callback (the main pass waits in the callback meanwhile).
+        """
         n = len(tokens)
         if n == 0:
             raise QuestionError("the prompt has no tokens")
@@ -338,29 +325,21 @@ class Engine:
             raise PromptTooLongError(
                 f"the prompt has {n} tokens but the context holds {self.n_ctx}; shorten it or raise --ctx"
             )
-        batch = self._batch
-        batch.n_tokens = n
-        for i, tok in enumerate(tokens):
-            batch.token[i] = int(tok)
-            batch.pos[i] = i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = i == n - 1
-        ll = self._ll
-        ll.llama_memory_clear(self._mem, True)
+        if side and self._side is None:
+            self._side = _Context(self, self.settings.n_ctx)
+        context = self._side if side else self._main
         # numpy inside the callback (exit checks) must not wake OpenBLAS's thread pool: its
         # spinning threads fight llama.cpp's for the cores (measured: a 2.7x slower pass).
-        try:
-            with _blas_controller().limit(limits=1, user_api="blas"):
-                rc, capture = self.hooks.run(taps, lambda: ll.llama_decode(self._ctx, batch))
-        finally:
-            ll.llama_memory_clear(self._mem, True)
+        with _blas_controller().limit(limits=1, user_api="blas"):
+            rc, capture = context.decode(tokens, taps)
         if rc != 0 and not (rc == 2 and capture.stopped):
             raise DecodeError(f"llama_decode failed with status {rc} on a {n}-token batch")
         missing = [name for name, tap in taps.items()
                    if tap.read_rows and name not in capture.rows and capture.stop_node is None]
         if missing:
             raise DecodeError(f"graph node(s) {', '.join(missing)} never appeared in the {self.arch.name} graph")
+        if not capture.stopped:
+            capture.logits = context.last_logits
         return capture
 
     def _final_taps(self, ids: np.ndarray | None) -> dict[str, Tap]:
@@ -370,12 +349,63 @@ class Engine:
     def _final_logits(self, capture, ids: np.ndarray | None) -> np.ndarray:
         """The last position's logits: llama.cpp's over the vocabulary, or the decision rows in numpy."""
         if ids is None:
-            return self._last_logits()
+            return capture.logits()
         return self.head.logits(capture.rows[self.arch.final_norm][0], ids)
 
-    def _last_logits(self) -> np.ndarray:
-        ptr = self._ll.llama_get_logits_ith(self._ctx, -1)
+
+class _Context:
+    """One llama context on the engine's model: its own KV cache, batch and eval hooks."""
+
+    def __init__(self, engine: Engine, n_ctx: int) -> None:
+        ll = self._ll = engine._ll
+        self.n_vocab = engine.n_vocab
+        self.hooks = LayerHooks(engine._ggml)
+        self.threads = engine.settings.n_threads or default_threads()
+        kv = {"f16": ll.GGML_TYPE_F16, "f32": ll.GGML_TYPE_F32}[engine.settings.kv_type]
+        cparams = ll.llama_context_default_params()
+        cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_ctx
+        cparams.n_seq_max = 1
+        cparams.n_threads = cparams.n_threads_batch = self.threads
+        cparams.type_k = cparams.type_v = kv
+        if engine.settings.flash_attn is not None:
+            cparams.flash_attn_type = int(engine.settings.flash_attn)
+        cparams.cb_eval = self.hooks.eval_callback
+        cparams.abort_callback = self.hooks.abort_callback
+        cparams.no_perf = True
+        self.ctx = ll.llama_init_from_model(engine._model, cparams)
+        if not self.ctx:
+            raise ModelFileError(f"llama.cpp could not create a context of {n_ctx} tokens for {engine.path}")
+        self.mem = ll.llama_get_memory(self.ctx)
+        self.n_ctx = ll.llama_n_ctx(self.ctx)
+        self.batch = ll.llama_batch_init(self.n_ctx, 0, 1)
+
+    def decode(self, tokens: Sequence[int], taps: dict[str, Tap]):
+        batch, n = self.batch, len(tokens)
+        batch.n_tokens = n
+        for i, tok in enumerate(tokens):
+            batch.token[i] = int(tok)
+            batch.pos[i] = i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = i == n - 1
+        ll = self._ll
+        ll.llama_memory_clear(self.mem, True)
+        try:
+            return self.hooks.run(taps, lambda: ll.llama_decode(self.ctx, batch))
+        finally:
+            ll.llama_memory_clear(self.mem, True)
+
+    def last_logits(self) -> np.ndarray:
+        ptr = self._ll.llama_get_logits_ith(self.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def close(self) -> None:
+        if self.batch is not None:
+            self._ll.llama_batch_free(self.batch)
+            self.batch = None
+        if self.ctx:
+            self._ll.llama_free(self.ctx)
+            self.ctx = None
 
 
 def _ms(start: float, end: float | None = None) -> float:

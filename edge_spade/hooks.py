@@ -141,6 +141,7 @@ class Capture:
     rows: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (len(read_rows), ne0)
     stopped: bool = False
     stop_node: str | None = None  # the node whose `decide` stopped the decode
+    logits: Callable[[], np.ndarray] | None = None  # the last position's logits, when the decode completed
 
 
 class LayerHooks:

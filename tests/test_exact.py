@@ -105,7 +105,7 @@ def test_exception_inside_callback_surfaces(tiny_engine):
     bad = np.zeros((2, tiny.N_EMBD + 1), np.float32)  # wrong width: raises inside the callback
     with pytest.raises(ValueError, match="cannot write rows"):
         tiny_engine.hooks.run({"l_out-1": Tap(write=bad)}, lambda: tiny_engine._ll.llama_decode(
-            tiny_engine._ctx, tiny_engine._batch))
+            tiny_engine._main.ctx, tiny_engine._main.batch))
     # The engine stays usable and exact afterwards.
     want = tiny_engine.full(tokens, None).logits
     with Engine(tiny_engine.path, tiny_engine.settings) as fresh:
