@@ -18,6 +18,7 @@ import logging
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,17 +41,31 @@ DATASETS = ["cloze/facts.jsonl", "arc/ARC-Easy-Test.jsonl", "arc/ARC-Challenge-T
 NEVER = 1e-12  # entropy is never at or below this: hooks and heads run, nothing exits
 
 
-def configurations(rt, kind: str, tuned, sweep: list[float]) -> dict[str, tuple]:
-    """name -> (heads, threshold, answer_from)."""
+def configurations(rt, kind: str, tuned, sweep: list[float], tails: list[int], probe_sweep: list[float]
+                   ) -> dict[str, tuple]:
+    """name -> (heads, policy, answer_from, tail K)."""
     head_set = rt.manifest.sets[kind]
+    k = head_set.tail
     identity = OnnxHeads(export_onnx([LayerHead.identity(rt.engine.n_embd, 1) for _ in head_set.layers],
                                      rt.engine.head.norm_weight, rt.engine.index.rms_eps))
     lspade = rt.heads[kind]
-    configs = {"spade-exit": (lspade, head_set.threshold, "spade"), "never-exit": (lspade, NEVER, "spade"),
-               "tuned-lens-exit": (tuned[kind], head_set.thresholds.get("tuned", -1.0), "head"),
-               "logit-lens-exit": (identity, head_set.thresholds.get("logit_lens", -1.0), "head")}
+
+    def head(tau: float) -> ExitPolicy:
+        return ExitPolicy.from_head_set(head_set, tau, signal="lspade")
+
+    configs = {"spade-exit": (lspade, ExitPolicy.from_head_set(head_set), "spade", k),
+               "never-exit": (lspade, head(NEVER), "spade", k),
+               "lspade-exit": (lspade, head(head_set.thresholds.get("lspade", -1.0)), "spade", k),
+               "tuned-lens-exit": (tuned[kind], head(head_set.thresholds.get("tuned", -1.0)), "head", k),
+               "logit-lens-exit": (identity, head(head_set.thresholds.get("logit_lens", -1.0)), "head", k)}
     for tau in sweep:
-        configs[f"spade-exit@{tau:.3g}"] = (lspade, tau, "spade")
+        configs[f"lspade-exit@{tau:.3g}"] = (lspade, head(tau), "spade", k)
+    if head_set.probe_layers:
+        probe = ExitPolicy.from_head_set(head_set, signal="spade")
+        configs["spade-probe"] = (lspade, probe, "spade", k)
+        for width in tails:
+            for tau in probe_sweep:
+                configs[f"spade-probe@{tau:.3g}/K{width}"] = (lspade, replace(probe, threshold=tau), "spade", width)
     return configs
 
 
@@ -60,7 +75,8 @@ def default_sweep(head_set, n: int = 5) -> list[float]:
     return sorted({round(curve[int(i)]["threshold"], 4) for i in np.linspace(1, len(curve) - 1, n)})
 
 
-def run_dataset(rt, data: str, limit: int | None, sweep: list[float] | None, tuned) -> tuple[list[dict], list[float]]:
+def run_dataset(rt, data: str, limit: int | None, sweep: list[float] | None, tuned, tails: list[int],
+                probe_sweep: list[float]) -> tuple[list[dict], list[float]]:
     engine, m = rt.engine, rt.manifest
     items = load_items(data_path(data), limit=limit)
     kind = "choice" if items[0].choices else "free"
@@ -68,44 +84,52 @@ def run_dataset(rt, data: str, limit: int | None, sweep: list[float] | None, tun
         log.warning("no %s heads for %s: skipping %s", kind, rt.name, data)
         return [], []
     head_set = m.sets[kind]
-    configs = configurations(rt, kind, tuned, default_sweep(head_set) if sweep is None else sweep)
-    policies = {name: ExitPolicy.from_head_set(head_set, tau) for name, (_, tau, _) in configs.items()}
+    tails = sorted({head_set.tail, *tails})
+    configs = configurations(rt, kind, tuned, default_sweep(head_set) if sweep is None else sweep, tails,
+                             probe_sweep)
     answers = {name: [] for name in configs}
     exit_layers = {name: [] for name in configs}
-    times = {name: [] for name in [*configs, "full", "oracle"]}
-    full_answers, gold, oracle_layers = [], [], []
+    oracle_names = [f"oracle/K{k}" for k in tails]
+    times = {name: [] for name in [*configs, "full", *oracle_names]}
+    full_answers, gold = [], []
+    oracle_layers = {k: [] for k in tails}
     for item in progress(items, len(items), f"exit {rt.name} {Path(data).stem}"):
         prompt = rt.prompt(item.question, item.choices)
-        sample = collect(rt, [item], tail=head_set.tail, top_k=head_set.top_k or FREE_TOP_K)[0]  # SPADE per layer
         t0 = time.perf_counter()
         full = engine.full(prompt.tokens, prompt.ids)
         times["full"].append(time.perf_counter() - t0)
         full_answer = prompt.decide(full.logits)
         full_answers.append(full_answer)
         gold.append(item.gold if item.choices else _first_token(engine, item.gold))
-        oracle = next(layer for layer in range(engine.n_layers) if sample.answer(layer) == full_answer)
-        oracle_layers.append(oracle)
-        t0 = time.perf_counter()
-        engine.spade(prompt.tokens, oracle, prompt.ids, tail=head_set.tail)
-        times["oracle"].append(time.perf_counter() - t0)
-        for name, (heads, _, source) in configs.items():
+        for k in tails:  # SPADE-K at every layer (cached): the earliest layer that agrees, timed
+            sample = collect(rt, [item], tail=k, top_k=head_set.top_k or FREE_TOP_K)[0]
+            oracle = next(layer for layer in range(engine.n_layers) if sample.answer(layer) == full_answer)
+            oracle_layers[k].append(oracle)
             t0 = time.perf_counter()
-            readout, _ = spade_exit(engine, heads, policies[name], prompt, tail=head_set.tail, answer_from=source)
+            engine.spade(prompt.tokens, oracle, prompt.ids, tail=k)
+            times[f"oracle/K{k}"].append(time.perf_counter() - t0)
+        for name, (heads, policy, source, k) in configs.items():
+            t0 = time.perf_counter()
+            readout, _ = spade_exit(engine, heads, policy, prompt, tail=k, answer_from=source)
             times[name].append(time.perf_counter() - t0)
             answers[name].append(prompt.decide(readout.logits))
             exit_layers[name].append(readout.layer)
     full_t = np.array(times["full"])
     rows = []
-    for name in configs:
+    for name, (_, policy, _, k) in configs.items():
+        t = np.array(times[name])
         rows.append({
-            "data": data, "method": name, "threshold": configs[name][1], "n": len(items), "tail_k": head_set.tail,
+            "data": data, "method": name, "threshold": policy.threshold, "n": len(items), "tail_k": k,
+            "signal": policy.signal, "eval_layers": list(policy.eval_layers),
             "accuracy": accuracy(answers[name], gold), "agreement": agreement(answers[name], full_answers),
             "kappa": cohen_kappa(answers[name], full_answers), "constant_agreement": constant_agreement(full_answers),
             "full_accuracy": accuracy(full_answers, gold),
             "mean_exit_layer": float(np.mean(exit_layers[name])),
-            "speedup_median": float(np.median(full_t / np.array(times[name]))),
-            "oracle_speedup": float(np.median(full_t / np.array(times["oracle"]))),
-            "oracle_mean_exit_layer": float(np.mean(oracle_layers)),
+            "exit_rate": float(np.mean(np.array(exit_layers[name]) < engine.n_layers - 1)),
+            "speedup_median": float(np.median(full_t / t)),
+            "speedup_total": float(full_t.sum() / t.sum()),
+            "oracle_speedup": float(np.median(full_t / np.array(times[f"oracle/K{k}"]))),
+            "oracle_mean_exit_layer": float(np.mean(oracle_layers[k])),
         })
     overhead = list(np.array(times["never-exit"]) / full_t)
     return rows, overhead
@@ -123,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", nargs="+", default=DATASETS)
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--sweep", type=float, nargs="*", default=None, help="extra thresholds (default: from the curve)")
+    p.add_argument("--tail", type=int, nargs="*", default=[],
+                   help="extra SPADE tail widths K for the probe sweep and the oracle (rows carry tail_k)")
+    p.add_argument("--probe-sweep", type=float, nargs="*", default=[0.25, 0.5, 1.0, 2.0],
+                   help="probe thresholds (nats) tried at every tail width")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -133,18 +161,19 @@ def main(argv: list[str] | None = None) -> int:
     _, tuned = load_heads(rt.heads_dir, rt.engine, tuned=True)
     rows, overhead = [], []
     for data in args.data:
-        r, o = run_dataset(rt, data, args.limit, args.sweep, tuned)
+        r, o = run_dataset(rt, data, args.limit, args.sweep, tuned, args.tail, args.probe_sweep)
         rows += r
         overhead += o
     result = {"model": rt.name, "rows": rows,
               "overhead_no_exit": float(statistics.median(overhead))}
     print(f"{rt.name}: overhead with hooks and heads but no exit: x{result['overhead_no_exit']:.3f}")
-    print(f"{'data':<26}{'method':<22}{'thr':>7}{'n':>5}{'acc':>7}{'agree':>7}{'kappa':>7}{'const':>7}"
-          f"{'exit L':>7}{'speedup':>8}{'oracle':>8}")
+    print(f"{'data':<26}{'method':<26}{'K':>3}{'thr':>7}{'n':>5}{'acc':>7}{'agree':>7}{'kappa':>7}{'const':>7}"
+          f"{'exit L':>7}{'exits':>6}{'median':>8}{'total':>7}{'oracle':>8}")
     for r in rows:
-        print(f"{r['data']:<26}{r['method']:<22}{r['threshold']:>7.3g}{r['n']:>5}{r['accuracy']:>7.3f}"
-              f"{r['agreement']:>7.3f}{r['kappa']:>7.3f}{r['constant_agreement']:>7.3f}{r['mean_exit_layer']:>7.2f}"
-              f"{r['speedup_median']:>8.2f}{r['oracle_speedup']:>8.2f}")
+        print(f"{r['data']:<26}{r['method']:<26}{r['tail_k']:>3}{r['threshold']:>7.3g}{r['n']:>5}"
+              f"{r['accuracy']:>7.3f}{r['agreement']:>7.3f}{r['kappa']:>7.3f}{r['constant_agreement']:>7.3f}"
+              f"{r['mean_exit_layer']:>7.2f}{r['exit_rate']:>6.2f}{r['speedup_median']:>8.2f}"
+              f"{r['speedup_total']:>7.2f}{r['oracle_speedup']:>8.2f}")
     if args.out:
         out = save_json(result, args.out)
         plot(result, out.with_suffix(".png"))
@@ -158,7 +187,7 @@ def plot(result: dict, png: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for data in dict.fromkeys(r["data"] for r in result["rows"]):
         pts = sorted((r["speedup_median"], r["agreement"]) for r in result["rows"]
-                     if r["data"] == data and r["method"].startswith("spade-exit"))
+                     if r["data"] == data and r["method"].startswith(("lspade-exit@", "spade-probe")))
         ax.plot(*zip(*pts), marker="o", label=data)
     ax.set_xlabel("median wall-clock speedup vs full depth")
     ax.set_ylabel("agreement with the full model")

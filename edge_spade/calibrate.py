@@ -29,15 +29,15 @@ from pathlib import Path
 import numpy as np
 
 from .datasets import Item
+from .engine import tail_positions
 from .errors import EdgeSpadeError
-from .heads import ONNX_OPSET, LayerHead, entropy, export_onnx, topk_entropy, train_head
+from .heads import FREE_TOP_K, ONNX_OPSET, LayerHead, entropy, export_onnx, topk_entropy, train_head
 from .manifest import HEADS_FORMAT, HeadSet, HeadsManifest
 from .prompts import choice_logits
 from .runtime import Runtime
 from .weights import cache_dir
 
 log = logging.getLogger(__name__)
-FREE_TOP_K = 32
 
 
 @dataclass
@@ -62,6 +62,12 @@ class Sample:
 
     def choice(self, logits: np.ndarray) -> int:
         return int(np.argmax(choice_logits(logits, self.groups)))
+
+    def entropy(self, layer: int, top_k: int) -> float:
+        """SPADE's own entropy at `layer`, as a probe judges it (choices, or the top-k tokens)."""
+        if self.free:
+            return topk_entropy(self.logits[layer].astype(np.float64), top_k)
+        return entropy(choice_logits(self.logits[layer], self.groups))
 
     def answer(self, layer: int) -> int:
         """SPADE's answer at `layer`: a choice index, or a token id for free prompts."""
@@ -232,9 +238,68 @@ def pick_threshold(curve: list[CurvePoint], target: float, min_exit_rate: float 
     return best.threshold if best.exit_rate >= min_exit_rate else -1.0
 
 
+def measure_costs(rt: Runtime, items: list[Item], tail: int, n: int = 5) -> dict[str, float]:
+    """Median ms of a full-depth answer and of one SPADE tail (from mid depth): the probe cost model."""
+    engine = rt.engine
+    full, tails = [], []
+    for item in items[:n]:
+        prompt = rt.prompt(item.question, item.choices)
+        rows = tail_positions(len(prompt.tokens), tail)
+        states = np.zeros((len(rows), engine.n_embd), np.float32)  # the content does not change the cost
+        for _ in range(2):  # keep the second, warm run
+            t0 = time.perf_counter()
+            engine.full(prompt.tokens, prompt.ids)
+            t1 = time.perf_counter()
+            engine.spade_tail(states, engine.n_layers // 2, prompt.ids, [prompt.tokens[r] for r in rows], side=True)
+            t2 = time.perf_counter()
+        full.append(t1 - t0)
+        tails.append(t2 - t1)
+    return {"full_ms": round(float(np.median(full)) * 1000, 2), "tail_ms": round(float(np.median(tails)) * 1000, 2)}
+
+
+def probe_cost(ent: np.ndarray, probes: list[int], tau: float, n_layers: int, tail_cost: float
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample: (index of the exit probe or -1, cost relative to the full answer).
+
+    ent: (N, len(probes)) SPADE entropies at the probe layers. Cost model: the prompt pass up
+    to layer l costs (l + 1) / n_layers of a full answer, each probe `tail_cost` more.
+    """
+    exits = ent <= tau
+    first = np.where(exits.any(axis=1), exits.argmax(axis=1), -1)
+    prefix = (np.array(probes) + 1) / n_layers
+    cost = np.where(first >= 0, prefix[np.maximum(first, 0)] + (first + 1) * tail_cost, 1.0 + len(probes) * tail_cost)
+    return first, cost
+
+
+def choose_probes(ent: np.ndarray, agree: np.ndarray, layers: list[int], n_layers: int, tail_cost: float,
+                  target: float) -> tuple[list[int], float]:
+    """Probe layers (one or two) and a threshold that maximise the median speedup on the training
+    split while keeping its agreement with the full answer at the target and the mean cost at or
+    under a full answer's (no slower on average); ([], -1) if none pays.
+
+    ent, agree: (N, len(layers)) SPADE's entropy and whether its answer equals the full one.
+    """
+    taus = np.unique(np.quantile(ent, np.linspace(0, 1, 41)))
+    sets = [[j] for j in range(len(layers))] + [[i, j] for i in range(len(layers)) for j in range(i + 1, len(layers))]
+    best, best_key = ([], -1.0), (1.0, 1.0)
+    rows = np.arange(len(ent))
+    for idx in sets:
+        probes = [layers[j] for j in idx]
+        for tau in taus:
+            first, cost = probe_cost(ent[:, idx], probes, tau, n_layers, tail_cost)
+            ok = np.where(first >= 0, agree[:, idx][rows, np.maximum(first, 0)], True)
+            if ok.mean() < target or cost.mean() > 1.0:
+                continue
+            key = (float(np.median(1 / cost)), float(np.mean(1 / cost)))
+            if key > best_key:
+                best, best_key = (probes, float(tau)), key
+    return best
+
+
 def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[int], *, holdout: float,
                   target_agreement: float, confidence: float, rank: int, steps: int, lr: float, tail: int,
-                  top_k: int, seed: int, data_names: list[str]) -> tuple[HeadSet, dict[str, bytes]]:
+                  top_k: int, seed: int, data_names: list[str], costs: dict[str, float] | None = None
+                  ) -> tuple[HeadSet, dict[str, bytes]]:
     engine = rt.engine
     L = engine.n_layers
     order = np.random.default_rng(seed).permutation(len(samples))
@@ -259,6 +324,26 @@ def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[in
             layer_stats = [{"layer": layer, "spade_agree_full": float((spade_answers[:, j] == full).mean()),
                             "lspade_agree_spade": float((own[:, j] == spade_answers[:, j]).mean()),
                             "mean_entropy": float(ent[:, j].mean())} for j, layer in enumerate(layers)]
+    # SPADE probes: probe layers chosen on the training split, the threshold certified on the held-out one;
+    # the default exit signal only if the cost model says they pay on the held-out split too.
+    probes, spade_tau, probes_pay = [], -1.0, False
+    if costs:
+        tail_cost = costs["tail_ms"] / costs["full_ms"]
+        train_full = np.array([s.answer(L - 1) for s in train])
+        train_ent = np.array([[s.entropy(layer, top_k) for layer in layers] for s in train])
+        train_agree = np.array([[s.answer(layer) for layer in layers] for s in train]) == train_full[:, None]
+        probes, _ = choose_probes(train_ent, train_agree, layers, L, tail_cost, target_agreement)
+        if probes:
+            idx = [layers.index(p) for p in probes]
+            held_ent = np.array([[s.entropy(layer, top_k) for layer in probes] for s in held])
+            curves["spade"] = exit_curve(full, spade_answers[:, idx], held_ent, probes, L, confidence)
+            spade_tau = pick_threshold(curves["spade"], target_agreement)
+            if spade_tau >= 0:
+                _, cost = probe_cost(held_ent, probes, spade_tau, L, tail_cost)
+                costs["heldout_median_speedup_model"] = round(float(np.median(1 / cost)), 3)
+                costs["heldout_mean_cost_model"] = round(float(cost.mean()), 3)
+                probes_pay = bool(np.median(1 / cost) > 1.0 and cost.mean() <= 1.0)
+    thresholds["spade"] = spade_tau
     head_set = HeadSet(
         kind=kind, file=f"lspade-{kind}.onnx", tuned_file=f"tuned-{kind}.onnx", layers=layers, eval_layers=layers,
         threshold=thresholds["lspade"], thresholds=thresholds, tail=tail, top_k=top_k if kind == "free" else None,
@@ -273,6 +358,9 @@ def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[in
         },
         curves={k: [p.__dict__ for p in v] for k, v in curves.items()},
         layer_stats=layer_stats,
+        signal="spade" if probes_pay else "lspade",
+        probe_layers=probes,
+        costs=costs or {},
     )
     norm, eps = engine.head.norm_weight, engine.index.rms_eps
     files = {head_set.file: export_onnx(lspade, norm, eps), head_set.tuned_file: export_onnx(tuned, norm, eps)}
@@ -311,9 +399,11 @@ def calibrate(
         t0 = time.perf_counter()
         samples = collect(rt, kind_items, tail=k, progress=progress, top_k=top_k)
         log.info("collected %d %s prompts in %.0f s", len(samples), kind, time.perf_counter() - t0)
+        costs = measure_costs(rt, kind_items, k)
+        log.info("%s cost model: full answer %.1f ms, one SPADE tail %.1f ms", kind, costs["full_ms"], costs["tail_ms"])
         sets[kind], kind_files = calibrate_set(
             rt, samples, kind, layers, holdout=holdout, target_agreement=target_agreement, confidence=confidence,
-            rank=rank, steps=steps, lr=lr, tail=k, top_k=top_k, seed=seed, data_names=data_names)
+            rank=rank, steps=steps, lr=lr, tail=k, top_k=top_k, seed=seed, data_names=data_names, costs=costs)
         files.update(kind_files)
     manifest = HeadsManifest(
         format=HEADS_FORMAT, model=rt.name, model_file=engine.path.name, output_fingerprint=engine.head.fingerprint(),

@@ -19,6 +19,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+# Free answers: entropy over the top-k tokens (the vocabulary's tail only adds noise to it).
+FREE_TOP_K = 32
+
 
 @dataclass
 class LayerHead:

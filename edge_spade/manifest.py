@@ -36,13 +36,16 @@ class HeadSet:
     layers: list[int]
     eval_layers: list[int]  # layers checked by default
     threshold: float  # L-SPADE entropy threshold (nats); -1 = never exit
-    thresholds: dict[str, float] = field(default_factory=dict)  # lspade, tuned, logit_lens
+    thresholds: dict[str, float] = field(default_factory=dict)  # lspade, tuned, logit_lens, spade (probe)
     tail: int = 1  # SPADE tail width used for targets and exits
     top_k: int | None = None  # free answers: entropy over the head's top-k tokens...
     candidates: list[int] | None = None  # ...among these token ids (SPADE's top tokens in calibration)
     calibration: dict = field(default_factory=dict)
     curves: dict = field(default_factory=dict)  # method -> [{threshold, agreement, lower_bound, mean_exit_layer}]
     layer_stats: list = field(default_factory=list)
+    signal: str = "lspade"  # the default exit: "lspade" (head at every layer) or "spade" (SPADE probes)
+    probe_layers: list[int] = field(default_factory=list)  # layers probed by the "spade" signal
+    costs: dict = field(default_factory=dict)  # measured ms: full answer, one tail (the probe cost model)
 
     def head_index(self) -> dict[int, int]:
         return {layer: i for i, layer in enumerate(self.layers)}

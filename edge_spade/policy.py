@@ -1,10 +1,14 @@
-"""The SPADE-EXIT rule: at evaluation layers, stop when the L-SPADE head is confident enough.
+"""The SPADE-EXIT rule: at evaluation layers, stop when a confidence signal is low enough.
 
-At each evaluation layer the head maps the answer position's hidden state to a normed vector,
-the decision-set rows of the output matrix turn it into logits, and the entropy (nats) of the
-choice distribution is compared with the threshold. A negative threshold never exits; an
-infinite one exits at the first evaluation layer. The answer after an exit comes from SPADE
-at that layer (Engine.early_exit), never from the head.
+Two signals, one rule (entropy in nats <= threshold):
+- "head" (the paper's): an L-SPADE head maps the answer position's hidden state to a normed
+  vector, the decision-set rows of the output matrix turn it into logits. Cheap (~0.1 ms), so
+  every layer can be checked; the answer after an exit comes from SPADE at that layer.
+- "tail" (a SPADE probe): at a few calibrated probe layers, the SPADE tail itself runs on a
+  second llama context while the prompt pass waits inside its eval callback; its own entropy
+  decides, and on an exit its logits are the answer. A probe costs a tail (the remaining
+  layers for K+1 rows, plus the LM head for free answers), so only a few layers are probed.
+A negative threshold never exits; an infinite one exits at the first evaluation layer.
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .engine import Engine, Readout
-from .heads import OnnxHeads, entropy, topk_entropy
+from .engine import Engine, Readout, tail_positions
+from .heads import FREE_TOP_K, OnnxHeads, entropy, topk_entropy
 from .prompts import Prompt
 
 
@@ -26,16 +30,26 @@ class ExitPolicy:
     threshold: float  # nats; exit when the head's entropy is at or below it
     eval_layers: tuple[int, ...]  # layers checked, in order
     head_index: dict[int, int]  # layer -> index of its head in the ONNX file
-    top_k: int | None = None  # free answers: entropy over the head's top-k tokens...
+    top_k: int | None = None  # free answers: entropy over the top-k tokens...
     candidates: tuple[int, ...] | None = None  # ...among these ids (None: the whole vocabulary)
+    signal: str = "head"  # "head": an ONNX head's entropy; "tail": the SPADE tail's own (probe)
 
     @classmethod
-    def from_head_set(cls, head_set, threshold: float | None = None) -> ExitPolicy:
+    def from_head_set(cls, head_set, threshold: float | None = None, signal: str | None = None) -> ExitPolicy:
+        """The head set's default exit (its `signal`), or the one named: "lspade" or "spade" (probe)."""
+        signal = signal or head_set.signal
+        if signal == "spade":
+            tau = head_set.thresholds.get("spade", -1.0) if threshold is None else threshold
+            return cls(tau, tuple(head_set.probe_layers), {}, head_set.top_k or FREE_TOP_K, None, "tail")
         tau = head_set.threshold if threshold is None else threshold
         candidates = tuple(head_set.candidates) if head_set.candidates else None
         return cls(tau, tuple(head_set.eval_layers), head_set.head_index(), head_set.top_k, candidates)
 
     def __post_init__(self) -> None:
+        if self.signal == "tail":
+            if not self.eval_layers and self.threshold >= 0:
+                raise ValueError("a SPADE-probe exit needs probe layers")
+            return
         missing = [layer for layer in self.eval_layers if layer not in self.head_index]
         if missing:
             raise ValueError(f"no head for evaluation layer(s) {missing}")
@@ -48,6 +62,32 @@ class ExitTrace:
     entropies: dict[int, float] = field(default_factory=dict)
     logits: dict[int, np.ndarray] = field(default_factory=dict)  # the head's decision logits per layer
     check_ms: float = 0.0
+
+
+def judge_logits(prompt: Prompt, logits: np.ndarray, top_k: int | None) -> float:
+    """Entropy (nats) of decision logits: over the choices, or the top-k tokens of a free answer."""
+    if prompt.ids is None:
+        return topk_entropy(logits, top_k or logits.shape[0])
+    return entropy(prompt.choice_logits(logits))
+
+
+def probe_checks(engine: Engine, policy: ExitPolicy, prompt: Prompt, seen: ExitTrace,
+                 tail: int) -> dict[int, Callable[[np.ndarray], bool]]:
+    """Per probe layer: run the SPADE tail on the side context, exit if its own entropy is low."""
+    tokens = [prompt.tokens[r] for r in tail_positions(len(prompt.tokens), tail)]
+
+    def check_at(layer: int) -> Callable[[np.ndarray], bool]:
+        def check(states: np.ndarray) -> bool:
+            t0 = time.perf_counter()
+            logits = engine.spade_tail(states, layer, prompt.ids, tokens, side=True)
+            h = judge_logits(prompt, logits, policy.top_k)
+            seen.entropies[layer], seen.logits[layer] = h, logits
+            seen.check_ms += (time.perf_counter() - t0) * 1000.0
+            return h <= policy.threshold
+
+        return check
+
+    return {layer: check_at(layer) for layer in policy.eval_layers}
 
 
 def exit_checks(engine: Engine, heads: OnnxHeads, policy: ExitPolicy, prompt: Prompt,
@@ -69,10 +109,7 @@ def exit_checks(engine: Engine, heads: OnnxHeads, policy: ExitPolicy, prompt: Pr
             t0 = time.perf_counter()
             normed = heads.normed(states[-1], index)
             logits = engine.head.logits(normed, None) if rows is None else rows @ normed
-            if prompt.ids is None:
-                h = topk_entropy(logits, policy.top_k or logits.shape[0])
-            else:
-                h = entropy(prompt.choice_logits(logits))
+            h = judge_logits(prompt, logits, policy.top_k)
             seen.entropies[layer] = h
             seen.logits[layer] = logits
             seen.check_ms += (time.perf_counter() - t0) * 1000.0
@@ -88,17 +125,21 @@ def spade_exit(engine: Engine, heads: OnnxHeads, policy: ExitPolicy, prompt: Pro
     """Answer `prompt` with SPADE-EXIT: one prompt pass, stopped at the first confident layer.
 
     `answer_from="head"` answers an exit with the head's own logits instead of SPADE's (the
-    tuned-lens and logit-lens baselines).
+    tuned-lens and logit-lens baselines). A probe policy already holds SPADE's logits.
     """
     seen = ExitTrace()
+    probe = policy.signal == "tail"
     if policy.threshold < 0 or math.isnan(policy.threshold):
         checks = {}  # never exits: no hooks at all, the plain full-depth pass
+    elif probe:
+        checks = probe_checks(engine, policy, prompt, seen, tail)
     else:
         checks = exit_checks(engine, heads, policy, prompt, seen)
-    readout = engine.early_exit(prompt.tokens, prompt.ids, checks, tail=tail, then_spade=answer_from == "spade")
-    if readout.logits.size == 0:  # a lens baseline's own answer
+    then_spade = answer_from == "spade" and not probe
+    readout = engine.early_exit(prompt.tokens, prompt.ids, checks, tail=tail, then_spade=then_spade)
+    if readout.logits.size == 0:  # a probe's SPADE logits, or a lens baseline's own answer
         readout.logits = seen.logits[readout.layer]
-        if prompt.ids is None and policy.candidates is not None:  # candidate logits -> vocabulary-sized
+        if not probe and prompt.ids is None and policy.candidates is not None:  # candidates -> vocabulary
             full = np.full(engine.n_vocab, -np.inf, np.float32)
             full[list(policy.candidates)] = readout.logits
             readout.logits = full

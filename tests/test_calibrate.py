@@ -47,7 +47,11 @@ def test_calibration_writes_a_complete_heads_folder(heads_dir, tiny_model):
     manifest = json.loads((heads_dir / "heads.json").read_text())
     assert manifest["n_layers"] == tiny.N_LAYERS and set(manifest["sets"]) == {"choice", "free"}
     choice, free = manifest["sets"]["choice"], manifest["sets"]["free"]
-    assert choice["layers"] == [1, 2] and set(choice["thresholds"]) == {"lspade", "tuned", "logit_lens"}
+    assert choice["layers"] == [1, 2] and set(choice["thresholds"]) == {"lspade", "tuned", "logit_lens", "spade"}
+    for head_set in (choice, free):  # the probe cost model was measured, probes chosen or declined
+        assert head_set["costs"]["full_ms"] > 0 and head_set["costs"]["tail_ms"] > 0
+        assert set(head_set["probe_layers"]) <= {1, 2} and head_set["signal"] in ("lspade", "spade")
+        assert (head_set["signal"] == "spade") <= (head_set["thresholds"]["spade"] >= 0)
     assert choice["calibration"]["n_prompts"] == 40 and choice["calibration"]["n_holdout"] == 12
     assert free["tail"] == 3 and free["top_k"] == 8 and free["calibration"]["n_prompts"] == 24
     assert free["candidates"] and choice["candidates"] is None

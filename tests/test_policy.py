@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tiny
 
-from edge_spade.heads import LayerHead, OnnxHeads, entropy, export_onnx
+from edge_spade.heads import LayerHead, OnnxHeads, entropy, export_onnx, topk_entropy
 from edge_spade.policy import ExitPolicy, spade_exit
 from edge_spade.prompts import build_prompt
 
@@ -65,3 +65,55 @@ def test_lens_baseline_answers_from_its_own_head(tiny_engine, identity_heads, pr
     assert readout.layer == LAYERS[0] and readout.tail_ms == 0.0
     want = tiny_engine.logit_lens(prompt.tokens, LAYERS[0], prompt.ids).logits
     np.testing.assert_allclose(readout.logits, want, atol=1e-4 * np.abs(want).max())
+
+
+# -- SPADE probes: the tail itself judges, on the side context, inside the prompt pass ---------------
+
+def probe(threshold: float, layers=(1, 2)) -> ExitPolicy:
+    return ExitPolicy(threshold, tuple(layers), {}, top_k=8, signal="tail")
+
+
+def test_side_context_tails_equal_main_context_tails(tiny_engine, prompt):
+    trace = tiny_engine.trace(prompt.tokens, None, tail=3)
+    tokens = [prompt.tokens[r] for r in trace.tail_rows]
+    for layer in (0, 2):
+        np.testing.assert_array_equal(tiny_engine.spade_tail(trace.states[layer], layer, None, tokens, side=True),
+                                      tiny_engine.spade_tail(trace.states[layer], layer, None, tokens))
+
+
+@pytest.mark.parametrize("kind", ["choice", "free"])
+def test_probe_exits_answer_with_spade_k_at_the_probe_layer(tiny_engine, prompt, kind):
+    p = prompt if kind == "choice" else build_prompt(tiny_engine, "the capital of france is", None)
+    spade = {layer: tiny_engine.spade(p.tokens, layer, p.ids, tail=3).logits for layer in (1, 2)}
+    judged = {layer: entropy(p.choice_logits(lg)) if p.ids is not None else topk_entropy(lg, 8)
+              for layer, lg in spade.items()}
+    # infinite: the first probe; between the two entropies: the more confident layer; negative: full depth
+    readout, seen = spade_exit(tiny_engine, None, probe(math.inf), p, tail=3)
+    assert readout.layer == 1 and list(seen.entropies) == [1]
+    np.testing.assert_array_equal(readout.logits, spade[1])
+    confident = min(judged, key=judged.get)
+    readout, seen = spade_exit(tiny_engine, None, probe(judged[confident] + 1e-6), p, tail=3)
+    assert readout.layer == confident
+    np.testing.assert_array_equal(readout.logits, spade[confident])
+    assert seen.entropies[confident] == pytest.approx(judged[confident], abs=1e-5)
+    readout, seen = spade_exit(tiny_engine, None, probe(-1.0), p, tail=3)
+    np.testing.assert_array_equal(readout.logits, tiny_engine.full(p.tokens, p.ids).logits)
+    readout, seen = spade_exit(tiny_engine, None, probe(1e-12), p, tail=3)  # probes run, nothing exits
+    assert sorted(seen.entropies) == [1, 2] and readout.layer == tiny.N_LAYERS - 1
+    np.testing.assert_array_equal(readout.logits, tiny_engine.full(p.tokens, p.ids).logits)
+
+
+def test_probe_cost_and_choice_by_hand():
+    from edge_spade.calibrate import choose_probes, probe_cost
+
+    ent = np.array([[0.1, 0.0], [2.0, 0.1], [2.0, 2.0], [0.2, 0.1]])
+    first, cost = probe_cost(ent, [1, 3], 0.5, n_layers=8, tail_cost=0.1)
+    assert first.tolist() == [0, 1, -1, 0]
+    np.testing.assert_allclose(cost, [2 / 8 + 0.1, 4 / 8 + 0.2, 1.0 + 0.2, 2 / 8 + 0.1])
+    # Layer 1 is confident and right on samples 0 and 3, wrong on sample 1 unless it waits for layer 3.
+    agree = np.array([[True, True], [False, True], [True, True], [True, True]])
+    probes, tau = choose_probes(ent, agree, [1, 3], n_layers=8, tail_cost=0.1, target=1.0)
+    first, cost = probe_cost(ent[:, [[1, 3].index(p) for p in probes]], probes, tau, 8, 0.1)
+    assert probes and np.median(1 / cost) > 1.0 and cost.mean() <= 1.0
+    assert all(agree[i, [1, 3].index(probes[f])] for i, f in enumerate(first) if f >= 0)
+    assert choose_probes(ent, agree, [1, 3], n_layers=8, tail_cost=2.0, target=1.0) == ([], -1.0)  # never pays
