@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -296,16 +296,70 @@ def choose_probes(ent: np.ndarray, agree: np.ndarray, layers: list[int], n_layer
     return best
 
 
-def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[int], *, holdout: float,
-                  target_agreement: float, confidence: float, rank: int, steps: int, lr: float, tail: int,
-                  top_k: int, seed: int, data_names: list[str], costs: dict[str, float] | None = None
-                  ) -> tuple[HeadSet, dict[str, bytes]]:
-    engine = rt.engine
-    L = engine.n_layers
+def split(samples: list[Sample], holdout: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(train, held-out), the same split for every tail width (samples come in item order)."""
     order = np.random.default_rng(seed).permutation(len(samples))
     n_hold = max(5, int(len(samples) * holdout))
-    held = [samples[i] for i in order[:n_hold]]
-    train = [samples[i] for i in order[n_hold:]]
+    return [samples[i] for i in order[n_hold:]], [samples[i] for i in order[:n_hold]]
+
+
+def probe_plan(train: list[Sample], held: list[Sample], layers: list[int], n_layers: int, costs: dict[str, float],
+               top_k: int, target: float, confidence: float) -> dict:
+    """SPADE probes for one tail width: layers chosen on the training split, threshold certified on
+    the held-out one; `pays` when the cost model says they beat the full answer on held-out prompts."""
+    L, tail_cost = n_layers, costs["tail_ms"] / costs["full_ms"]
+
+    def table(ss: list[Sample], at: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        full = np.array([s.answer(L - 1) for s in ss])
+        ent = np.array([[s.entropy(layer, top_k) for layer in at] for s in ss])
+        answers = np.array([[s.answer(layer) for layer in at] for s in ss])
+        return full, ent, answers
+
+    full, ent, answers = table(train, layers)
+    probes, _ = choose_probes(ent, answers == full[:, None], layers, L, tail_cost, target)
+    plan = {"probe_layers": probes, "threshold": -1.0, "pays": False, "costs": dict(costs), "curve": []}
+    if probes:
+        full, ent, answers = table(held, probes)
+        curve = exit_curve(full, answers, ent, probes, L, confidence)
+        tau = pick_threshold(curve, target)
+        plan.update(threshold=tau, curve=curve)
+        if tau >= 0:
+            _, cost = probe_cost(ent, probes, tau, L, tail_cost)
+            plan["costs"].update(heldout_median_speedup_model=round(float(np.median(1 / cost)), 3),
+                                 heldout_mean_cost_model=round(float(cost.mean()), 3))
+            plan["pays"] = bool(np.median(1 / cost) > 1.0 and cost.mean() <= 1.0)
+    return plan
+
+
+def frontier_row(samples: list[Sample], layers: list[int], n_layers: int, plan: dict) -> dict:
+    """What one tail width offers: SPADE's agreement with the full answer by layer, the oracle, the probes."""
+    full = np.array([s.answer(n_layers - 1) for s in samples])
+    agree = np.array([[s.answer(layer) for layer in layers] for s in samples]) == full[:, None]
+    oracle = [layers[int(row.argmax())] if row.any() else n_layers - 1 for row in agree]  # first agreeing layer
+    return {"agreement_by_layer": {str(layer): round(float(a), 4) for layer, a in zip(layers, agree.mean(0))},
+            "mean_agreement": round(float(agree.mean()), 4),
+            "oracle_mean_exit_layer": round(float(np.mean(oracle)), 2),
+            "probe_layers": plan["probe_layers"], "probe_threshold": plan["threshold"], "probes_pay": plan["pays"],
+            **plan["costs"]}
+
+
+def choose_tail(frontier: dict[int, dict]) -> int:
+    """The width whose probes pay best (modelled held-out median speedup), else the one whose SPADE
+    agrees best with the full answer over all layers (smaller on ties)."""
+    paying = {k: r for k, r in frontier.items() if r["probes_pay"]}
+    if paying:
+        return max(paying, key=lambda k: (paying[k]["heldout_median_speedup_model"], -k))
+    return max(frontier, key=lambda k: (frontier[k]["mean_agreement"], -k))
+
+
+def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[int], *, holdout: float,
+                  target_agreement: float, confidence: float, rank: int, steps: int, lr: float, tail: int,
+                  top_k: int, seed: int, data_names: list[str], plan: dict | None = None,
+                  frontier: dict | None = None) -> tuple[HeadSet, dict[str, bytes]]:
+    engine = rt.engine
+    L = engine.n_layers
+    plan = plan or {}
+    train, held = split(samples, holdout, seed)
     t0 = time.perf_counter()
     lspade = train_heads(rt, train, layers, "spade", rank, steps, lr)
     tuned = train_heads(rt, train, layers, "full", rank, steps, lr)
@@ -324,26 +378,9 @@ def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[in
             layer_stats = [{"layer": layer, "spade_agree_full": float((spade_answers[:, j] == full).mean()),
                             "lspade_agree_spade": float((own[:, j] == spade_answers[:, j]).mean()),
                             "mean_entropy": float(ent[:, j].mean())} for j, layer in enumerate(layers)]
-    # SPADE probes: probe layers chosen on the training split, the threshold certified on the held-out one;
-    # the default exit signal only if the cost model says they pay on the held-out split too.
-    probes, spade_tau, probes_pay = [], -1.0, False
-    if costs:
-        tail_cost = costs["tail_ms"] / costs["full_ms"]
-        train_full = np.array([s.answer(L - 1) for s in train])
-        train_ent = np.array([[s.entropy(layer, top_k) for layer in layers] for s in train])
-        train_agree = np.array([[s.answer(layer) for layer in layers] for s in train]) == train_full[:, None]
-        probes, _ = choose_probes(train_ent, train_agree, layers, L, tail_cost, target_agreement)
-        if probes:
-            idx = [layers.index(p) for p in probes]
-            held_ent = np.array([[s.entropy(layer, top_k) for layer in probes] for s in held])
-            curves["spade"] = exit_curve(full, spade_answers[:, idx], held_ent, probes, L, confidence)
-            spade_tau = pick_threshold(curves["spade"], target_agreement)
-            if spade_tau >= 0:
-                _, cost = probe_cost(held_ent, probes, spade_tau, L, tail_cost)
-                costs["heldout_median_speedup_model"] = round(float(np.median(1 / cost)), 3)
-                costs["heldout_mean_cost_model"] = round(float(cost.mean()), 3)
-                probes_pay = bool(np.median(1 / cost) > 1.0 and cost.mean() <= 1.0)
-    thresholds["spade"] = spade_tau
+    if plan.get("curve"):
+        curves["spade"] = plan["curve"]
+    thresholds["spade"] = plan.get("threshold", -1.0)
     head_set = HeadSet(
         kind=kind, file=f"lspade-{kind}.onnx", tuned_file=f"tuned-{kind}.onnx", layers=layers, eval_layers=layers,
         threshold=thresholds["lspade"], thresholds=thresholds, tail=tail, top_k=top_k if kind == "free" else None,
@@ -358,9 +395,10 @@ def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[in
         },
         curves={k: [p.__dict__ for p in v] for k, v in curves.items()},
         layer_stats=layer_stats,
-        signal="spade" if probes_pay else "lspade",
-        probe_layers=probes,
-        costs=costs or {},
+        signal="spade" if plan.get("pays") else "lspade",
+        probe_layers=plan.get("probe_layers", []),
+        costs=plan.get("costs", {}),
+        tail_frontier=frontier or {},
     )
     norm, eps = engine.head.norm_weight, engine.index.rms_eps
     files = {head_set.file: export_onnx(lspade, norm, eps), head_set.tuned_file: export_onnx(tuned, norm, eps)}
@@ -380,30 +418,44 @@ def calibrate(
     rank: int = 64,
     steps: int = 300,
     lr: float = 5e-3,
-    tail: int = 1,
-    free_tail: int | None = None,
+    tail: int | Sequence[int] = 1,
+    free_tail: int | Sequence[int] | None = None,
     top_k: int = FREE_TOP_K,
     seed: int = 0,
     progress: Callable | None = None,
 ) -> HeadsManifest:
-    """Collect, train, pick thresholds and export every answer kind present in `items`."""
+    """Collect, train, pick thresholds and export every answer kind present in `items`.
+
+    `tail` / `free_tail`: one SPADE tail width, or several to choose from per answer kind
+    (choose_tail over the held-out frontier, recorded in the manifest).
+    """
     engine = rt.engine
     layers = list(range(min_layer, engine.n_layers - 1))
     sets, files = {}, {}
-    for kind, kind_items, k in (("choice", [i for i in items if i.choices], tail),
-                                ("free", [i for i in items if not i.choices], free_tail or tail)):
+    widths = {"choice": _widths(tail), "free": _widths(free_tail or tail)}
+    by_kind = {"choice": [i for i in items if i.choices], "free": [i for i in items if not i.choices]}
+    for kind, kind_items in by_kind.items():
         if not kind_items:
             continue
         if len(kind_items) < 10:
             raise ValueError(f"calibrating {kind} answers needs at least 10 prompts, got {len(kind_items)}")
-        t0 = time.perf_counter()
-        samples = collect(rt, kind_items, tail=k, progress=progress, top_k=top_k)
-        log.info("collected %d %s prompts in %.0f s", len(samples), kind, time.perf_counter() - t0)
-        costs = measure_costs(rt, kind_items, k)
-        log.info("%s cost model: full answer %.1f ms, one SPADE tail %.1f ms", kind, costs["full_ms"], costs["tail_ms"])
+        by_k, plans, frontier = {}, {}, {}
+        for k in widths[kind]:
+            t0 = time.perf_counter()
+            by_k[k] = collect(rt, kind_items, tail=k, progress=progress, top_k=top_k)
+            log.info("collected %d %s prompts (tail %d) in %.0f s", len(by_k[k]), kind, k, time.perf_counter() - t0)
+            costs = measure_costs(rt, kind_items, k)
+            log.info("%s, tail %d: full answer %.1f ms, one SPADE tail %.1f ms", kind, k, costs["full_ms"],
+                     costs["tail_ms"])
+            train, held = split(by_k[k], holdout, seed)
+            plans[k] = probe_plan(train, held, layers, engine.n_layers, costs, top_k, target_agreement, confidence)
+            frontier[k] = frontier_row(held, layers, engine.n_layers, plans[k])
+        k = choose_tail(frontier)
+        log.info("%s answers: tail width %d chosen from %s", kind, k, sorted(frontier))
         sets[kind], kind_files = calibrate_set(
-            rt, samples, kind, layers, holdout=holdout, target_agreement=target_agreement, confidence=confidence,
-            rank=rank, steps=steps, lr=lr, tail=k, top_k=top_k, seed=seed, data_names=data_names, costs=costs)
+            rt, by_k[k], kind, layers, holdout=holdout, target_agreement=target_agreement, confidence=confidence,
+            rank=rank, steps=steps, lr=lr, tail=k, top_k=top_k, seed=seed, data_names=data_names, plan=plans[k],
+            frontier={str(w): row for w, row in frontier.items()})
         files.update(kind_files)
     manifest = HeadsManifest(
         format=HEADS_FORMAT, model=rt.name, model_file=engine.path.name, output_fingerprint=engine.head.fingerprint(),
@@ -412,6 +464,10 @@ def calibrate(
     )
     write_heads(Path(out_dir), manifest, files)
     return manifest
+
+
+def _widths(tail: int | Sequence[int]) -> list[int]:
+    return sorted({tail} if isinstance(tail, int) else set(tail))
 
 
 def write_heads(out_dir: Path, manifest: HeadsManifest, files: dict[str, bytes]) -> Path:

@@ -58,8 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--min-layer", type=int, default=1, help="first layer with a head")
     c.add_argument("--rank", type=int, default=64)
     c.add_argument("--steps", type=int, default=300)
-    c.add_argument("--tail", type=int, default=1, help="SPADE tail width for choice questions")
-    c.add_argument("--free-tail", type=int, default=None, help="SPADE tail width for free answers (default --tail)")
+    c.add_argument("--tail", type=int, nargs="+", default=[1],
+                   help="SPADE tail width(s) for choice questions; several: the best on the held-out frontier")
+    c.add_argument("--free-tail", type=int, nargs="+", default=None,
+                   help="SPADE tail width(s) for free answers (default: --tail)")
     c.add_argument("--variants", type=int, default=3, help="few-shot prefixes per cloze fact")
     c.add_argument("--threads", type=int)
 

@@ -46,6 +46,7 @@ class HeadSet:
     signal: str = "lspade"  # the default exit: "lspade" (head at every layer) or "spade" (SPADE probes)
     probe_layers: list[int] = field(default_factory=list)  # layers probed by the "spade" signal
     costs: dict = field(default_factory=dict)  # measured ms: full answer, one tail (the probe cost model)
+    tail_frontier: dict = field(default_factory=dict)  # tail width K -> what it offered (see calibrate.frontier_row)
 
     def head_index(self) -> dict[int, int]:
         return {layer: i for i, layer in enumerate(self.layers)}

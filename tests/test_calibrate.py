@@ -9,7 +9,7 @@ import pytest
 import tiny
 
 from edge_spade import load_model
-from edge_spade.calibrate import CurvePoint, calibrate, clopper_pearson_lower, pick_threshold
+from edge_spade.calibrate import CurvePoint, calibrate, choose_tail, clopper_pearson_lower, pick_threshold
 from edge_spade.cli import main
 from edge_spade.datasets import Item
 from edge_spade.manifest import HeadsMismatchError
@@ -36,7 +36,7 @@ def heads_dir(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("heads") / "tiny-heads"
     free = [Item(f"f{i}", f"the {w} of {v} is", None, None) for i, (w, v) in enumerate(zip(WORDS * 3, WORDS[::-1] * 3))]
     manifest = calibrate(rt, items(40) + free, out, data_names=["generated"], rank=4, steps=40,
-                         target_agreement=0.5, free_tail=3, top_k=8)
+                         target_agreement=0.5, free_tail=[2, 3], top_k=8)
     rt.close()
     mp.undo()
     assert set(manifest.sets) == {"choice", "free"}
@@ -53,7 +53,13 @@ def test_calibration_writes_a_complete_heads_folder(heads_dir, tiny_model):
         assert set(head_set["probe_layers"]) <= {1, 2} and head_set["signal"] in ("lspade", "spade")
         assert (head_set["signal"] == "spade") <= (head_set["thresholds"]["spade"] >= 0)
     assert choice["calibration"]["n_prompts"] == 40 and choice["calibration"]["n_holdout"] == 12
-    assert free["tail"] == 3 and free["top_k"] == 8 and free["calibration"]["n_prompts"] == 24
+    assert free["top_k"] == 8 and free["calibration"]["n_prompts"] == 24
+    # two tail widths were tried for free answers: both on the frontier, the chosen one by choose_tail's rule
+    frontier = {int(k): row for k, row in free["tail_frontier"].items()}
+    assert set(frontier) == {2, 3} and free["tail"] == choose_tail(frontier)
+    assert set(choice["tail_frontier"]) == {"1"} and choice["tail"] == 1
+    for row in frontier.values():
+        assert 0 <= row["mean_agreement"] <= 1 and 0 <= row["oracle_mean_exit_layer"] <= tiny.N_LAYERS - 1
     assert free["candidates"] and choice["candidates"] is None
     for name in ("lspade-choice.onnx", "tuned-choice.onnx", "lspade-free.onnx", "tuned-free.onnx"):
         assert (heads_dir / name).stat().st_size > 0
@@ -61,11 +67,18 @@ def test_calibration_writes_a_complete_heads_folder(heads_dir, tiny_model):
     assert curve[0]["threshold"] == 0.0 and curve[-1]["mean_exit_layer"] <= tiny.N_LAYERS - 1
 
 
+def first_layer(heads_dir, kind: str) -> int:
+    """Where an infinite threshold exits: the first probe layer or the first head layer (whichever signal won)."""
+    head_set = json.loads((heads_dir / "heads.json").read_text())["sets"][kind]
+    return (head_set["probe_layers"] if head_set["signal"] == "spade" else head_set["eval_layers"])[0]
+
+
 def test_heads_drive_spade_exit(heads_dir, tiny_model, capsys):
     code = main(["ask", "which sky is blue?", "--choices", "sky", "water", "--model", str(tiny_model[0]),
                  "--heads", str(heads_dir), "--threshold", "inf", "--json"])
     a = json.loads(capsys.readouterr().out)
-    assert code == 0 and a["mode"] == "spade-exit" and a["exit_layer"] == 1 and list(a["entropy"]) == ["1"]
+    first = first_layer(heads_dir, "choice")
+    assert code == 0 and a["mode"] == "spade-exit" and a["exit_layer"] == first and list(a["entropy"]) == [str(first)]
     code = main(["ask", "which sky is blue?", "--choices", "sky", "water", "--model", str(tiny_model[0]),
                  "--heads", str(heads_dir), "--threshold", "-1", "--json"])
     a = json.loads(capsys.readouterr().out)
@@ -73,7 +86,8 @@ def test_heads_drive_spade_exit(heads_dir, tiny_model, capsys):
     code = main(["ask", "the sky of", "--model", str(tiny_model[0]), "--heads", str(heads_dir), "--threshold", "inf",
                  "--json"])
     a = json.loads(capsys.readouterr().out)
-    assert code == 0 and a["mode"] == "spade-exit" and a["exit_layer"] == 1 and a["tail"] == 3
+    assert code == 0 and a["mode"] == "spade-exit" and a["exit_layer"] == first_layer(heads_dir, "free")
+    assert a["tail"] == json.loads((heads_dir / "heads.json").read_text())["sets"]["free"]["tail"]
 
 
 def test_heads_for_another_model_are_refused(heads_dir, tmp_path, capsys):
@@ -111,3 +125,11 @@ def test_threshold_is_the_largest_that_keeps_the_bound():
     assert pick_threshold(curve, 0.99) == 0.1
     assert pick_threshold(curve, 0.999) == -1.0
     assert pick_threshold(curve, 0.99, min_exit_rate=0.5) == -1.0  # too few exits to pay for the checks
+
+
+def test_tail_width_choice():
+    row = {"mean_agreement": 0.8, "probes_pay": False}
+    assert choose_tail({1: {**row, "mean_agreement": 0.7}, 4: row, 8: row}) == 4  # best agreement, smaller on ties
+    paying = {"probes_pay": True, "mean_agreement": 0.5}
+    assert choose_tail({1: row, 2: {**paying, "heldout_median_speedup_model": 1.2},
+                        4: {**paying, "heldout_median_speedup_model": 1.5}}) == 4  # probes that pay come first

@@ -203,8 +203,10 @@ def test_calibrate_adds_heads_to_a_bundle(tiny_model, tmp_path, monkeypatch, cap
     assert b.heads_dir == bundle.folder / "heads" and "heads.json" in b.meta["heads"]
     rt = load_model(str(bundle.folder), n_ctx=EXACT.n_ctx, kv_type="f32")
     answer = rt.ask("which sky is blue?", ["sky", "water"], threshold=float("inf"))
+    choice = rt.manifest.sets["choice"]
     rt.close()
-    assert answer.mode == "spade-exit" and answer.exit_layer == 1
+    first = (choice.probe_layers if choice.signal == "spade" else choice.eval_layers)[0]
+    assert answer.mode == "spade-exit" and answer.exit_layer == first
     (b.heads_dir / "lspade-choice.onnx").write_bytes(b"tampered")
     with pytest.raises(BundleError, match="heads/lspade-choice.onnx is missing or differs"):
         open_bundle(bundle.folder)
