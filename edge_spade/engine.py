@@ -389,11 +389,13 @@ class _Context:
             batch.seq_id[i][0] = 0
             batch.logits[i] = i == n - 1
         ll = self._ll
-        ll.llama_memory_clear(self.mem, True)
+        # Metadata only: emptied cells are masked out, so their stale (finite) K/V never count, and
+        # zeroing the buffers cost ~2.6 ms per clear on Gemma (the exact tests compare bit for bit).
+        ll.llama_memory_clear(self.mem, False)
         try:
             return self.hooks.run(taps, lambda: ll.llama_decode(self.ctx, batch))
         finally:
-            ll.llama_memory_clear(self.mem, True)
+            ll.llama_memory_clear(self.mem, False)
 
     def last_logits(self) -> np.ndarray:
         ptr = self._ll.llama_get_logits_ith(self.ctx, -1)
