@@ -63,6 +63,18 @@ def test_f32_logits_match_the_hf_forward(arch, checkpoints, f32):
             assert got.argmax() == ref.argmax()
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_runtime_drives_every_converted_architecture(arch, checkpoints, f32):
+    """Graph node names work for each architecture: a SPADE tail covering the whole prompt is the full model."""
+    tok = Tokenizer.from_file(str(checkpoints[arch] / "tokenizer.json"))
+    ids = tok.encode(PROMPT, add_special_tokens=False).ids
+    with Engine(f32[arch], EXACT) as engine:
+        full = engine.full(ids, None).logits
+        for layer in range(engine.n_layers):
+            got = engine.spade(ids, layer, None, tail=len(ids)).logits
+            assert np.abs(got - full).max() < 1e-4 * np.abs(full).max(), (arch, layer)
+
+
 @pytest.mark.parametrize("name", ARCHS + ["smollm"])
 def test_tokenization_matches_the_tokenizers_library(name, checkpoints, f32):
     tok = Tokenizer.from_file(str(checkpoints[name] / "tokenizer.json"))
