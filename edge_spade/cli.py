@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="SPADE tail width: prompt rows forwarded besides the start (default 1, or the heads' own)")
     p.add_argument("--threshold", type=float, default=None,
                    help="SPADE-EXIT entropy threshold in nats (default: the calibrated one; negative: never exit)")
+    p.add_argument("--signal", choices=["lspade", "spade"], default=None,
+                   help="exit rule: L-SPADE heads at every layer, or SPADE probes (default: the calibrated choice)")
     p.add_argument("--heads", default=None, help="heads folder from `edge-spade calibrate` (default: shipped heads)")
     p.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
     p.add_argument("--threads", type=int, help="CPU threads (default: all this process may use)")
@@ -113,7 +115,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         raise QuestionError("give a question, or --file with JSON lines (not both)")
     rt = load_model(args.model, threads=args.threads, gpu_layers=args.gpu_layers, n_ctx=args.ctx, heads=args.heads)
     options = dict(layer=args.layer, lens=args.lens, tail=args.tail, template=False if args.raw else None,
-                   full=args.full, threshold=args.threshold)
+                   full=args.full, threshold=args.threshold, signal=args.signal)
     if args.file is None:
         answer = rt.ask(args.question, args.choices, **options)
         print(json.dumps(answer.to_dict(), ensure_ascii=False) if args.json else format_answer(answer))

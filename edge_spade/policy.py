@@ -22,6 +22,7 @@ import numpy as np
 
 from .engine import Engine, Readout, tail_positions
 from .heads import FREE_TOP_K, OnnxHeads, entropy, topk_entropy
+from .manifest import HeadsMismatchError
 from .prompts import Prompt
 
 
@@ -39,6 +40,9 @@ class ExitPolicy:
         """The head set's default exit (its `signal`), or the one named: "lspade" or "spade" (probe)."""
         signal = signal or head_set.signal
         if signal == "spade":
+            if not head_set.probe_layers:
+                raise HeadsMismatchError(f"the {head_set.kind} heads have no SPADE probe layers (calibration found "
+                                         "none that keep the target agreement); use --signal lspade")
             tau = head_set.thresholds.get("spade", -1.0) if threshold is None else threshold
             return cls(tau, tuple(head_set.probe_layers), {}, head_set.top_k or FREE_TOP_K, None, "tail")
         tau = head_set.threshold if threshold is None else threshold

@@ -96,13 +96,18 @@ class Runtime:
         template: bool | None = None,
         full: bool = False,
         threshold: float | None = None,
+        signal: Literal["lspade", "spade"] | None = None,
         top_k: int = 5,
     ) -> Answer:
-        """Answer by SPADE-EXIT (with heads), at `layer` with SPADE or the logit lens, or at full depth."""
+        """Answer by SPADE-EXIT (with heads), at `layer` with SPADE or the logit lens, or at full depth.
+
+        `signal` picks the exit rule (L-SPADE heads at every layer, or SPADE probes at the
+        calibrated probe layers); None: the one calibration chose for this kind of question.
+        """
         t0 = time.perf_counter()
         prompt = self.prompt(question, choices, template)
         if self.can_exit(prompt) and layer is None and lens == "spade" and not full:
-            return self.ask_exit(prompt, t0, threshold=threshold, tail=tail, top_k=top_k)
+            return self.ask_exit(prompt, t0, threshold=threshold, tail=tail, top_k=top_k, signal=signal)
         k = 1 if tail is None else tail
         readout, mode = self.readout(prompt, layer=None if full else layer, lens=lens, tail=k)
         return self.answer(prompt, readout, mode, t0, tail=k, top_k=top_k)
@@ -115,11 +120,11 @@ class Runtime:
         return self.kind(prompt) in self.heads
 
     def ask_exit(self, prompt: Prompt, t0: float, *, threshold: float | None = None,
-                 tail: int | None = None, top_k: int = 5) -> Answer:
-        """SPADE-EXIT: one prompt pass stopped at the first layer whose L-SPADE head is confident."""
+                 tail: int | None = None, top_k: int = 5, signal: str | None = None) -> Answer:
+        """SPADE-EXIT: one prompt pass stopped at the first layer whose confidence signal is low enough."""
         kind = self.kind(prompt)
         head_set = self.manifest.sets[kind]
-        policy = ExitPolicy.from_head_set(head_set, threshold)
+        policy = ExitPolicy.from_head_set(head_set, threshold, signal)
         tau = policy.threshold
         k = head_set.tail if tail is None else tail
         readout, seen = spade_exit(self.engine, self.heads[kind], policy, prompt, tail=k)

@@ -133,3 +133,16 @@ def test_tail_width_choice():
     paying = {"probes_pay": True, "mean_agreement": 0.5}
     assert choose_tail({1: row, 2: {**paying, "heldout_median_speedup_model": 1.2},
                         4: {**paying, "heldout_median_speedup_model": 1.5}}) == 4  # probes that pay come first
+
+
+def test_exit_signal_can_be_chosen(heads_dir, tiny_model, capsys):
+    head_set = json.loads((heads_dir / "heads.json").read_text())["sets"]["choice"]
+    argv = ["ask", "which sky is blue?", "--choices", "sky", "water", "--model", str(tiny_model[0]),
+            "--heads", str(heads_dir), "--threshold", "inf", "--json"]
+    assert main(argv + ["--signal", "lspade"]) == 0
+    assert json.loads(capsys.readouterr().out)["exit_layer"] == head_set["eval_layers"][0]
+    code = main(argv + ["--signal", "spade"])
+    if head_set["probe_layers"]:
+        assert code == 0 and json.loads(capsys.readouterr().out)["exit_layer"] == head_set["probe_layers"][0]
+    else:
+        assert code == 1 and "no SPADE probe layers" in capsys.readouterr().err
