@@ -101,6 +101,15 @@ class Checkpoint:
             raise CheckpointError(f"cannot read tensor {name}: {exc}") from None
         return np.asarray(data, dtype=np.float32)
 
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows start:stop of a tensor as float32, reading only those rows from the shard."""
+        try:
+            with safe_open(str(self._where[name]), framework="numpy") as handle:
+                data = handle.get_slice(name)[start:stop]
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"cannot read tensor {name}: {exc}") from None
+        return np.asarray(data, dtype=np.float32)
+
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         for name in self._where:
             yield name, self.tensor(name)

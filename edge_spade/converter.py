@@ -76,6 +76,26 @@ class Plan:
     shape: tuple[int, ...]  # numpy order (rows, cols)
     qtype: gguf.GGMLQuantizationType
     make: Callable[[], np.ndarray]
+    streamable: bool = False  # copied as is: converted in row chunks, never whole in memory
+
+
+STREAM_BYTES = 64 << 20  # float32 bytes per chunk of a streamed tensor
+
+
+class _RowStream:
+    """A large untransformed tensor, as GGUFWriter.write_tensor_data sees an array: its size, and
+    `tofile` writing it chunk by chunk (embeddings of 128k-token vocabularies are ~1 GB in f32)."""
+
+    def __init__(self, ckpt: Checkpoint, plan: Plan) -> None:
+        self.ckpt, self.plan = ckpt, plan
+        self.nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(plan.shape, plan.qtype)))
+
+    def tofile(self, fp) -> None:
+        rows, cols = self.plan.shape
+        step = max(1, STREAM_BYTES // (4 * cols))
+        for start in range(0, rows, step):
+            chunk = self.ckpt.rows(self.plan.source, start, min(rows, start + step))
+            gguf.quants.quantize(chunk, self.plan.qtype).tofile(fp)
 
 
 def convert_checkpoint(folder: str | Path, out: str | Path, outtype: str = "F16",
@@ -103,8 +123,8 @@ def convert_checkpoint(folder: str | Path, out: str | Path, outtype: str = "F16"
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for p in progress(plans):
-            data = gguf.quants.quantize(p.make(), p.qtype)
-            writer.write_tensor_data(data.view(np.uint8))
+            writer.write_tensor_data(_RowStream(ckpt, p) if p.streamable else
+                                     gguf.quants.quantize(p.make(), p.qtype).view(np.uint8))
         writer.close()
         tmp.replace(out)
     finally:
@@ -222,8 +242,9 @@ def _plan(ckpt: Checkpoint, spec: HFArch, hp: dict[str, Any], qtype: gguf.GGMLQu
             raise CheckpointError(f"tensor {src} has no GGUF name for {spec.hf_class}; not a supported layout")
         shape = ckpt.shape(src)
         transform = _transform(src, dst, spec, hp)
+        big = len(shape) == 2 and 4 * shape[0] * shape[1] > STREAM_BYTES and transform is _identity
         plans.append(Plan(dst, src, shape, qtype if len(shape) == 2 else gguf.GGMLQuantizationType.F32,
-                          lambda s=src, t=transform: t(ckpt.tensor(s))))
+                          lambda s=src, t=transform: t(ckpt.tensor(s)), streamable=big))
     have = {p.name for p in plans}
     required = {"token_embd.weight", "output_norm.weight"} | {
         f"blk.{i}.{t}.weight" for i in range(hp["n_layers"]) for t in ("attn_q", "attn_k", "attn_v", "ffn_down")
@@ -246,4 +267,8 @@ def _transform(src: str, dst: str, spec: HFArch, hp: dict[str, Any]) -> Callable
         return lambda w: _permute(w, hp["n_head_kv"])
     if spec.norm_plus_one and src.endswith("norm.weight"):
         return lambda w: w + 1.0
-    return lambda w: w
+    return _identity
+
+
+def _identity(w: np.ndarray) -> np.ndarray:
+    return w

@@ -267,3 +267,24 @@ def test_convert_from_a_hub_repo_id(monkeypatch, checkpoints, tmp_path):
     assert "*.safetensors" in seen["patterns"] and "*.bin" not in seen["patterns"]
     assert b.meta["source"] == {"kind": "hub", "repo": "google/tiny-gemma", "revision": "v1", "quant": "Q8_0"}
     assert b.meta["model"]["architecture"] == "gemma3"
+
+
+def test_streamed_tensors_are_byte_identical(checkpoints, f32, tmp_path, monkeypatch):
+    """Large tensors are converted in row chunks; force that path on a tiny model and compare bytes."""
+    from edge_spade import converter
+
+    from edge_spade.checkpoint import Checkpoint
+
+    reads = []
+    rows = Checkpoint.rows
+    monkeypatch.setattr(Checkpoint, "rows", lambda self, name, a, b: reads.append(name) or rows(self, name, a, b))
+    monkeypatch.setattr(converter, "STREAM_BYTES", 4096)  # every untransformed matrix streams, in many chunks
+    streamed = convert_checkpoint(checkpoints["llama"], tmp_path / "streamed.gguf", "F32")
+    assert streamed.read_bytes() == f32["llama"].read_bytes()
+    assert reads.count("model.embed_tokens.weight") > 10 and "model.layers.0.self_attn.q_proj.weight" not in reads
+    for outtype in ("F16", "BF16"):
+        a = convert_checkpoint(checkpoints["gemma3"], tmp_path / f"s-{outtype}.gguf", outtype)
+        monkeypatch.setattr(converter, "STREAM_BYTES", 1 << 40)
+        b = convert_checkpoint(checkpoints["gemma3"], tmp_path / f"w-{outtype}.gguf", outtype)
+        monkeypatch.setattr(converter, "STREAM_BYTES", 4096)
+        assert a.read_bytes() == b.read_bytes(), outtype
