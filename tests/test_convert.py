@@ -272,7 +272,6 @@ def test_convert_from_a_hub_repo_id(monkeypatch, checkpoints, tmp_path):
 def test_streamed_tensors_are_byte_identical(checkpoints, f32, tmp_path, monkeypatch):
     """Large tensors are converted in row chunks; force that path on a tiny model and compare bytes."""
     from edge_spade import converter
-
     from edge_spade.checkpoint import Checkpoint
 
     reads = []
