@@ -2,6 +2,7 @@
 
     python -m benchmarks.convert                      # both parts (needs ~6 GB of free disk in --workdir)
     python -m benchmarks.convert --skip-large         # only the quantization table on tiny models
+    python -m benchmarks.convert --skip-small         # only the 1B-shaped conversion (keeps the table in --out)
 
 Part 1 writes a random bf16 checkpoint of Llama-3.2-1B's shape (16 layers, hidden 2048, vocab
 128,256, tied embeddings, Llama 3 RoPE scaling) and converts it with `edge-spade convert` in a
@@ -131,13 +132,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/tmp/edge-spade-convert-bench")
     ap.add_argument("--skip-large", action="store_true")
+    ap.add_argument("--skip-small", action="store_true", help="keep the quant table already in --out")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--out", default="benchmarks/results/convert.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    result: dict = {"quant_table": quant_table(workdir)}
+    if args.skip_small:
+        result: dict = {"quant_table": json.loads(Path(args.out).read_text())["quant_table"]}
+    else:
+        result = {"quant_table": quant_table(workdir)}
     print(f"{'arch':<8}{'quant':<8}{'size KB':>9}{'rel err':>10}{'top-1':>7}")
     for r in result["quant_table"]:
         print(f"{r['arch']:<8}{r['quant']:<8}{r['file_kb']:>9.1f}{r['rel_max_logit_error_median']:>10.2e}"
