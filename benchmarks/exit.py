@@ -60,12 +60,12 @@ def configurations(rt, kind: str, tuned, sweep: list[float], tails: list[int], p
                "logit-lens-exit": (identity, head(head_set.thresholds.get("logit_lens", -1.0)), "head", k)}
     for tau in sweep:
         configs[f"lspade-exit@{tau:.3g}"] = (lspade, head(tau), "spade", k)
-    probe = ExitPolicy.from_head_set(head_set, signal="spade")
     if head_set.probe_layers:
+        probe = ExitPolicy.from_head_set(head_set, signal="spade")
         configs["spade-probe"] = (lspade, probe, "spade", k)
-    else:  # not calibrated (or declined): sweep probes at a third and half of the depth
+    else:  # calibration found no probe layers: sweep probes at a third and half of the depth
         L = rt.engine.n_layers
-        probe = replace(probe, eval_layers=(L // 3, L // 2))
+        probe = ExitPolicy(-1.0, (L // 3, L // 2), {}, head_set.top_k or FREE_TOP_K, signal="tail")
     for width in tails:
         for tau in probe_sweep:
             configs[f"spade-probe@{tau:.3g}/K{width}"] = (lspade, replace(probe, threshold=tau), "spade", width)

@@ -131,8 +131,8 @@ def test_tail_width_choice():
     row = {"mean_agreement": 0.8, "probes_pay": False}
     assert choose_tail({1: {**row, "mean_agreement": 0.7}, 4: row, 8: row}) == 4  # best agreement, smaller on ties
     paying = {"probes_pay": True, "mean_agreement": 0.5}
-    assert choose_tail({1: row, 2: {**paying, "heldout_median_speedup_model": 1.2},
-                        4: {**paying, "heldout_median_speedup_model": 1.5}}) == 4  # probes that pay come first
+    assert choose_tail({1: row, 2: {**paying, "heldout_mean_cost_model": 0.9},
+                        4: {**paying, "heldout_mean_cost_model": 0.8}}) == 4  # probes that pay come first
 
 
 def test_exit_signal_can_be_chosen(heads_dir, tiny_model, capsys):
