@@ -82,10 +82,13 @@ def write_large_checkpoint(folder: Path, shape: dict) -> int:
 
 
 def timed_convert(source: Path, out: Path, quant: str) -> dict:
-    """`edge-spade convert` in a fresh child process: wall time, its peak RSS, output size."""
-    code = ("import resource, sys; from edge_spade.cli import main; "
+    """`edge-spade convert` in a fresh child process: wall time, its peak RSS, output size.
+
+    Peak RSS is the child's own VmHWM (Linux): getrusage's ru_maxrss would also carry the RSS the
+    parent had when it forked (this script holds the generated checkpoint's arrays by then)."""
+    code = ("import re, sys; from edge_spade.cli import main; "
             f"rc = main(['-q', 'convert', {str(source)!r}, '--out', {str(out)!r}, '--quant', {quant!r}, '--force']); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+            "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)); sys.exit(rc)")
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     seconds = time.perf_counter() - start
