@@ -115,7 +115,8 @@ def tail_positions(n_tokens: int, tail: int) -> list[int]:
 
 
 class Engine:
-    """A loaded GGUF model with one context, driven through llama.cpp's eval callback."""
+    """A loaded GGUF model driven through llama.cpp's eval callback: one context for prompt passes,
+    and a second one, made on first use, for SPADE tails run from inside a pass (probes)."""
 
     def __init__(self, path: str | Path, settings: EngineSettings | None = None) -> None:
         import llama_cpp
