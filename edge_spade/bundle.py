@@ -13,7 +13,6 @@ sha256 once per file version, see registry.verify_sha256) and refuses mismatches
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -83,7 +82,7 @@ def open_bundle(folder: str | Path) -> Bundle:
     recorded = meta.get("heads") or {}
     for name, digest in recorded.items():
         file = folder / HEADS_DIR / name
-        if not file.is_file() or _sha256_bytes(file) != digest:
+        if not file.is_file() or sha256_file(file) != digest:
             raise BundleError(f"bundle {folder.name}: heads/{name} is missing or differs from bundle.json; "
                               f"re-run: edge-spade calibrate --model {folder}")
     if not recorded and (folder / HEADS_DIR / "heads.json").is_file():
@@ -137,7 +136,7 @@ def record_heads(bundle: Bundle) -> Bundle:
     """After calibration wrote bundle/heads/: record its files' hashes in bundle.json."""
     heads = bundle.folder / HEADS_DIR
     files = sorted(p for p in heads.iterdir() if p.is_file()) if heads.is_dir() else []
-    meta = {**bundle.meta, "heads": {p.name: _sha256_bytes(p) for p in files}}
+    meta = {**bundle.meta, "heads": {p.name: sha256_file(p) for p in files}}
     _write_meta(bundle.folder, meta)
     return Bundle(bundle.folder, meta)
 
@@ -149,10 +148,6 @@ def quantization_name(file_type: int) -> str:
         return gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
     except ValueError:
         return "unknown"
-
-
-def _sha256_bytes(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _write_meta(folder: Path, meta: dict[str, Any]) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ class Checkpoint:
         if not self.folder.is_dir():
             raise CheckpointError(f"{self.folder} is not a directory (expected a Hugging Face model folder)")
         self.config: dict[str, Any] = self._json("config.json", required=True)
-        self.tokenizer_config: dict[str, Any] = self._json("tokenizer_config.json")
+        self._json("tokenizer_config.json")  # a malformed one fails here, clearly, before gguf's SpecialVocab reads it
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._where: dict[str, Path] = {}  # tensor name -> shard
         for shard in self._shards():
@@ -94,12 +93,7 @@ class Checkpoint:
     def tensor(self, name: str) -> np.ndarray:
         """One tensor as float32. The shard is mapped only while it is read, so the pages of
         tensors already converted do not stay resident."""
-        try:
-            with safe_open(str(self._where[name]), framework="numpy") as handle:
-                data = handle.get_tensor(name)
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"cannot read tensor {name}: {exc}") from None
-        return np.asarray(data, dtype=np.float32)
+        return self.rows(name, 0, self.shape(name)[0])
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows start:stop of a tensor as float32, reading only those rows from the shard."""
@@ -109,10 +103,6 @@ class Checkpoint:
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"cannot read tensor {name}: {exc}") from None
         return np.asarray(data, dtype=np.float32)
-
-    def items(self) -> Iterator[tuple[str, np.ndarray]]:
-        for name in self._where:
-            yield name, self.tensor(name)
 
 
 def snapshot(repo: str, revision: str = "main", cache_dir: str | Path | None = None) -> Path:

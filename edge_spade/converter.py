@@ -15,7 +15,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,6 @@ class HFArch:
     arch: gguf.MODEL_ARCH
     permute_qk: bool = False  # rotate-half -> adjacent pairs (llama.cpp "normal" RoPE)
     norm_plus_one: bool = False  # Hugging Face applies (1 + w)
-    skip_prefixes: tuple[str, ...] = field(default=())
 
 
 HF_ARCHS = {

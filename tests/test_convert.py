@@ -272,6 +272,14 @@ def test_convert_from_a_hub_repo_id(monkeypatch, checkpoints, tmp_path):
 def test_streamed_tensors_are_byte_identical(checkpoints, f32, tmp_path, monkeypatch):
     """Large tensors are converted in row chunks; force that path on a tiny model and compare bytes."""
     from edge_spade import converter
+    streamed_sources = []
+    stream_init = converter._RowStream.__init__
+
+    def spy(self, ckpt, plan):
+        streamed_sources.append(plan.source)
+        stream_init(self, ckpt, plan)
+
+    monkeypatch.setattr(converter._RowStream, "__init__", spy)
     from edge_spade.checkpoint import Checkpoint
 
     reads = []
@@ -280,7 +288,8 @@ def test_streamed_tensors_are_byte_identical(checkpoints, f32, tmp_path, monkeyp
     monkeypatch.setattr(converter, "STREAM_BYTES", 4096)  # every untransformed matrix streams, in many chunks
     streamed = convert_checkpoint(checkpoints["llama"], tmp_path / "streamed.gguf", "F32")
     assert streamed.read_bytes() == f32["llama"].read_bytes()
-    assert reads.count("model.embed_tokens.weight") > 10 and "model.layers.0.self_attn.q_proj.weight" not in reads
+    assert "model.embed_tokens.weight" in streamed_sources and reads.count("model.embed_tokens.weight") > 10
+    assert "model.layers.0.self_attn.q_proj.weight" not in streamed_sources  # permuted: converted whole
     for outtype in ("F16", "BF16"):
         a = convert_checkpoint(checkpoints["gemma3"], tmp_path / f"s-{outtype}.gguf", outtype)
         monkeypatch.setattr(converter, "STREAM_BYTES", 1 << 40)
