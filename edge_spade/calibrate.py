@@ -238,46 +238,74 @@ def pick_threshold(curve: list[CurvePoint], target: float, min_exit_rate: float 
     return best.threshold if best.exit_rate >= min_exit_rate else -1.0
 
 
-def measure_costs(rt: Runtime, items: list[Item], tail: int, n: int = 5) -> dict[str, float]:
-    """Median ms of a full-depth answer and of one SPADE tail (from mid depth): the probe cost model."""
+def measure_costs(rt: Runtime, items: list[Item], tail: int, n: int = 5, repeats: int = 3) -> dict[str, float]:
+    """The probe cost model, measured on this machine: median ms of a full-depth answer, of a SPADE
+    tail run on the whole model (`tail_ms`: it recomputes every layer) and of one run on the tail
+    model above mid-depth (`tail_mid_ms`); a tail model's cost is linear in the layers it holds."""
     engine = rt.engine
-    full, tails = [], []
+    mid = engine.n_layers // 2
+    engine.use_tail_models([mid])
+    full, whole, cut = [], [], []
     for item in items[:n]:
         prompt = rt.prompt(item.question, item.choices)
         rows = tail_positions(len(prompt.tokens), tail)
         states = np.zeros((len(rows), engine.n_embd), np.float32)  # the content does not change the cost
-        for _ in range(2):  # keep the second, warm run
+        tokens = [prompt.tokens[r] for r in rows]
+        for _ in range(repeats):  # interleaved; the median over prompts and repeats
             t0 = time.perf_counter()
             engine.full(prompt.tokens, prompt.ids)
             t1 = time.perf_counter()
-            engine.spade_tail(states, engine.n_layers // 2, prompt.ids, [prompt.tokens[r] for r in rows], side=True)
+            engine.spade_tail(states, mid, prompt.ids, tokens, side=True, tail_model=False)
             t2 = time.perf_counter()
-        full.append(t1 - t0)
-        tails.append(t2 - t1)
-    return {"full_ms": round(float(np.median(full)) * 1000, 2), "tail_ms": round(float(np.median(tails)) * 1000, 2)}
+            engine.spade_tail(states, mid, prompt.ids, tokens, side=True)
+            t3 = time.perf_counter()
+            full.append(t1 - t0)
+            whole.append(t2 - t1)
+            cut.append(t3 - t2)
+    ms = {"full_ms": full, "tail_ms": whole, "tail_mid_ms": cut}
+    return {**{k: round(float(np.median(v)) * 1000, 2) for k, v in ms.items()}, "tail_mid_layer": mid}
 
 
-def probe_cost(ent: np.ndarray, probes: list[int], tau: float, n_layers: int, tail_cost: float
+def tail_costs(costs: dict[str, float], layers: Sequence[int], n_layers: int) -> np.ndarray:
+    """Each layer's probe cost relative to a full answer: a tail model holding the layers above it.
+
+    Linear in the layers run, through the two measured points: all `n_layers` (the whole-model
+    tail) and the `n_layers - 1 - mid` above the mid-depth tail model. Costs measured before tail
+    models existed (no `tail_mid_ms`) are the whole-model tail's at every layer.
+    """
+    whole = costs["tail_ms"]
+    if "tail_mid_ms" not in costs:
+        return np.full(len(layers), whole / costs["full_ms"])
+    held = n_layers - 1 - costs["tail_mid_layer"]
+    per_layer = max(0.0, (whole - costs["tail_mid_ms"]) / (n_layers - held))
+    fixed = whole - per_layer * n_layers
+    return np.array([fixed + per_layer * (n_layers - 1 - layer) for layer in layers]) / costs["full_ms"]
+
+
+def probe_cost(ent: np.ndarray, probes: list[int], tau: float, n_layers: int, tail_cost: np.ndarray
                ) -> tuple[np.ndarray, np.ndarray]:
     """Per sample: (index of the exit probe or -1, cost relative to the full answer).
 
-    ent: (N, len(probes)) SPADE entropies at the probe layers. Cost model: the prompt pass up
-    to layer l costs (l + 1) / n_layers of a full answer, each probe `tail_cost` more.
+    ent: (N, len(probes)) SPADE entropies at the probe layers; tail_cost: each probe's cost.
+    Cost model: the prompt pass up to layer l costs (l + 1) / n_layers of a full answer, and
+    every probe run on the way its tail.
     """
     exits = ent <= tau
     first = np.where(exits.any(axis=1), exits.argmax(axis=1), -1)
     prefix = (np.array(probes) + 1) / n_layers
-    cost = np.where(first >= 0, prefix[np.maximum(first, 0)] + (first + 1) * tail_cost, 1.0 + len(probes) * tail_cost)
+    spent = np.cumsum(tail_cost)
+    cost = np.where(first >= 0, prefix[np.maximum(first, 0)] + spent[np.maximum(first, 0)], 1.0 + spent[-1])
     return first, cost
 
 
-def choose_probes(ent: np.ndarray, agree: np.ndarray, layers: list[int], n_layers: int, tail_cost: float,
+def choose_probes(ent: np.ndarray, agree: np.ndarray, layers: list[int], n_layers: int, tail_cost: np.ndarray,
                   target: float) -> tuple[list[int], float]:
     """Probe layers (one or two) and a threshold that maximise the median speedup on the training
     split while keeping its agreement with the full answer at the target and the mean cost at or
     under a full answer's (no slower on average); ([], -1) if none pays.
 
-    ent, agree: (N, len(layers)) SPADE's entropy and whether its answer equals the full one.
+    ent, agree: (N, len(layers)) SPADE's entropy and whether its answer equals the full one;
+    tail_cost: (len(layers),) a probe's cost at each layer.
     """
     taus = np.unique(np.quantile(ent, np.linspace(0, 1, 41)))
     sets = [[j] for j in range(len(layers))] + [[i, j] for i in range(len(layers)) for j in range(i + 1, len(layers))]
@@ -286,7 +314,7 @@ def choose_probes(ent: np.ndarray, agree: np.ndarray, layers: list[int], n_layer
     for idx in sets:
         probes = [layers[j] for j in idx]
         for tau in taus:
-            first, cost = probe_cost(ent[:, idx], probes, tau, n_layers, tail_cost)
+            first, cost = probe_cost(ent[:, idx], probes, tau, n_layers, tail_cost[idx])
             ok = np.where(first >= 0, agree[:, idx][rows, np.maximum(first, 0)], True)
             if ok.mean() < target or cost.mean() > 1.0:
                 continue
@@ -308,7 +336,7 @@ def probe_plan(train: list[Sample], held: list[Sample], layers: list[int], n_lay
     """SPADE probes for one tail width: layers chosen on the training split, threshold certified on
     the held-out one; `pays` when the cost model says they take less total time than full-depth
     answers on the held-out prompts (the median alone is fragile: it flips where about half exit)."""
-    L, tail_cost = n_layers, costs["tail_ms"] / costs["full_ms"]
+    L = n_layers
 
     def table(ss: list[Sample], at: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         full = np.array([s.answer(L - 1) for s in ss])
@@ -317,7 +345,7 @@ def probe_plan(train: list[Sample], held: list[Sample], layers: list[int], n_lay
         return full, ent, answers
 
     full, ent, answers = table(train, layers)
-    probes, _ = choose_probes(ent, answers == full[:, None], layers, L, tail_cost, target)
+    probes, _ = choose_probes(ent, answers == full[:, None], layers, L, tail_costs(costs, layers, L), target)
     plan = {"probe_layers": probes, "threshold": -1.0, "pays": False, "costs": dict(costs), "curve": []}
     if probes:
         full, ent, answers = table(held, probes)
@@ -325,7 +353,7 @@ def probe_plan(train: list[Sample], held: list[Sample], layers: list[int], n_lay
         tau = pick_threshold(curve, target)
         plan.update(threshold=tau, curve=curve)
         if tau >= 0:
-            _, cost = probe_cost(ent, probes, tau, L, tail_cost)
+            _, cost = probe_cost(ent, probes, tau, L, tail_costs(costs, probes, L))
             plan["costs"].update(heldout_median_speedup_model=round(float(np.median(1 / cost)), 3),
                                  heldout_mean_cost_model=round(float(cost.mean()), 3))
             plan["pays"] = bool(cost.mean() < 1.0)  # faster in total: the median flips around a 50% exit rate
@@ -446,8 +474,8 @@ def calibrate(
             by_k[k] = collect(rt, kind_items, tail=k, progress=progress, top_k=top_k)
             log.info("collected %d %s prompts (tail %d) in %.0f s", len(by_k[k]), kind, k, time.perf_counter() - t0)
             costs = measure_costs(rt, kind_items, k)
-            log.info("%s, tail %d: full answer %.1f ms, one SPADE tail %.1f ms", kind, k, costs["full_ms"],
-                     costs["tail_ms"])
+            log.info("%s, tail %d: full answer %.1f ms, SPADE tail %.1f ms on the whole model, %.1f ms above "
+                     "layer %d", kind, k, costs["full_ms"], costs["tail_ms"], costs["tail_mid_ms"], costs["tail_mid_layer"])
             train, held = split(by_k[k], holdout, seed)
             plans[k] = probe_plan(train, held, layers, engine.n_layers, costs, top_k, target_agreement, confidence)
             frontier[k] = frontier_row(held, layers, engine.n_layers, plans[k])

@@ -33,6 +33,7 @@ import numpy as np
 from .archs import Arch, lookup_arch
 from .errors import DecodeError, LayerError, ModelFileError, PromptTooLongError, QuestionError
 from .hooks import LayerHooks, Tap, load_ggml
+from .tailmodel import TailModelError, tail_model_path
 from .weights import OutputHead, read_index
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ class Engine:
         self._ggml = ggml
         self._main = _Context(self, self.settings.n_ctx)
         self._side: _Context | None = None  # second context for tails run inside the main pass's callback
+        self._tails: dict[int, _TailModel] = {}  # layer -> the model of the layers above it
         self.hooks = self._main.hooks
         self.n_ctx = self._main.n_ctx
         self.head = OutputHead(self.path, self.index)
@@ -151,6 +153,9 @@ class Engine:
     # -- lifetime -------------------------------------------------------------------------
 
     def close(self) -> None:
+        for tail in getattr(self, "_tails", {}).values():
+            tail.close()
+        self._tails = {}
         for context in (self._side, self._main):
             if context is not None:
                 context.close()
@@ -247,21 +252,41 @@ class Engine:
         return Readout(logits, layer, _ms(t0, t1), _ms(t1))
 
     def spade_tail(self, states: np.ndarray, layer: int, ids: np.ndarray | None,
-                   tokens: Sequence[int] | None = None, side: bool = False) -> np.ndarray:
+                   tokens: Sequence[int] | None = None, side: bool = False, tail_model: bool = True) -> np.ndarray:
         """Forward `states` (k, n_embd), taken after `layer`, through the layers above it.
 
         The short sequence gets adjacent positions 0..k-1 (llama.cpp needs consecutive
         positions; RoPE sees only distances). Its layers up to `layer` run on `tokens` (any
         valid ids) and are overwritten at `l_out-layer`, so only the layers above count.
         `side=True` runs it on the second context, as exit checks inside a prompt pass must.
+        With a tail model loaded for `layer` (use_tail_models) only the layers above run, on it
+        (`tail_model=False`: on the whole model anyway, to measure the difference).
         """
         self._check_layer(layer)
         if layer == self.n_layers - 1:
             return self.lens(states[-1], ids)
         k = states.shape[0]
+        cut = self._tails.get(layer) if tail_model else None
+        if cut is not None and k <= cut.context.n_ctx:
+            return self._final_logits(self._decode(states, self._final_taps(ids), context=cut.context), ids)
         tokens = list(tokens) if tokens is not None else [0] * k
         taps = {self.arch.layer_node(layer): Tap(write=states), **self._final_taps(ids)}
         return self._final_logits(self._decode(tokens, taps, side=side), ids)
+
+    def use_tail_models(self, layers: Sequence[int]) -> None:
+        """Run SPADE tails from these layers on tail models (only the layers above; see tailmodel).
+
+        Each costs a derived GGUF in the cache (written once) and its memory: the output matrix
+        is not shared with the main model (Gemma 3 270M: ~230 MB per layer). Worth it for the
+        few layers that probes run at, not for every layer.
+        """
+        for layer in layers:
+            self._check_layer(layer)
+            if layer < self.n_layers - 1 and layer not in self._tails:
+                try:
+                    self._tails[layer] = _TailModel(self, layer)
+                except TailModelError as exc:
+                    log.info("%s; tails from layer %d run on the whole model", exc, layer)
 
     def early_exit(self, tokens: Sequence[int], ids: np.ndarray | None,
                    checks: dict[int, Callable[[np.ndarray], bool]], tail: int = 1,
@@ -313,8 +338,10 @@ class Engine:
         if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.n_layers:
             raise LayerError(f"layer {layer} is outside 0..{self.n_layers - 1} for this {self.n_layers}-layer model")
 
-    def _decode(self, tokens: Sequence[int], taps: dict[str, Tap], side: bool = False):
-        """Decode `tokens` as sequence 0 on an empty cache, logits for the last token only.
+    def _decode(self, tokens: Sequence[int] | np.ndarray, taps: dict[str, Tap], side: bool = False,
+                context: _Context | None = None):
+        """Decode `tokens` (or embeddings, (n, n_embd)) as sequence 0 on an empty cache, logits
+        for the last token only.
 
         `side=True` runs on the second context: the way to decode from inside the main
         context's eval callback (the main pass waits in the callback meanwhile).
@@ -328,7 +355,7 @@ class Engine:
             )
         if side and self._side is None:
             self._side = _Context(self, self.settings.n_ctx)
-        context = self._side if side else self._main
+        context = context or (self._side if side else self._main)
         # numpy inside the callback (exit checks) must not wake OpenBLAS's thread pool: its
         # spinning threads fight llama.cpp's for the cores (measured: a 2.7x slower pass).
         with _blas_controller().limit(limits=1, user_api="blas"):
@@ -344,8 +371,8 @@ class Engine:
         return capture
 
     def _final_taps(self, ids: np.ndarray | None) -> dict[str, Tap]:
-        """With a decision set, stop at result_norm and skip llama.cpp's LM head."""
-        return {} if ids is None else {self.arch.final_norm: Tap(read_rows=(-1,), stop=True)}
+        """With a decision set, end the graph at result_norm and skip llama.cpp's LM head."""
+        return {} if ids is None else {self.arch.final_norm: Tap(read_rows=(-1,), cut=True)}
 
     def _final_logits(self, capture, ids: np.ndarray | None) -> np.ndarray:
         """The last position's logits: llama.cpp's over the vocabulary, or the decision rows in numpy."""
@@ -355,9 +382,9 @@ class Engine:
 
 
 class _Context:
-    """One llama context on the engine's model: its own KV cache, batch and eval hooks."""
+    """One llama context on the engine's model (or a tail model): its own KV cache, batch and eval hooks."""
 
-    def __init__(self, engine: Engine, n_ctx: int) -> None:
+    def __init__(self, engine: Engine, n_ctx: int, model=None, embd: bool = False) -> None:
         ll = self._ll = engine._ll
         self.n_vocab = engine.n_vocab
         self.hooks = LayerHooks(engine._ggml)
@@ -373,18 +400,26 @@ class _Context:
         cparams.cb_eval = self.hooks.eval_callback
         cparams.abort_callback = self.hooks.abort_callback
         cparams.no_perf = True
-        self.ctx = ll.llama_init_from_model(engine._model, cparams)
+        self.ctx = ll.llama_init_from_model(model or engine._model, cparams)
         if not self.ctx:
             raise ModelFileError(f"llama.cpp could not create a context of {n_ctx} tokens for {engine.path}")
         self.mem = ll.llama_get_memory(self.ctx)
         self.n_ctx = ll.llama_n_ctx(self.ctx)
-        self.batch = ll.llama_batch_init(self.n_ctx, 0, 1)
+        self.n_embd = engine.n_embd if embd else 0
+        self.batch = ll.llama_batch_init(self.n_ctx, self.n_embd, 1)
 
-    def decode(self, tokens: Sequence[int], taps: dict[str, Tap]):
+    def decode(self, tokens: Sequence[int] | np.ndarray, taps: dict[str, Tap]):
         batch, n = self.batch, len(tokens)
         batch.n_tokens = n
-        for i, tok in enumerate(tokens):
-            batch.token[i] = int(tok)
+        if self.n_embd:  # hidden states in: the batch holds embeddings instead of token ids
+            rows = np.ascontiguousarray(tokens, dtype=np.float32)
+            if rows.shape != (n, self.n_embd):
+                raise ValueError(f"embeddings of shape {rows.shape}, expected ({n}, {self.n_embd})")
+            ctypes.memmove(batch.embd, rows.ctypes.data, rows.nbytes)
+        else:
+            for i, tok in enumerate(tokens):
+                batch.token[i] = int(tok)
+        for i in range(n):
             batch.pos[i] = i
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = 0
@@ -409,6 +444,32 @@ class _Context:
         if self.ctx:
             self._ll.llama_free(self.ctx)
             self.ctx = None
+
+
+class _TailModel:
+    """The layers above `layer` as a llama model of their own, fed the captured rows as embeddings."""
+
+    N_CTX = 64  # tail rows (start token + K); wider tails fall back to the whole model
+
+    def __init__(self, engine: Engine, layer: int) -> None:
+        ll = self._ll = engine._ll
+        self.path = tail_model_path(engine.path, layer)
+        mparams = ll.llama_model_default_params()
+        mparams.n_gpu_layers = engine.settings.n_gpu_layers
+        self.model = ll.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not self.model:
+            raise ModelFileError(f"llama.cpp could not load the tail model {self.path}; delete it to rewrite it")
+        if ll.llama_model_n_layer(self.model) != engine.n_layers - 1 - layer:
+            raise ModelFileError(f"the tail model {self.path} does not hold layers {layer + 1}..{engine.n_layers - 1}")
+        self.context = _Context(engine, self.N_CTX, model=self.model, embd=True)
+
+    def close(self) -> None:
+        if self.context is not None:
+            self.context.close()
+            self.context = None
+        if self.model:
+            self._ll.llama_model_free(self.model)
+            self.model = None
 
 
 def _ms(start: float, end: float | None = None) -> float:

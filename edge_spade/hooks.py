@@ -131,6 +131,7 @@ class Tap:
     read_rows: tuple[int, ...] = ()  # rows to copy out; negative counts from the end
     write: np.ndarray | None = None  # (k, n_embd) float32 rows written over rows 0..k-1
     stop: bool = False  # abort the decode once this node is handled
+    cut: bool = False  # end the graph after this node; only where nothing later matters (see _on_eval)
     decide: Callable[[np.ndarray], bool] | None = None  # sees the rows read; True stops the decode
 
 
@@ -191,8 +192,12 @@ class LayerHooks:
         except BaseException as exc:  # noqa: BLE001 - must not escape into C; re-raised in run()
             self._error = exc
             self._stop = True
-        # Returning False would cut the graph short without telling llama_decode; stop via abort.
-        return True
+            return True
+        # Returning False cuts the graph short without telling llama_decode, so stops go through the
+        # abort callback. But the CPU backend checks that only after the next node has run, and after
+        # `result_norm` the next node is the LM head (Gemma 3: a 262,144 x 640 matmul): a `cut` tap
+        # there returns False instead. Safe only there: every layer has run, the KV cache is complete.
+        return not tap.cut
 
     def _handle(self, tensor: int, name: str, tap: Tap) -> None:
         t = GgmlTensor.from_address(tensor)

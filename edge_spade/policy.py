@@ -7,7 +7,8 @@ Two signals, one rule (entropy in nats <= threshold):
 - "tail" (a SPADE probe): at a few calibrated probe layers, the SPADE tail itself runs on a
   second llama context while the prompt pass waits inside its eval callback; its own entropy
   decides, and on an exit its logits are the answer. A probe costs a tail (the remaining
-  layers for K+1 rows, plus the LM head for free answers), so only a few layers are probed.
+  layers for K+1 rows, on a tail model holding only them, plus the LM head for free answers),
+  so only a few layers are probed.
 A negative threshold never exits; an infinite one exits at the first evaluation layer.
 """
 
@@ -136,6 +137,7 @@ def spade_exit(engine: Engine, heads: OnnxHeads, policy: ExitPolicy, prompt: Pro
     if policy.threshold < 0 or math.isnan(policy.threshold):
         checks = {}  # never exits: no hooks at all, the plain full-depth pass
     elif probe:
+        engine.use_tail_models(policy.eval_layers)  # once per layer: probes then skip the layers below
         checks = probe_checks(engine, policy, prompt, seen, tail)
     else:
         checks = exit_checks(engine, heads, policy, prompt, seen)

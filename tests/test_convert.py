@@ -75,6 +75,24 @@ def test_runtime_drives_every_converted_architecture(arch, checkpoints, f32):
             assert np.abs(got - full).max() < 1e-4 * np.abs(full).max(), (arch, layer)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tail_models_of_every_converted_architecture(arch, checkpoints, f32, tmp_path, monkeypatch):
+    """Tail models keep each architecture's per-layer metadata right (gemma3: its explicit sliding-window
+    pattern, sliced; the 8-row tail is wider than the 6-token window): bit-identical tails."""
+    monkeypatch.setenv("EDGE_SPADE_CACHE", str(tmp_path))
+    tok = Tokenizer.from_file(str(checkpoints[arch] / "tokenizer.json"))
+    ids = tok.encode(PROMPT, add_special_tokens=False).ids
+    with Engine(f32[arch], EXACT) as engine:
+        trace = engine.trace(ids, None, tail=7)
+        want = {layer: engine.spade_tail(trace.states[layer], layer, None) for layer in (0, 1)}
+        engine.use_tail_models(list(want))
+        # gemma3's layers are [local, local, global]: above layer 1 only a global one is left, which
+        # llama.cpp refuses (it asserts); that layer keeps its whole-model tail.
+        assert sorted(engine._tails) == ([0] if arch == "gemma3" else [0, 1])
+        for layer, logits in want.items():
+            np.testing.assert_array_equal(engine.spade_tail(trace.states[layer], layer, None), logits)
+
+
 @pytest.mark.parametrize("name", ARCHS + ["smollm"])
 def test_tokenization_matches_the_tokenizers_library(name, checkpoints, f32):
     tok = Tokenizer.from_file(str(checkpoints[name] / "tokenizer.json"))

@@ -107,13 +107,26 @@ def test_probe_cost_and_choice_by_hand():
     from edge_spade.calibrate import choose_probes, probe_cost
 
     ent = np.array([[0.1, 0.0], [2.0, 0.1], [2.0, 2.0], [0.2, 0.1]])
-    first, cost = probe_cost(ent, [1, 3], 0.5, n_layers=8, tail_cost=0.1)
+    cheap = np.array([0.1, 0.05])  # a probe higher up runs fewer layers on its tail model
+    first, cost = probe_cost(ent, [1, 3], 0.5, n_layers=8, tail_cost=cheap)
     assert first.tolist() == [0, 1, -1, 0]
-    np.testing.assert_allclose(cost, [2 / 8 + 0.1, 4 / 8 + 0.2, 1.0 + 0.2, 2 / 8 + 0.1])
+    np.testing.assert_allclose(cost, [2 / 8 + 0.1, 4 / 8 + 0.15, 1.0 + 0.15, 2 / 8 + 0.1])
     # Layer 1 is confident and right on samples 0 and 3, wrong on sample 1 unless it waits for layer 3.
     agree = np.array([[True, True], [False, True], [True, True], [True, True]])
-    probes, tau = choose_probes(ent, agree, [1, 3], n_layers=8, tail_cost=0.1, target=1.0)
-    first, cost = probe_cost(ent[:, [[1, 3].index(p) for p in probes]], probes, tau, 8, 0.1)
+    probes, tau = choose_probes(ent, agree, [1, 3], n_layers=8, tail_cost=cheap, target=1.0)
+    idx = [[1, 3].index(p) for p in probes]
+    first, cost = probe_cost(ent[:, idx], probes, tau, 8, cheap[idx])
     assert probes and np.median(1 / cost) > 1.0 and cost.mean() <= 1.0
     assert all(agree[i, [1, 3].index(probes[f])] for i, f in enumerate(first) if f >= 0)
-    assert choose_probes(ent, agree, [1, 3], n_layers=8, tail_cost=2.0, target=1.0) == ([], -1.0)  # never pays
+    assert choose_probes(ent, agree, [1, 3], n_layers=8, tail_cost=np.array([2.0, 2.0]), target=1.0) == ([], -1.0)
+
+
+def test_tail_cost_model_by_hand():
+    from edge_spade.calibrate import tail_costs
+
+    # 8 layers; whole-model tail 30 ms (all 8 layers), tail model above layer 4 (3 layers) 15 ms:
+    # 3 ms per layer, 6 ms fixed (LM head, graph); full answer 60 ms.
+    costs = {"full_ms": 60.0, "tail_ms": 30.0, "tail_mid_ms": 15.0, "tail_mid_layer": 4}
+    np.testing.assert_allclose(tail_costs(costs, [0, 4, 6], 8), np.array([6 + 21, 6 + 9, 6 + 3]) / 60)
+    # measured before tail models: the whole-model tail everywhere
+    np.testing.assert_allclose(tail_costs({"full_ms": 60.0, "tail_ms": 30.0}, [0, 6], 8), [0.5, 0.5])

@@ -1,0 +1,114 @@
+"""Tail models: the layers above l as their own GGUF compute exactly the whole-model SPADE tail."""
+
+from __future__ import annotations
+
+import math
+
+import gguf
+import numpy as np
+import pytest
+import tiny
+from conftest import EXACT
+
+from edge_spade import Engine
+from edge_spade.errors import ModelFileError
+from edge_spade.policy import ExitPolicy, spade_exit
+from edge_spade.prompts import build_prompt
+from edge_spade.tailmodel import TailModelError, tail_model_path, write_tail_model
+
+CHOICES = np.array([5, 9, 17])
+
+
+def tails_agree(engine: Engine, tokens: list[int], layers, widths) -> None:
+    """Whole-model tails first, then the same tails on tail models: bit for bit, vocabulary and decision set."""
+    trace = engine.trace(tokens, None, tail=max(widths))
+    rows = {k: np.concatenate([trace.states[:, :1], trace.states[:, -k:]], axis=1) for k in widths}
+    want = {(layer, k, ids is None): engine.spade_tail(rows[k][layer], layer, ids)
+            for layer in layers for k in widths for ids in (None, CHOICES)}
+    engine.use_tail_models(layers)
+    assert sorted(engine._tails) == sorted(layers)
+    for (layer, k, vocab), logits in want.items():
+        got = engine.spade_tail(rows[k][layer], layer, None if vocab else CHOICES)
+        np.testing.assert_array_equal(got, logits, err_msg=f"layer {layer}, K={k}")
+        ref = engine.spade_tail(rows[k][layer], layer, None if vocab else CHOICES, tail_model=False)
+        np.testing.assert_array_equal(ref, logits)
+
+
+def test_tiny_tail_models_equal_whole_model_tails_and_the_numpy_reference(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGE_SPADE_CACHE", str(tmp_path))
+    path, weights = tiny_model
+    with Engine(path, EXACT) as engine:
+        tokens = engine.tokenize("the capital of france is paris . the answer is")
+        tails_agree(engine, tokens, layers=[0, 1, tiny.N_LAYERS - 2], widths=[1, 3, len(tokens)])
+        got = engine.spade(tokens, 1, None, tail=3).logits  # SPADE through the tail model
+        ref = tiny.spade_logits(weights, tokens, 1, tail=3)
+        np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max())
+
+
+def test_tail_model_file_is_the_upper_layers_renumbered(tiny_model, tmp_path):
+    src, _ = tiny_model
+    out = write_tail_model(src, 1, tmp_path / "above-1.gguf")
+    a, b = gguf.GGUFReader(src), gguf.GGUFReader(out)  # gguf's own parser as the independent reader
+    assert b.fields["llama.block_count"].contents() == tiny.N_LAYERS - 2
+    assert b.fields["tokenizer.ggml.tokens"].contents() == a.fields["tokenizer.ggml.tokens"].contents()
+    src_tensors = {t.name: t for t in a.tensors}
+    renamed = {}
+    for t in b.tensors:
+        original = t.name
+        if t.name.startswith("blk."):
+            _, i, rest = t.name.split(".", 2)
+            original = f"blk.{int(i) + 2}.{rest}"
+        renamed[original] = t
+        assert t.tensor_type == src_tensors[original].tensor_type
+        np.testing.assert_array_equal(np.asarray(t.data), np.asarray(src_tensors[original].data), err_msg=t.name)
+    assert set(renamed) == {n for n in src_tensors if not n.startswith(("blk.0.", "blk.1."))}
+
+
+def test_tail_model_errors(tiny_model, tmp_path):
+    src, _ = tiny_model
+    for layer in (-1, tiny.N_LAYERS - 1):
+        with pytest.raises(ModelFileError, match="a tail model needs a layer"):
+            write_tail_model(src, layer, tmp_path / "x.gguf")
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    with pytest.raises(ModelFileError, match="truncated"):
+        write_tail_model(truncated, 1, tmp_path / "y.gguf")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf at all" * 10)
+    with pytest.raises(ModelFileError, match="not a GGUF"):
+        write_tail_model(junk, 1, tmp_path / "z.gguf")
+    assert not list(tmp_path.glob(".*tmp*"))  # nothing half-written left behind
+
+
+def test_gemma_implicit_sliding_window_pattern_is_written_shifted(gemma, tmp_path, monkeypatch):
+    """Gemma 3's file names no pattern (llama.cpp's default: every 6th layer global); cutting at a
+    layer that is not a multiple of 6 only stays exact if the pattern is written out, shifted."""
+    monkeypatch.setenv("EDGE_SPADE_CACHE", str(tmp_path))
+    engine = gemma.engine
+    saved = dict(engine._tails)
+    engine._tails.clear()
+    try:
+        tokens = gemma.prompt("The capital of France is Paris. The capital of Italy is", None).tokens
+        tails_agree(engine, tokens, layers=[3, 5], widths=[1, 8])
+        pattern = gguf.GGUFReader(tail_model_path(engine.path, 3)).fields["gemma3.attention.sliding_window_pattern"]
+        assert pattern.contents() == [(i % 6) < 5 for i in range(4, 18)]
+        with pytest.raises(TailModelError, match="all global"):  # layer 17 alone is global: llama.cpp would abort
+            write_tail_model(engine.path, 16, tmp_path / "g16.gguf")
+        engine.use_tail_models([16])  # falls back to the whole model, with a log line
+        assert 16 not in engine._tails
+    finally:
+        for t in engine._tails.values():
+            t.close()
+        engine._tails.clear()
+        engine._tails.update(saved)
+
+
+def test_probe_exit_runs_on_tail_models(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGE_SPADE_CACHE", str(tmp_path))
+    with Engine(tiny_model[0], EXACT) as engine:
+        p = build_prompt(engine, "the capital of france is", None)
+        want = engine.spade(p.tokens, 1, p.ids, tail=3).logits  # before any tail model exists
+        policy = ExitPolicy(math.inf, (1, 2), {}, top_k=8, signal="tail")
+        readout, _ = spade_exit(engine, None, policy, p, tail=3)
+        assert sorted(engine._tails) == [1, 2] and readout.layer == 1
+        np.testing.assert_array_equal(readout.logits, want)
