@@ -6,7 +6,8 @@ For each question every configuration runs in turn in one process with the same 
 (round robin, so load drift hits all alike): the full-depth answer, SPADE-EXIT at the shipped
 threshold and at a sweep of thresholds, a never-exiting threshold (the cost of hooks and
 heads), the tuned-lens and logit-lens exits at their own calibrated thresholds, and SPADE at
-the oracle layer (the earliest layer whose SPADE answer equals the full answer). Speedups are
+the oracle layer (the earliest layer whose SPADE answer equals the full answer; its tail on a tail
+model, as probes run). Speedups are
 medians of per-question ratios full / configuration. Choice sets use the "choice" head set,
 the cloze facts (free answers, with a few-shot prefix) the "free" one.
 """
@@ -108,6 +109,7 @@ def run_dataset(rt, data: str, limit: int | None, sweep: list[float] | None, tun
             sample = collect(rt, [item], tail=k, top_k=head_set.top_k or FREE_TOP_K)[0]
             oracle = next(layer for layer in range(engine.n_layers) if sample.answer(layer) == full_answer)
             oracle_layers[k].append(oracle)
+            engine.use_tail_models([oracle])  # as probes run: only the layers above (written once, untimed)
             t0 = time.perf_counter()
             engine.spade(prompt.tokens, oracle, prompt.ids, tail=k)
             times[f"oracle/K{k}"].append(time.perf_counter() - t0)

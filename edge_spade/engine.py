@@ -8,7 +8,8 @@ whole vocabulary) at the last prompt position:
 - `logit_lens(layer)`: the prompt pass stops after `layer`; final norm + head in numpy.
 - `spade(layer, tail)`: the prompt pass stops after `layer`; the start row and the last
   `tail` rows are forwarded as a fresh short sequence through the remaining layers, by
-  overwriting `l_out-layer` of that short pass (llama.cpp cannot start a pass mid-way).
+  overwriting `l_out-layer` of that short pass (llama.cpp cannot start a pass mid-way), or,
+  where `use_tail_models` loaded one, on a tail model holding only the layers above.
 - `trace`: one full pass that keeps the tail rows of every layer, so that SPADE and the
   lenses at every layer can be computed afterwards without repeating the prompt pass.
 
