@@ -80,9 +80,9 @@ def default_sweep(head_set, n: int = 5) -> list[float]:
 
 
 def run_dataset(rt, data: str, limit: int | None, sweep: list[float] | None, tuned, tails: list[int],
-                probe_sweep: list[float]) -> tuple[list[dict], list[float]]:
+                probe_sweep: list[float], few_shot: int = 3) -> tuple[list[dict], list[float]]:
     engine, m = rt.engine, rt.manifest
-    items = load_items(data_path(data), limit=limit)
+    items = load_items(data_path(data), limit=limit, few_shot=few_shot)
     kind = "choice" if items[0].choices else "free"
     if kind not in m.sets:
         log.warning("no %s heads for %s: skipping %s", kind, rt.name, data)
@@ -120,11 +120,13 @@ def run_dataset(rt, data: str, limit: int | None, sweep: list[float] | None, tun
             answers[name].append(prompt.decide(readout.logits))
             exit_layers[name].append(readout.layer)
     full_t = np.array(times["full"])
+    prompt_tokens = float(np.median([len(rt.prompt(i.question, i.choices).tokens) for i in items]))
     rows = []
     for name, (_, policy, _, k) in configs.items():
         t = np.array(times[name])
         rows.append({
             "data": data, "method": name, "threshold": policy.threshold, "n": len(items), "tail_k": k,
+            "few_shot": few_shot, "prompt_tokens_median": prompt_tokens,
             "signal": policy.signal, "eval_layers": list(policy.eval_layers),
             "accuracy": accuracy(answers[name], gold), "agreement": agreement(answers[name], full_answers),
             "kappa": cohen_kappa(answers[name], full_answers), "constant_agreement": constant_agreement(full_answers),
@@ -156,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra SPADE tail widths K for the probe sweep and the oracle (rows carry tail_k)")
     p.add_argument("--probe-sweep", type=float, nargs="*", default=[0.25, 0.5, 1.0, 2.0],
                    help="probe thresholds (nats) tried at every tail width")
+    p.add_argument("--few-shot", type=int, default=3, help="cloze facts: solved examples before each fact")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     _, tuned = load_heads(rt.heads_dir, rt.engine, tuned=True)
     rows, overhead = [], []
     for data in args.data:
-        r, o = run_dataset(rt, data, args.limit, args.sweep, tuned, args.tail, args.probe_sweep)
+        r, o = run_dataset(rt, data, args.limit, args.sweep, tuned, args.tail, args.probe_sweep, args.few_shot)
         rows += r
         overhead += o
     result = {"model": rt.name, "rows": rows,

@@ -16,6 +16,7 @@ import logging
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +31,16 @@ PROMPT = ("Paris is the capital of France. Rome is the capital of Italy. Madrid 
           "Berlin is the capital of")
 
 
-def median_ms(fn, repeat: int) -> float:
-    fn()  # warm: graphs, dequantized rows
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return round(statistics.median(times), 2)
+def medians_ms(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """Median ms of each function, run round robin (load drift hits all alike) after a warm-up."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(repeat + 1):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if i:  # the first round warms graphs and dequantized rows
+                times[name].append((time.perf_counter() - t0) * 1000)
+    return {name: round(statistics.median(t), 2) for name, t in times.items()}
 
 
 def run(model: str | None, widths: list[int], layers: list[int] | None, repeat: int, threads: int | None) -> dict:
@@ -52,16 +55,14 @@ def run(model: str | None, widths: list[int], layers: list[int] | None, repeat: 
         for k in widths:
             states = np.zeros((k + 1, engine.n_embd), np.float32)
             row = {"layer": layer, "tail_k": k, "tail_model": layer in engine._tails}
-            for label, decision in (("vocab", None), ("choice", ids)):
-                row[f"whole_{label}_ms"] = median_ms(
-                    lambda: engine.spade_tail(states, layer, decision, side=True, tail_model=False), repeat)
-                row[f"cut_{label}_ms"] = median_ms(lambda: engine.spade_tail(states, layer, decision, side=True),
-                                                   repeat)
+            row.update(medians_ms({
+                f"{way}_{label}_ms": (lambda d=decision, w=way: engine.spade_tail(states, layer, d, side=True,
+                                                                                tail_model=w == "cut"))
+                for label, decision in (("vocab", None), ("choice", ids)) for way in ("whole", "cut")}, repeat))
             rows.append(row)
             logging.getLogger("benchmarks").info("%s", row)
-    full = {"prompt_tokens": len(tokens),
-            "full_vocab_ms": median_ms(lambda: engine.full(tokens, None), repeat),
-            "full_choice_ms": median_ms(lambda: engine.full(tokens, ids), repeat)}
+    full = {"prompt_tokens": len(tokens), **medians_ms({"full_vocab_ms": lambda: engine.full(tokens, None),
+                                                          "full_choice_ms": lambda: engine.full(tokens, ids)}, repeat)}
     return {"model": rt.name, "n_layers": engine.n_layers, "threads": engine._main.threads, "repeat": repeat,
             "full": full, "rows": rows}
 

@@ -82,7 +82,8 @@ def test_side_context_tails_equal_main_context_tails(tiny_engine, prompt):
 
 
 @pytest.mark.parametrize("kind", ["choice", "free"])
-def test_probe_exits_answer_with_spade_k_at_the_probe_layer(tiny_engine, prompt, kind):
+def test_probe_exits_answer_with_spade_k_at_the_probe_layer(tiny_engine, prompt, kind, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGE_SPADE_CACHE", str(tmp_path))  # probes write tail models of this temporary model
     p = prompt if kind == "choice" else build_prompt(tiny_engine, "the capital of france is", None)
     spade = {layer: tiny_engine.spade(p.tokens, layer, p.ids, tail=3).logits for layer in (1, 2)}
     judged = {layer: entropy(p.choice_logits(lg)) if p.ids is not None else topk_entropy(lg, 8)

@@ -103,6 +103,7 @@ def test_spade_exit_extremes(request, fixture, question, choices):
     assert never.mode == "spade-exit" and never.exit_layer is None and never.probs == full.probs
     head_set = rt.manifest.sets["free" if choices is None else "choice"]
     first = rt.ask(question, choices, threshold=float("inf"))
-    assert first.exit_layer == head_set.eval_layers[0] and list(first.entropy) == [head_set.eval_layers[0]]
+    layer = (head_set.probe_layers if head_set.signal == "spade" else head_set.eval_layers)[0]  # the default rule's
+    assert first.exit_layer == layer and list(first.entropy) == [layer]
     spade = rt.ask(question, choices, layer=first.exit_layer, tail=head_set.tail)
     assert first.probs == spade.probs and first.tail == head_set.tail
