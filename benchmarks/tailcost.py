@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -55,10 +56,10 @@ def run(model: str | None, widths: list[int], layers: list[int] | None, repeat: 
         for k in widths:
             states = np.zeros((k + 1, engine.n_embd), np.float32)
             row = {"layer": layer, "tail_k": k, "tail_model": layer in engine._tails}
-            row.update(medians_ms({
-                f"{way}_{label}_ms": (lambda d=decision, w=way: engine.spade_tail(states, layer, d, side=True,
-                                                                                tail_model=w == "cut"))
-                for label, decision in (("vocab", None), ("choice", ids)) for way in ("whole", "cut")}, repeat))
+            runs = {f"{way}_{label}_ms": partial(engine.spade_tail, states, layer, decision, side=True,
+                                                 tail_model=way == "cut")
+                    for label, decision in (("vocab", None), ("choice", ids)) for way in ("whole", "cut")}
+            row.update(medians_ms(runs, repeat))
             rows.append(row)
             logging.getLogger("benchmarks").info("%s", row)
     full = {"prompt_tokens": len(tokens), **medians_ms({"full_vocab_ms": lambda: engine.full(tokens, None),

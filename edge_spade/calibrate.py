@@ -476,7 +476,8 @@ def calibrate(
             log.info("collected %d %s prompts (tail %d) in %.0f s", len(by_k[k]), kind, k, time.perf_counter() - t0)
             costs = measure_costs(rt, kind_items, k)
             log.info("%s, tail %d: full answer %.1f ms, SPADE tail %.1f ms on the whole model, %.1f ms above "
-                     "layer %d", kind, k, costs["full_ms"], costs["tail_ms"], costs["tail_mid_ms"], costs["tail_mid_layer"])
+                     "layer %d", kind, k, costs["full_ms"], costs["tail_ms"], costs["tail_mid_ms"],
+                     costs["tail_mid_layer"])
             train, held = split(by_k[k], holdout, seed)
             plans[k] = probe_plan(train, held, layers, engine.n_layers, costs, top_k, target_agreement, confidence)
             frontier[k] = frontier_row(held, layers, engine.n_layers, plans[k])

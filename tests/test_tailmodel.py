@@ -73,6 +73,10 @@ def test_tail_model_errors(tiny_model, tmp_path):
     truncated.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
     with pytest.raises(ModelFileError, match="truncated"):
         write_tail_model(truncated, 1, tmp_path / "y.gguf")
+    header_only = tmp_path / "header.gguf"
+    header_only.write_bytes(src.read_bytes()[:300])  # cut inside the metadata
+    with pytest.raises(ModelFileError, match="not a readable GGUF"):
+        write_tail_model(header_only, 1, tmp_path / "h.gguf")
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf at all" * 10)
     with pytest.raises(ModelFileError, match="not a GGUF"):
