@@ -130,6 +130,7 @@ class Engine:
         ggml = _init_backend()
         self._ll = llama_cpp
         self._model = self._main = self._side = None
+        self._tails: dict[int, _TailModel] = {}  # layer -> the model of the layers above it
 
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = self.settings.n_gpu_layers
@@ -144,7 +145,6 @@ class Engine:
         self._ggml = ggml
         self._main = _Context(self, self.settings.n_ctx)
         self._side: _Context | None = None  # second context for tails run inside the main pass's callback
-        self._tails: dict[int, _TailModel] = {}  # layer -> the model of the layers above it
         self.hooks = self._main.hooks
         self.n_ctx = self._main.n_ctx
         self.head = OutputHead(self.path, self.index)
@@ -154,7 +154,7 @@ class Engine:
     # -- lifetime -------------------------------------------------------------------------
 
     def close(self) -> None:
-        for tail in getattr(self, "_tails", {}).values():
+        for tail in self._tails.values():
             tail.close()
         self._tails = {}
         for context in (self._side, self._main):

@@ -15,7 +15,6 @@ pattern is implicit (gemma3: every 6th layer global) gets it written out, shifte
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import mmap
 import os
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelFileError
-from .weights import cache_dir
+from .weights import cache_dir, file_key
 
 log = logging.getLogger(__name__)
 
@@ -217,9 +216,7 @@ def write_tail_model(src: str | Path, layer: int, out: str | Path) -> Path:
 def tail_model_path(src: str | Path, layer: int) -> Path:
     """The cached tail model of `src` above `layer`, written on first use (seconds, once)."""
     src = Path(src).resolve()
-    stat = src.stat()
-    key = hashlib.sha256(f"{src}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:24]
-    path = cache_dir() / "tails" / key / f"above-{layer}.gguf"
+    path = cache_dir() / "tails" / file_key(src) / f"above-{layer}.gguf"
     if not path.exists():
         log.info("writing the tail model of %s above layer %d (first use)", src.name, layer)
         write_tail_model(src, layer, path)

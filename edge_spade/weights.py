@@ -36,6 +36,12 @@ def cache_dir() -> Path:
     return Path(base) / "edge-spade"
 
 
+def file_key(path: Path, length: int = 24) -> str:
+    """A cache key for what is derived from a file: its resolved path, size and mtime."""
+    stat = path.stat()
+    return hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:length]
+
+
 @dataclass(frozen=True)
 class TensorLoc:
     offset: int  # absolute byte offset in the file
@@ -115,9 +121,7 @@ def read_index(path: str | Path) -> GgufIndex:
         raise ModelFileError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
     if struct.unpack("<I", head[4:8])[0] not in (2, 3):
         raise ModelFileError(f"{path} has an unsupported GGUF version {struct.unpack('<I', head[4:8])[0]}")
-    stat = path.stat()
-    key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:32]
-    cached = cache_dir() / "index" / f"{key}.json"
+    cached = cache_dir() / "index" / f"{file_key(path, 32)}.json"
     if cached.exists():
         try:
             raw = json.loads(cached.read_text())
