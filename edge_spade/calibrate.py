@@ -116,9 +116,26 @@ def _trace_sample(engine, prompt, tail: int, top_k: int) -> dict[str, np.ndarray
     return {"hidden": trace.last, "ids": np.stack(top), "logits": np.stack([lg[t] for lg, t in zip(per_layer, top)])}
 
 
-def _batch(rt: Runtime, samples: list[Sample], layer: int, target_layer: int | None):
-    """Per-sample rows, mask and target logits for one layer (target_layer None: the layer itself)."""
+def _batch(rt: Runtime, samples: list[Sample], layer: int, target_layer: int | None,
+           candidates: np.ndarray | None = None):
+    """Rows, mask and target logits for one layer (target_layer None: the layer itself).
+
+    Free answers with `candidates`: every sample is scored over all candidate tokens, as the
+    runtime scores them, the target putting SPADE's top-k distribution on its own tokens and
+    nothing on the rest. Trained on the top-k rows alone, a head leaves the other candidates'
+    logits free, and they end up above the top-k (measured: Gemma's free heads agreed with SPADE's
+    answer on 0 of 160 held-out prompts at every layer).
+    """
     src = layer if target_layer is None else target_layer
+    hidden = np.stack([s.hidden[layer] for s in samples])
+    if candidates is not None and samples[0].free:
+        logits = np.full((len(samples), len(candidates)), -np.inf, np.float32)
+        for n, s in enumerate(samples):
+            ids = s.layer_ids(src)
+            pos = np.searchsorted(candidates, ids).clip(0, len(candidates) - 1)
+            known = candidates[pos] == ids
+            logits[n, pos[known]] = s.logits[src][known]
+        return hidden, logits, np.ones(logits.shape, bool), rt.engine.head.rows(candidates)
     m = max(len(s.layer_ids(src)) for s in samples)
     d = rt.engine.n_embd
     rows = np.zeros((len(samples), m, d), np.float32)
@@ -129,17 +146,17 @@ def _batch(rt: Runtime, samples: list[Sample], layer: int, target_layer: int | N
         rows[n, : len(ids)] = rt.engine.head.rows(ids)
         mask[n, : len(ids)] = True
         logits[n, : len(ids)] = s.logits[src]
-    hidden = np.stack([s.hidden[layer] for s in samples])
     return hidden, logits, mask, rows
 
 
 def train_heads(rt: Runtime, samples: list[Sample], layers: list[int], target: str, rank: int, steps: int,
-                lr: float) -> list[LayerHead]:
-    """One head per layer; target "spade" (L-SPADE) or "full" (tuned lens)."""
+                lr: float, candidates: np.ndarray | None = None) -> list[LayerHead]:
+    """One head per layer; target "spade" (L-SPADE) or "full" (tuned lens); free answers over `candidates`."""
     engine = rt.engine
     heads = []
     for layer in layers:
-        hidden, logits, mask, rows = _batch(rt, samples, layer, None if target == "spade" else engine.n_layers - 1)
+        hidden, logits, mask, rows = _batch(rt, samples, layer, None if target == "spade" else engine.n_layers - 1,
+                                            candidates)
         head, losses = train_head(hidden, logits, mask, rows, engine.head.norm_weight, engine.index.rms_eps,
                                   rank=rank, steps=steps, lr=lr, seed=layer)
         log.info("%s head, layer %d: cross-entropy %.4f -> %.4f", target, layer, losses[0], losses[-1])
@@ -151,8 +168,7 @@ def judge(rt: Runtime, heads: list[LayerHead], layers: list[int], samples: list[
           top_k: int, candidates: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """(entropy, own answer) of each head on each sample, as the runtime computes them.
 
-    Free answers: entropy over the head's top-k among `candidates`, and its own answer among them
-    too (a head trained on top-k targets leaves the other tokens' logits unconstrained).
+    Free answers: entropy over the head's top-k among `candidates`, and its own answer among them.
     """
     engine = rt.engine
     ent = np.zeros((len(samples), len(layers)))
@@ -236,6 +252,25 @@ def pick_threshold(curve: list[CurvePoint], target: float, min_exit_rate: float 
         return -1.0
     best = max(ok, key=lambda p: p.threshold)
     return best.threshold if best.exit_rate >= min_exit_rate else -1.0
+
+
+def thin_layers(train: list[Sample], ent: np.ndarray, layers: list[int], n_layers: int, target: float,
+                confidence: float, min_share: float = 0.03) -> list[int]:
+    """The evaluation layers worth a check: where the training split's exits happen at the threshold
+    its own curve picks (at least `min_share` of the prompts). A check costs ~1 ms inside the pass
+    for free answers (Gemma 3: ONNX head, 2,486 candidate rows, top-k entropy), so checking layers
+    where nothing exits is most of the cost of a pass that does not exit. All layers when nothing
+    exits. The threshold is then certified on the held-out split with these layers only.
+    """
+    full = np.array([s.answer(n_layers - 1) for s in train])
+    answers = np.array([[s.answer(layer) for layer in layers] for s in train])
+    tau = pick_threshold(exit_curve(full, answers, ent, layers, n_layers, confidence), target)
+    if tau < 0:
+        return list(layers)
+    exits = ent <= tau
+    first = np.where(exits.any(axis=1), exits.argmax(axis=1), -1)
+    kept = [layer for j, layer in enumerate(layers) if (first == j).mean() >= min_share]
+    return kept or list(layers)
 
 
 def measure_costs(rt: Runtime, items: list[Item], tail: int, n: int = 5, repeats: int = 3) -> dict[str, float]:
@@ -391,18 +426,21 @@ def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[in
     plan = plan or {}
     train, held = split(samples, holdout, seed)
     t0 = time.perf_counter()
-    lspade = train_heads(rt, train, layers, "spade", rank, steps, lr)
-    tuned = train_heads(rt, train, layers, "full", rank, steps, lr)
-    identity = [LayerHead.identity(engine.n_embd, 1) for _ in layers]
     # Free answers: the tokens SPADE ranks highly anywhere in the training split.
     candidates = np.unique(np.concatenate([s.ids.ravel() for s in train])) if kind == "free" else None
+    lspade = train_heads(rt, train, layers, "spade", rank, steps, lr, candidates)
+    tuned = train_heads(rt, train, layers, "full", rank, steps, lr, candidates)
+    identity = [LayerHead.identity(engine.n_embd, 1) for _ in layers]
     full = np.array([s.answer(L - 1) for s in held])
     spade_answers = np.array([[s.answer(layer) for layer in layers] for s in held])
+    train_ent, _ = judge(rt, lspade, layers, train, top_k, candidates)
+    eval_layers = thin_layers(train, train_ent, layers, L, target_agreement, confidence)
+    cols = [layers.index(layer) for layer in eval_layers]
     curves, thresholds = {}, {}
     for name, heads in (("lspade", lspade), ("tuned", tuned), ("logit_lens", identity)):
         ent, own = judge(rt, heads, layers, held, top_k, candidates)
         answers = spade_answers if name == "lspade" else own  # lens baselines answer from their own head
-        curves[name] = exit_curve(full, answers, ent, layers, L, confidence)
+        curves[name] = exit_curve(full, answers[:, cols], ent[:, cols], eval_layers, L, confidence)
         thresholds[name] = pick_threshold(curves[name], target_agreement)
         if name == "lspade":
             layer_stats = [{"layer": layer, "spade_agree_full": float((spade_answers[:, j] == full).mean()),
@@ -412,7 +450,7 @@ def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[in
         curves["spade"] = plan["curve"]
     thresholds["spade"] = plan.get("threshold", -1.0)
     head_set = HeadSet(
-        kind=kind, file=f"lspade-{kind}.onnx", tuned_file=f"tuned-{kind}.onnx", layers=layers, eval_layers=layers,
+        kind=kind, file=f"lspade-{kind}.onnx", tuned_file=f"tuned-{kind}.onnx", layers=layers, eval_layers=eval_layers,
         threshold=thresholds["lspade"], thresholds=thresholds, tail=tail, top_k=top_k if kind == "free" else None,
         candidates=candidates.tolist() if candidates is not None else None,
         calibration={

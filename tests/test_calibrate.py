@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import tiny
 
 from edge_spade import load_model
-from edge_spade.calibrate import CurvePoint, calibrate, choose_tail, clopper_pearson_lower, pick_threshold
+from edge_spade.calibrate import (
+    CurvePoint,
+    Sample,
+    calibrate,
+    choose_tail,
+    clopper_pearson_lower,
+    pick_threshold,
+    thin_layers,
+    train_heads,
+)
+from edge_spade.heads import LayerHead, rms_norm
 from edge_spade.cli import main
 from edge_spade.datasets import Item
 from edge_spade.manifest import HeadsMismatchError
@@ -146,3 +158,55 @@ def test_exit_signal_can_be_chosen(heads_dir, tiny_model, capsys):
         assert code == 0 and json.loads(capsys.readouterr().out)["exit_layer"] == head_set["probe_layers"][0]
     else:
         assert code == 1 and "no SPADE probe layers" in capsys.readouterr().err
+
+
+def test_free_heads_learn_the_top_k_over_all_candidates():
+    """A free-answer target names only SPADE's top-k tokens, and a softmax over those alone cannot
+    see a direction all their rows share: trained on them, a head lets rare candidates with long
+    rows along it outrank SPADE's top token (what happened to the real heads). Trained over every
+    candidate, as the runtime scores them, its own top token is SPADE's."""
+    rng = np.random.default_rng(2)
+    vocab, d, k, n, layer, rare = 300, 16, 8, 200, 1, 30
+    w, g = rng.normal(size=(vocab, d)).astype(np.float32), np.ones(d, np.float32)
+    w[:, 0] = 3.0  # a direction every row shares
+    w[:rare] *= 0.1
+    w[:rare, 0] = 10.0  # rare tokens far along it
+    teacher = rng.normal(size=(d, d)).astype(np.float32)  # SPADE at this layer ignores that direction
+    teacher[:, 0] = 0.0
+    hidden = rng.normal(size=(n, 2, d)).astype(np.float32)
+    hidden[:, :, 0] += 8.0  # a massive activation, as residual streams have
+    target = rms_norm(hidden[:, layer] @ teacher, g, 1e-6) @ w.T
+    top = np.argsort(-target, axis=1)[:, :k]
+    early = rng.integers(0, rare, size=(n, k))  # the rare tokens top layer 0: they are candidates
+    samples = [Sample(hidden[i], np.stack([early[i], top[i]]), np.stack([target[i, top[i]]] * 2)) for i in range(n)]
+    candidates = np.unique(np.concatenate([top.ravel(), early.ravel()]))
+    rt = SimpleNamespace(engine=SimpleNamespace(n_embd=d, n_layers=2, index=SimpleNamespace(rms_eps=1e-6),
+                                                head=SimpleNamespace(rows=lambda ids: w[ids], norm_weight=g)))
+
+    def own_top(head) -> float:  # share of samples whose head's top candidate is SPADE's top token
+        z = rms_norm(head.adjust(hidden[:, layer]), g, 1e-6) @ w[candidates].T
+        return float(np.mean(candidates[z.argmax(1)] == top[:, 0]))
+
+    over_candidates = train_heads(rt, samples, [layer], "spade", rank=8, steps=300, lr=0.02, candidates=candidates)
+    over_top_k = train_heads(rt, samples, [layer], "spade", rank=8, steps=300, lr=0.02)
+    assert own_top(LayerHead.identity(d, 8)) == 0.0 and own_top(over_top_k[0]) < 0.05
+    assert own_top(over_candidates[0]) > 0.9
+
+
+def test_evaluation_layers_where_exits_happen():
+    """Layers where (almost) nothing exits at the training split's threshold are not checked."""
+    n, layers = 40, [1, 2, 3]
+    ent = np.zeros((n, 3))
+    ent[:, 0] = 3.0
+    ent[0, 0] = 0.1  # one prompt (2.5% < 3%) would exit at layer 1, correctly
+    ent[:, 1] = np.where(np.arange(n) < 20, 1.0, 4.0)
+    ent[:, 2] = 2.0
+
+    def sample(i: int) -> Sample:  # free answers: the token is ids[layer][0]; layer 1 is wrong but for prompt 0
+        ids = np.array([[7], [7 if i == 0 else 9], [7], [7], [7]])
+        return Sample(np.zeros((5, 2), np.float32), ids, np.zeros((5, 1), np.float32))
+
+    train = [sample(i) for i in range(n)]
+    assert thin_layers(train, ent, layers, 5, target=0.9, confidence=0.95) == [2, 3]
+    assert thin_layers(train, ent, layers, 5, target=0.9, confidence=0.95, min_share=0.0) == [1, 2, 3]
+    assert thin_layers(train, ent, layers, 5, target=0.999, confidence=0.95) == layers  # no exit: all layers
