@@ -21,9 +21,9 @@ from edge_spade.calibrate import (
     thin_layers,
     train_heads,
 )
-from edge_spade.heads import LayerHead, rms_norm
 from edge_spade.cli import main
 from edge_spade.datasets import Item
+from edge_spade.heads import LayerHead, rms_norm
 from edge_spade.manifest import HeadsMismatchError
 
 WORDS = ["sky", "water", "paris", "blue", "france", "capital", "answer", "question"]
