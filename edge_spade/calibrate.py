@@ -5,7 +5,8 @@
    tokens of the vocabulary). Each prompt is cached on disk (keyed by the model's output
    fingerprint, the tail width and the prompt), so an interrupted run resumes where it stopped.
 2. Train per layer, in numpy: L-SPADE (target: SPADE's distribution at that layer) and the
-   tuned lens (target: the full model's), over each prompt's own decision set / top-k tokens.
+   tuned lens (target: the full model's), over each prompt's own decision set (free answers:
+   over every candidate token, SPADE's top-k carrying the target).
 3. Pick each threshold on a held-out split: the largest whose agreement with the full model is
    at least the target with the requested confidence (one-sided Clopper-Pearson lower bound).
 4. Export one head set per answer kind found in the data ("choice", "free"): ONNX files and
@@ -255,12 +256,14 @@ def pick_threshold(curve: list[CurvePoint], target: float, min_exit_rate: float 
 
 
 def thin_layers(train: list[Sample], ent: np.ndarray, layers: list[int], n_layers: int, target: float,
-                confidence: float, min_share: float = 0.03) -> list[int]:
-    """The evaluation layers worth a check: where the training split's exits happen at the threshold
-    its own curve picks (at least `min_share` of the prompts). A check costs ~1 ms inside the pass
-    for free answers (Gemma 3: ONNX head, 2,486 candidate rows, top-k entropy), so checking layers
-    where nothing exits is most of the cost of a pass that does not exit. All layers when nothing
-    exits. The threshold is then certified on the held-out split with these layers only.
+                confidence: float, exit_cost: np.ndarray, check_cost: float) -> list[int]:
+    """The evaluation layers worth a check, judged on the training split at its own threshold.
+
+    A check costs every prompt that reaches it `check_cost` (relative to a full answer; ~1 ms for
+    Gemma 3's free answers: ONNX head, 2,486 candidate rows, top-k entropy, inside the pass); an
+    exit at layer j saves 1 - exit_cost[j]. Kept: layers where the exits that happen there save
+    more than the check costs. All layers when nothing exits (no hooks run then anyway); the
+    threshold is then certified on the held-out split with the kept layers only.
     """
     full = np.array([s.answer(n_layers - 1) for s in train])
     answers = np.array([[s.answer(layer) for layer in layers] for s in train])
@@ -269,8 +272,45 @@ def thin_layers(train: list[Sample], ent: np.ndarray, layers: list[int], n_layer
         return list(layers)
     exits = ent <= tau
     first = np.where(exits.any(axis=1), exits.argmax(axis=1), -1)
-    kept = [layer for j, layer in enumerate(layers) if (first == j).mean() >= min_share]
+    kept = [layer for j, layer in enumerate(layers) if (first == j).mean() * (1.0 - exit_cost[j]) > check_cost]
     return kept or list(layers)
+
+
+def free_candidates(train: list[Sample]) -> np.ndarray:
+    """The tokens SPADE ranks in its top-k at any layer of the training prompts (sorted)."""
+    return np.unique(np.concatenate([s.ids.ravel() for s in train]))
+
+
+def measure_check_ms(rt: Runtime, items: list[Item], candidates: np.ndarray | None, rank: int, n: int = 5,
+                     repeats: int = 3) -> float:
+    """What one L-SPADE check adds to a prompt pass that does not exit, in ms: full-depth answers
+    against passes checking every layer with a threshold that never exits (heads of the trained
+    rank and the same candidate rows, so the same work), divided by the layers checked."""
+    from .heads import OnnxHeads
+    from .policy import ExitPolicy, spade_exit
+
+    engine = rt.engine
+    layers = tuple(range(1, engine.n_layers - 1))
+    if not layers:
+        return 0.0
+    heads = OnnxHeads(export_onnx([LayerHead.identity(engine.n_embd, rank) for _ in layers],
+                                  engine.head.norm_weight, engine.index.rms_eps))
+    cands = tuple(int(c) for c in candidates) if candidates is not None else None
+    policy = ExitPolicy(1e-12, layers, {layer: i for i, layer in enumerate(layers)},
+                        FREE_TOP_K if cands else None, cands)
+    full, never = [], []
+    for i, item in enumerate([items[0], *items[:n]]):  # a warm-up first, as in measure_costs
+        prompt = rt.prompt(item.question, item.choices)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            engine.full(prompt.tokens, prompt.ids)
+            t1 = time.perf_counter()
+            spade_exit(engine, heads, policy, prompt)
+            t2 = time.perf_counter()
+            if i:
+                full.append(t1 - t0)
+                never.append(t2 - t1)
+    return round(max(0.0, float(np.median(never) - np.median(full)) * 1000 / len(layers)), 3)
 
 
 def measure_costs(rt: Runtime, items: list[Item], tail: int, n: int = 5, repeats: int = 3) -> dict[str, float]:
@@ -426,15 +466,20 @@ def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[in
     plan = plan or {}
     train, held = split(samples, holdout, seed)
     t0 = time.perf_counter()
-    # Free answers: the tokens SPADE ranks highly anywhere in the training split.
-    candidates = np.unique(np.concatenate([s.ids.ravel() for s in train])) if kind == "free" else None
+    candidates = free_candidates(train) if kind == "free" else None
     lspade = train_heads(rt, train, layers, "spade", rank, steps, lr, candidates)
     tuned = train_heads(rt, train, layers, "full", rank, steps, lr, candidates)
     identity = [LayerHead.identity(engine.n_embd, 1) for _ in layers]
     full = np.array([s.answer(L - 1) for s in held])
     spade_answers = np.array([[s.answer(layer) for layer in layers] for s in held])
+    costs = dict(plan.get("costs", {}))
     train_ent, _ = judge(rt, lspade, layers, train, top_k, candidates)
-    eval_layers = thin_layers(train, train_ent, layers, L, target_agreement, confidence)
+    if "full_ms" in costs:  # an L-SPADE exit runs its tail on the whole model
+        exit_cost = (np.array(layers) + 1) / L + costs["tail_ms"] / costs["full_ms"]
+        eval_layers = thin_layers(train, train_ent, layers, L, target_agreement, confidence, exit_cost,
+                                  costs.get("check_ms", 0.0) / costs["full_ms"])
+    else:
+        eval_layers = list(layers)
     cols = [layers.index(layer) for layer in eval_layers]
     curves, thresholds = {}, {}
     for name, heads in (("lspade", lspade), ("tuned", tuned), ("logit_lens", identity)):
@@ -465,7 +510,7 @@ def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[in
         layer_stats=layer_stats,
         signal="spade" if plan.get("pays") else "lspade",
         probe_layers=plan.get("probe_layers", []),
-        costs=plan.get("costs", {}),
+        costs=costs,
         tail_frontier=frontier or {},
     )
     norm, eps = engine.head.norm_weight, engine.index.rms_eps
@@ -521,6 +566,10 @@ def calibrate(
             frontier[k] = frontier_row(held, layers, engine.n_layers, plans[k])
         k = choose_tail(frontier)
         log.info("%s answers: tail width %d chosen from %s", kind, k, sorted(frontier))
+        train, _ = split(by_k[k], holdout, seed)
+        check_ms = measure_check_ms(rt, kind_items, free_candidates(train) if kind == "free" else None, rank)
+        plans[k]["costs"]["check_ms"] = check_ms
+        log.info("%s answers: one L-SPADE check costs %.2f ms inside the pass", kind, check_ms)
         sets[kind], kind_files = calibrate_set(
             rt, by_k[k], kind, layers, holdout=holdout, target_agreement=target_agreement, confidence=confidence,
             rank=rank, steps=steps, lr=lr, tail=k, top_k=top_k, seed=seed, data_names=data_names, plan=plans[k],

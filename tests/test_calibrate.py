@@ -62,6 +62,7 @@ def test_calibration_writes_a_complete_heads_folder(heads_dir, tiny_model):
     assert choice["layers"] == [1, 2] and set(choice["thresholds"]) == {"lspade", "tuned", "logit_lens", "spade"}
     for head_set in (choice, free):  # the probe cost model was measured, probes chosen or declined
         assert head_set["costs"]["full_ms"] > 0 and head_set["costs"]["tail_ms"] > 0
+        assert head_set["costs"]["check_ms"] >= 0  # what one L-SPADE check adds to a pass, measured
         assert set(head_set["probe_layers"]) <= {1, 2} and head_set["signal"] in ("lspade", "spade")
         assert (head_set["signal"] == "spade") <= (head_set["thresholds"]["spade"] >= 0)
     assert choice["calibration"]["n_prompts"] == 40 and choice["calibration"]["n_holdout"] == 12
@@ -193,13 +194,13 @@ def test_free_heads_learn_the_top_k_over_all_candidates():
     assert own_top(over_candidates[0]) > 0.9
 
 
-def test_evaluation_layers_where_exits_happen():
-    """Layers where (almost) nothing exits at the training split's threshold are not checked."""
+def test_evaluation_layers_where_exits_pay_for_the_checks():
+    """A layer is checked when the exits there save more than its check costs everyone reaching it."""
     n, layers = 40, [1, 2, 3]
     ent = np.zeros((n, 3))
     ent[:, 0] = 3.0
-    ent[0, 0] = 0.1  # one prompt (2.5% < 3%) would exit at layer 1, correctly
-    ent[:, 1] = np.where(np.arange(n) < 20, 1.0, 4.0)
+    ent[0, 0] = 0.1  # one prompt (2.5%) would exit at layer 1, correctly
+    ent[:, 1] = np.where(np.arange(n) < 20, 1.0, 4.0)  # half exit at layer 2, the rest at layer 3
     ent[:, 2] = 2.0
 
     def sample(i: int) -> Sample:  # free answers: the token is ids[layer][0]; layer 1 is wrong but for prompt 0
@@ -207,6 +208,12 @@ def test_evaluation_layers_where_exits_happen():
         return Sample(np.zeros((5, 2), np.float32), ids, np.zeros((5, 1), np.float32))
 
     train = [sample(i) for i in range(n)]
-    assert thin_layers(train, ent, layers, 5, target=0.9, confidence=0.95) == [2, 3]
-    assert thin_layers(train, ent, layers, 5, target=0.9, confidence=0.95, min_share=0.0) == [1, 2, 3]
-    assert thin_layers(train, ent, layers, 5, target=0.999, confidence=0.95) == layers  # no exit: all layers
+
+    def thin(exit_cost, check_cost, target=0.9):
+        return thin_layers(train, ent, layers, 5, target, 0.95, np.array(exit_cost), check_cost)
+
+    # savings per prompt: layer 1 0.025 * 0.5, layer 2 0.5 * 0.3, layer 3 0.475 * 0.05, against a check of 0.02
+    assert thin([0.5, 0.7, 0.95], 0.02) == [2, 3]
+    assert thin([0.5, 0.7, 1.0], 0.02) == [2]  # an exit that costs a full answer saves nothing
+    assert thin([0.5, 0.7, 0.95], 0.0) == [1, 2, 3]
+    assert thin([0.5, 0.7, 0.95], 0.02, target=0.999) == layers  # no threshold reaches the target: all layers
