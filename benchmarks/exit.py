@@ -167,14 +167,17 @@ def main(argv: list[str] | None = None) -> int:
     if not rt.heads:
         p.error(f"{rt.name} has no heads: run edge-spade calibrate first, or pass --heads")
     _, tuned = load_heads(rt.heads_dir, rt.engine, tuned=True)
-    rows, overhead = [], []
+    rows, overhead, by_data = [], [], {}
     for data in args.data:
         r, o = run_dataset(rt, data, args.limit, args.sweep, tuned, args.tail, args.probe_sweep, args.few_shot)
         rows += r
         overhead += o
-    result = {"model": rt.name, "rows": rows,
-              "overhead_no_exit": float(statistics.median(overhead))}
-    print(f"{rt.name}: overhead with hooks and heads but no exit: x{result['overhead_no_exit']:.3f}")
+        if o:
+            by_data[data] = float(statistics.median(o))
+    result = {"model": rt.name, "rows": rows, "overhead_no_exit": float(statistics.median(overhead)),
+              "overhead_no_exit_by_data": by_data}  # choice and free checks differ: one figure would hide that
+    print(f"{rt.name}: overhead with hooks and heads but no exit: x{result['overhead_no_exit']:.3f} "
+          f"({', '.join(f'{Path(d).stem} x{v:.3f}' for d, v in by_data.items())})")
     print(f"{'data':<26}{'method':<26}{'K':>3}{'thr':>7}{'n':>5}{'acc':>7}{'agree':>7}{'kappa':>7}{'const':>7}"
           f"{'exit L':>7}{'exits':>6}{'median':>8}{'total':>7}{'oracle':>8}")
     for r in rows:
