@@ -192,18 +192,33 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(result: dict, png: Path) -> None:
+    """Agreement against median speedup: one line per data set and rule family (L-SPADE sweep,
+    probes of each tail width), the calibrated rules as labelled points."""
     plt = pyplot()
     if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for data in dict.fromkeys(r["data"] for r in result["rows"]):
-        pts = sorted((r["speedup_median"], r["agreement"]) for r in result["rows"]
-                     if r["data"] == data and r["method"].startswith(("lspade-exit@", "spade-probe")))
-        ax.plot(*zip(*pts), marker="o", label=data)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    rows = result["rows"]
+    for data in dict.fromkeys(r["data"] for r in rows):
+        name = Path(data).stem
+        families = {"L-SPADE sweep": [r for r in rows if r["data"] == data and r["method"].startswith("lspade-exit@")]}
+        for k in sorted({r["tail_k"] for r in rows if r["method"].startswith("spade-probe@")}):
+            families[f"probes K={k}"] = [r for r in rows if r["data"] == data and r["method"].startswith("spade-probe@")
+                                         and r["tail_k"] == k]
+        for family, members in families.items():
+            if members:
+                pts = sorted((r["speedup_median"], r["agreement"]) for r in members)
+                ax.plot(*zip(*pts), marker="o", alpha=0.8, label=f"{name}: {family}")
+        for r in rows:
+            if r["data"] == data and r["method"] in ("spade-exit", "lspade-exit", "tuned-lens-exit", "logit-lens-exit"):
+                ax.scatter(r["speedup_median"], r["agreement"], marker="*", s=120, zorder=3)
+                ax.annotate(r["method"], (r["speedup_median"], r["agreement"]), fontsize=7,
+                            xytext=(4, -10), textcoords="offset points")
+    ax.axhline(0.98, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("median wall-clock speedup vs full depth")
     ax.set_ylabel("agreement with the full model")
-    ax.set_title(f"SPADE-EXIT frontier - {result['model']}")
-    ax.legend()
+    ax.set_title(f"SPADE-EXIT frontier - {result['model']} (dashed: 98%)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 
