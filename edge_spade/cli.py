@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None,
                    help="SPADE-EXIT entropy threshold in nats (default: the calibrated one; negative: never exit)")
     p.add_argument("--signal", choices=["lspade", "spade"], default=None,
-                   help="exit rule: L-SPADE heads at every layer, or SPADE probes (default: the calibrated choice)")
+                   help="exit rule: L-SPADE heads at the evaluation layers, or SPADE probes (default: calibrated)")
     p.add_argument("--heads", default=None, help="heads folder from `edge-spade calibrate` (default: shipped heads)")
     p.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
     p.add_argument("--threads", type=int, help="CPU threads (default: all this process may use)")

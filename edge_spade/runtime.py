@@ -101,7 +101,7 @@ class Runtime:
     ) -> Answer:
         """Answer by SPADE-EXIT (with heads), at `layer` with SPADE or the logit lens, or at full depth.
 
-        `signal` picks the exit rule (L-SPADE heads at every layer, or SPADE probes at the
+        `signal` picks the exit rule (L-SPADE heads at the evaluation layers, or SPADE probes at the
         calibrated probe layers); None: the one calibration chose for this kind of question.
         """
         t0 = time.perf_counter()
