@@ -256,14 +256,16 @@ def pick_threshold(curve: list[CurvePoint], target: float, min_exit_rate: float 
 
 
 def thin_layers(train: list[Sample], ent: np.ndarray, layers: list[int], n_layers: int, target: float,
-                confidence: float, exit_cost: np.ndarray, check_cost: float) -> list[int]:
+                confidence: float, exit_cost: np.ndarray, check_cost: float, budget: float = math.inf) -> list[int]:
     """The evaluation layers worth a check, judged on the training split at its own threshold.
 
-    A check costs every prompt that reaches it `check_cost` (relative to a full answer; ~1 ms for
-    Gemma 3's free answers: ONNX head, 2,486 candidate rows, top-k entropy, inside the pass); an
+    A check costs every prompt that reaches it `check_cost` (relative to a full answer; ~1.5 ms for
+    Gemma 3's free answers: observing the node, ONNX head, 2,486 candidate rows, top-k entropy); an
     exit at layer j saves 1 - exit_cost[j]. Kept: layers where the exits that happen there save
-    more than the check costs. All layers when nothing exits (no hooks run then anyway); the
-    threshold is then certified on the held-out split with the kept layers only.
+    more than the check costs, at most as many as fit in `budget` (what checks may add to a pass
+    that does not exit; the best savers first, one at least). All layers when nothing exits (no
+    hooks run then anyway); the threshold is then certified on the held-out split with the kept
+    layers only.
     """
     full = np.array([s.answer(n_layers - 1) for s in train])
     answers = np.array([[s.answer(layer) for layer in layers] for s in train])
@@ -272,8 +274,11 @@ def thin_layers(train: list[Sample], ent: np.ndarray, layers: list[int], n_layer
         return list(layers)
     exits = ent <= tau
     first = np.where(exits.any(axis=1), exits.argmax(axis=1), -1)
-    kept = [layer for j, layer in enumerate(layers) if (first == j).mean() * (1.0 - exit_cost[j]) > check_cost]
-    return kept or list(layers)
+    saves = np.array([(first == j).mean() * (1.0 - exit_cost[j]) for j in range(len(layers))])
+    kept = [j for j in np.argsort(-saves, kind="stable") if saves[j] > check_cost]
+    if check_cost > 0:
+        kept = kept[: max(1, int(budget / check_cost + 1e-9))]
+    return [layers[j] for j in sorted(kept)] or list(layers)
 
 
 def free_candidates(train: list[Sample]) -> np.ndarray:
@@ -460,7 +465,7 @@ def choose_tail(frontier: dict[int, dict]) -> int:
 def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[int], *, holdout: float,
                   target_agreement: float, confidence: float, rank: int, steps: int, lr: float, tail: int,
                   top_k: int, seed: int, data_names: list[str], plan: dict | None = None,
-                  frontier: dict | None = None) -> tuple[HeadSet, dict[str, bytes]]:
+                  frontier: dict | None = None, max_overhead: float = 0.03) -> tuple[HeadSet, dict[str, bytes]]:
     engine = rt.engine
     L = engine.n_layers
     plan = plan or {}
@@ -477,7 +482,7 @@ def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[in
     if "full_ms" in costs:  # an L-SPADE exit runs its tail on the whole model
         exit_cost = (np.array(layers) + 1) / L + costs["tail_ms"] / costs["full_ms"]
         eval_layers = thin_layers(train, train_ent, layers, L, target_agreement, confidence, exit_cost,
-                                  costs.get("check_ms", 0.0) / costs["full_ms"])
+                                  costs.get("check_ms", 0.0) / costs["full_ms"], max_overhead)
     else:
         eval_layers = list(layers)
     cols = [layers.index(layer) for layer in eval_layers]
@@ -503,7 +508,7 @@ def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[in
             "target": ("SPADE's distribution over each prompt's decision set" if kind == "choice" else
                        f"SPADE's distribution over its top-{top_k} tokens at the same layer"),
             "target_agreement": target_agreement, "confidence": confidence, "bound": "Clopper-Pearson, one-sided",
-            "min_exit_rate": 0.05,
+            "min_exit_rate": 0.05, "max_overhead": max_overhead,
             "steps": steps, "lr": lr, "train_seconds": round(time.perf_counter() - t0, 1),
         },
         curves={k: [p.__dict__ for p in v] for k, v in curves.items()},
@@ -535,6 +540,7 @@ def calibrate(
     free_tail: int | Sequence[int] | None = None,
     top_k: int = FREE_TOP_K,
     seed: int = 0,
+    max_overhead: float = 0.03,
     progress: Callable | None = None,
 ) -> HeadsManifest:
     """Collect, train, pick thresholds and export every answer kind present in `items`.
@@ -573,7 +579,7 @@ def calibrate(
         sets[kind], kind_files = calibrate_set(
             rt, by_k[k], kind, layers, holdout=holdout, target_agreement=target_agreement, confidence=confidence,
             rank=rank, steps=steps, lr=lr, tail=k, top_k=top_k, seed=seed, data_names=data_names, plan=plans[k],
-            frontier={str(w): row for w, row in frontier.items()})
+            frontier={str(w): row for w, row in frontier.items()}, max_overhead=max_overhead)
         files.update(kind_files)
     manifest = HeadsManifest(
         format=HEADS_FORMAT, model=rt.name, model_file=engine.path.name, output_fingerprint=engine.head.fingerprint(),

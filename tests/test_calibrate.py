@@ -209,11 +209,15 @@ def test_evaluation_layers_where_exits_pay_for_the_checks():
 
     train = [sample(i) for i in range(n)]
 
-    def thin(exit_cost, check_cost, target=0.9):
-        return thin_layers(train, ent, layers, 5, target, 0.95, np.array(exit_cost), check_cost)
+    def thin(exit_cost, check_cost, target=0.9, budget=math.inf):
+        return thin_layers(train, ent, layers, 5, target, 0.95, np.array(exit_cost), check_cost, budget)
 
     # savings per prompt: layer 1 0.025 * 0.5, layer 2 0.5 * 0.3, layer 3 0.475 * 0.05, against a check of 0.02
     assert thin([0.5, 0.7, 0.95], 0.02) == [2, 3]
     assert thin([0.5, 0.7, 1.0], 0.02) == [2]  # an exit that costs a full answer saves nothing
     assert thin([0.5, 0.7, 0.95], 0.0) == [1, 2, 3]
     assert thin([0.5, 0.7, 0.95], 0.02, target=0.999) == layers  # no threshold reaches the target: all layers
+    # a budget for what checks may add to a pass that does not exit: the best savers that fit, one at least
+    assert thin([0.5, 0.7, 0.95], 0.02, budget=0.04) == [2, 3]
+    assert thin([0.5, 0.7, 0.95], 0.02, budget=0.03) == [2]
+    assert thin([0.5, 0.7, 0.95], 0.02, budget=0.01) == [2]
