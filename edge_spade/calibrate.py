@@ -276,7 +276,7 @@ def thin_layers(train: list[Sample], ent: np.ndarray, layers: list[int], n_layer
     first = np.where(exits.any(axis=1), exits.argmax(axis=1), -1)
     saves = np.array([(first == j).mean() * (1.0 - exit_cost[j]) for j in range(len(layers))])
     kept = [j for j in np.argsort(-saves, kind="stable") if saves[j] > check_cost]
-    if check_cost > 0:
+    if check_cost > 0 and math.isfinite(budget):
         kept = kept[: max(1, int(budget / check_cost + 1e-9))]
     return [layers[j] for j in sorted(kept)] or list(layers)
 
