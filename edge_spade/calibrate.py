@@ -125,7 +125,7 @@ def _batch(rt: Runtime, samples: list[Sample], layer: int, target_layer: int | N
     runtime scores them, the target putting SPADE's top-k distribution on its own tokens and
     nothing on the rest. Trained on the top-k rows alone, a head leaves the other candidates'
     logits free, and they end up above the top-k (measured: Gemma's free heads agreed with SPADE's
-    answer on 0 of 160 held-out prompts at every layer).
+    answer on 0 of 160 held-out prompts at each of layers 1-8).
     """
     src = layer if target_layer is None else target_layer
     hidden = np.stack([s.hidden[layer] for s in samples])
@@ -485,7 +485,7 @@ def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[in
                                   costs.get("check_ms", 0.0) / costs["full_ms"], max_overhead)
     else:
         eval_layers = list(layers)
-    cols = [layers.index(layer) for layer in eval_layers]
+    cols = [layers.index(layer) for layer in eval_layers]  # the lens baselines are judged on the same layers
     curves, thresholds = {}, {}
     for name, heads in (("lspade", lspade), ("tuned", tuned), ("logit_lens", identity)):
         ent, own = judge(rt, heads, layers, held, top_k, candidates)
@@ -506,7 +506,8 @@ def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[in
         calibration={
             "data": data_names, "n_prompts": len(samples), "n_train": len(train), "n_holdout": len(held),
             "target": ("SPADE's distribution over each prompt's decision set" if kind == "choice" else
-                       f"SPADE's distribution over its top-{top_k} tokens at the same layer"),
+                       f"SPADE's distribution over its top-{top_k} tokens at the same layer, scored over every "
+                       "candidate token"),
             "target_agreement": target_agreement, "confidence": confidence, "bound": "Clopper-Pearson, one-sided",
             "min_exit_rate": 0.05, "max_overhead": max_overhead,
             "steps": steps, "lr": lr, "train_seconds": round(time.perf_counter() - t0, 1),
