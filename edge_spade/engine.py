@@ -86,6 +86,9 @@ class EngineSettings:
     n_gpu_layers: int = 0  # Metal or another GPU backend; CPU is what the tests cover
     kv_type: Literal["f16", "f32"] = "f16"  # f32 for exact comparisons in tests
     flash_attn: bool | None = None  # None: llama.cpp decides; on CPU it rounds attention through f16
+    # SPADE probes run their tails on tail models (only the layers above): loading one costs about what
+    # loading the model does (~0.6 s for Gemma 3, its 262k-token vocabulary), repaid after a few answers
+    tail_models: bool = True
 
 
 @dataclass

@@ -137,7 +137,8 @@ def spade_exit(engine: Engine, heads: OnnxHeads, policy: ExitPolicy, prompt: Pro
     if policy.threshold < 0 or math.isnan(policy.threshold):
         checks = {}  # never exits: no hooks at all, the plain full-depth pass
     elif probe:
-        engine.use_tail_models(policy.eval_layers)  # once per layer: probes then skip the layers below
+        if engine.settings.tail_models:
+            engine.use_tail_models(policy.eval_layers)  # once per layer: probes then skip the layers below
         checks = probe_checks(engine, policy, prompt, seen, tail)
     else:
         checks = exit_checks(engine, heads, policy, prompt, seen)

@@ -182,14 +182,18 @@ def load_model(
     n_ctx: int = 2048,
     kv_type: Literal["f16", "f32"] = "f16",
     heads: str | Path | None | Literal[False] = None,
+    tail_models: bool = True,
 ) -> Runtime:
     """A registry name, a bundle folder or a GGUF path (None: the default model), loaded and ready.
 
     `heads`: a folder made by `edge-spade calibrate`; None uses the bundle's heads or those
     shipped for a registry model (if any); False loads none (full depth and fixed-layer modes only).
+    `tail_models=False`: SPADE probes run their tails on the whole model (same answers), which
+    saves loading a tail model (about as long as loading the model) where few questions are asked.
     """
     resolved = resolve_model(model)
-    settings = EngineSettings(n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers, kv_type=kv_type)
+    settings = EngineSettings(n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers, kv_type=kv_type,
+                              tail_models=tail_models)
     if heads is False:
         heads_dir = None
     elif heads is not None:

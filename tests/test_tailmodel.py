@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import gguf
 import numpy as np
@@ -115,4 +116,9 @@ def test_probe_exit_runs_on_tail_models(tiny_model, tmp_path, monkeypatch):
         policy = ExitPolicy(math.inf, (1, 2), {}, top_k=8, signal="tail")
         readout, _ = spade_exit(engine, None, policy, p, tail=3)
         assert sorted(engine._tails) == [1, 2] and readout.layer == 1
+        np.testing.assert_array_equal(readout.logits, want)
+    # without tail models (a one-question CLI call): the whole-model tail, the same logits
+    with Engine(tiny_model[0], replace(EXACT, tail_models=False)) as engine:
+        readout, _ = spade_exit(engine, None, policy, p, tail=3)
+        assert engine._tails == {} and readout.layer == 1
         np.testing.assert_array_equal(readout.logits, want)
