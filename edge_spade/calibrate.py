@@ -33,7 +33,7 @@ from .datasets import Item
 from .engine import tail_positions
 from .errors import EdgeSpadeError
 from .heads import FREE_TOP_K, ONNX_OPSET, LayerHead, entropy, export_onnx, topk_entropy, train_head
-from .manifest import HEADS_FORMAT, HeadSet, HeadsManifest
+from .manifest import HEADS_FORMAT, HeadSet, HeadsManifest, HeadsMismatchError, load_manifest
 from .prompts import choice_logits
 from .runtime import Runtime
 from .weights import cache_dir
@@ -542,14 +542,18 @@ def calibrate(
     top_k: int = FREE_TOP_K,
     seed: int = 0,
     max_overhead: float = 0.03,
+    merge: bool = False,
     progress: Callable | None = None,
 ) -> HeadsManifest:
     """Collect, train, pick thresholds and export every answer kind present in `items`.
 
     `tail` / `free_tail`: one SPADE tail width, or several to choose from per answer kind
-    (choose_tail over the held-out frontier, recorded in the manifest).
+    (choose_tail over the held-out frontier, recorded in the manifest). `merge`: keep the answer
+    kinds these items do not cover from the heads already in `out_dir` (same model, same rank).
     """
     engine = rt.engine
+    kinds = {"choice" if item.choices else "free" for item in items}
+    kept_sets, kept_files = kept_heads(Path(out_dir), engine.head.fingerprint(), rank, kinds) if merge else ({}, {})
     layers = list(range(min_layer, engine.n_layers - 1))
     sets, files = {}, {}
     widths = {"choice": _widths(tail), "free": _widths(free_tail or tail)}
@@ -585,14 +589,44 @@ def calibrate(
     manifest = HeadsManifest(
         format=HEADS_FORMAT, model=rt.name, model_file=engine.path.name, output_fingerprint=engine.head.fingerprint(),
         arch=engine.arch.name, n_layers=engine.n_layers, n_embd=engine.n_embd, rank=rank, onnx_opset=ONNX_OPSET,
-        dtype="float16", sets=sets,
+        dtype="float16", sets={**kept_sets, **sets},
     )
-    write_heads(Path(out_dir), manifest, files)
+    write_heads(Path(out_dir), manifest, {**kept_files, **files})
     return manifest
 
 
 def _widths(tail: int | Sequence[int]) -> list[int]:
     return sorted({tail} if isinstance(tail, int) else set(tail))
+
+
+def kept_heads(folder: Path, fingerprint: str, rank: int, replaced: set[str]
+               ) -> tuple[dict[str, HeadSet], dict[str, bytes]]:
+    """The head sets (and their ONNX files) of `folder` that a calibration of `replaced` kinds keeps.
+
+    Checked before any work: the heads must be this model's (output fingerprint), of the same rank
+    (the manifest records one), and their files must match their sha256.
+    """
+    if not (folder / "heads.json").exists():
+        return {}, {}
+    old = load_manifest(folder)
+    if old.output_fingerprint != fingerprint:
+        raise HeadsMismatchError(f"the heads in {folder} were made for another model's output matrix: "
+                                 "merge only into this model's heads")
+    if old.rank != rank:
+        raise HeadsMismatchError(f"the heads in {folder} have rank {old.rank}: calibrate with --rank {old.rank} "
+                                 "to merge into them")
+    sets = {kind: head_set for kind, head_set in old.sets.items() if kind not in replaced}
+    files = {}
+    for head_set in sets.values():
+        for name in (head_set.file, head_set.tuned_file):
+            try:
+                data = (folder / name).read_bytes()
+            except OSError as exc:
+                raise HeadsMismatchError(f"cannot read {folder / name}: {exc}") from None
+            if hashlib.sha256(data).hexdigest() != old.hashes.get(name):
+                raise HeadsMismatchError(f"{folder / name} does not match its sha256 in heads.json")
+            files[name] = data
+    return sets, files
 
 
 def write_heads(out_dir: Path, manifest: HeadsManifest, files: dict[str, bytes]) -> Path:

@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--free-tail", type=int, nargs="+", default=None,
                    help="SPADE tail width(s) for free answers (default: --tail)")
     c.add_argument("--variants", type=int, default=3, help="few-shot prefixes per cloze fact")
+    c.add_argument("--merge", action="store_true",
+                   help="keep the answer kinds this data does not cover from the heads already in --out")
     c.add_argument("--max-overhead", type=float, default=0.03,
                    help="most that L-SPADE checks may add to a pass that does not exit (0.03: 3%%)")
     c.add_argument("--threads", type=int)
@@ -197,6 +199,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         rt, items, out, data_names=[os.path.basename(p) for p in args.data], min_layer=args.min_layer,
         holdout=args.holdout, target_agreement=args.target_agreement, confidence=args.confidence, rank=args.rank,
         steps=args.steps, tail=args.tail, free_tail=args.free_tail, max_overhead=args.max_overhead,
+        merge=args.merge,
         progress=lambda xs: tqdm(xs, desc=f"calibrate {rt.name}", file=sys.stderr, disable=args.quiet),
     )
     if bundle and Path(out).resolve() == bundle.folder / HEADS_DIR:

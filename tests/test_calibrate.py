@@ -221,3 +221,40 @@ def test_evaluation_layers_where_exits_pay_for_the_checks():
     assert thin([0.5, 0.7, 0.95], 0.02, budget=0.04) == [2, 3]
     assert thin([0.5, 0.7, 0.95], 0.02, budget=0.03) == [2]
     assert thin([0.5, 0.7, 0.95], 0.02, budget=0.01) == [2]
+
+
+def test_merge_keeps_the_kinds_not_recalibrated(heads_dir, tiny_model, tmp_path, monkeypatch):
+    """Recalibrating free answers alone into shipped heads keeps their choice set byte for byte;
+    heads of another rank or another model are refused before any work."""
+    import shutil
+
+    from conftest import EXACT
+
+    monkeypatch.setenv("EDGE_SPADE_CACHE", str(tmp_path / "cache"))
+    merged = tmp_path / "merged"
+    shutil.copytree(heads_dir, merged)
+    before = json.loads((heads_dir / "heads.json").read_text())
+    free = [Item(f"g{i}", f"the {w} is", None, None) for i, w in enumerate(WORDS * 2)]
+    other_path = tmp_path / "other.gguf"
+    tiny.write_tiny_gguf(other_path, seed=7)
+    other = load_model(str(other_path), n_ctx=EXACT.n_ctx, kv_type="f32", heads=False)
+    try:
+        with pytest.raises(HeadsMismatchError, match="another model"):
+            calibrate(other, free, merged, data_names=["generated"], rank=4, steps=20, top_k=8, merge=True)
+    finally:
+        other.close()
+    rt = load_model(str(tiny_model[0]), n_ctx=EXACT.n_ctx, kv_type="f32", heads=False)
+    try:
+        with pytest.raises(HeadsMismatchError, match="rank 4"):
+            calibrate(rt, free, merged, data_names=["generated"], rank=5, steps=20, top_k=8, merge=True)
+        calibrate(rt, free, merged, data_names=["generated"], rank=4, steps=20, target_agreement=0.5, top_k=8,
+                  merge=True)
+    finally:
+        rt.close()
+    after = json.loads((merged / "heads.json").read_text())
+    assert after["sets"]["choice"] == before["sets"]["choice"]
+    for name in ("lspade-choice.onnx", "tuned-choice.onnx"):
+        assert (merged / name).read_bytes() == (heads_dir / name).read_bytes()
+        assert after["hashes"][name] == before["hashes"][name]
+    assert after["sets"]["free"]["calibration"]["n_prompts"] == 16
+    load_model(str(tiny_model[0]), heads=merged).close()  # every file checked against its sha256 on load
