@@ -258,3 +258,25 @@ def test_merge_keeps_the_kinds_not_recalibrated(heads_dir, tiny_model, tmp_path,
         assert after["hashes"][name] == before["hashes"][name]
     assert after["sets"]["free"]["calibration"]["n_prompts"] == 16
     load_model(str(tiny_model[0]), heads=merged).close()  # every file checked against its sha256 on load
+
+
+def test_committed_cloze_calibration_facts_are_the_generators(tmp_path):
+    """convert/cloze-calibration.jsonl is what convert/cloze_prompts.py writes (no stale or hand-edited
+    file), every prompt once, every category with enough facts for a few-shot prefix."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("cloze_prompts", root / "convert" / "cloze_prompts.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    written = module.write_jsonl(tmp_path / "facts.jsonl")
+    assert written.read_bytes() == (root / "convert" / "cloze-calibration.jsonl").read_bytes()
+    rows = module.facts()
+    prompts = [r["prompt"] for r in rows]
+    assert len(prompts) == len(set(prompts)) > 400
+    by_cat: dict[str, int] = {}
+    for r in rows:
+        by_cat[r["category"]] = by_cat.get(r["category"], 0) + 1
+        assert r["answer"].startswith(" ") and r["answer"].strip()
+    assert min(by_cat.values()) > 8
