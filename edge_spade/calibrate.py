@@ -53,6 +53,7 @@ class Sample:
     ids: np.ndarray  # (1, m) or (n_layers, k)
     logits: np.ndarray  # (n_layers, m or k)
     groups: tuple[tuple[int, ...], ...] = ()
+    key: str = ""  # prompts with one key (variants of one fact) land on the same side of a split
 
     @property
     def free(self) -> bool:
@@ -102,7 +103,7 @@ def collect(rt: Runtime, items: Iterable[Item], tail: int = 1, progress: Callabl
             np.savez(tmp, **data)
             tmp.replace(path)
         samples.append(Sample(data["hidden"].astype(np.float32), data["ids"], data["logits"].astype(np.float32),
-                              prompt.groups))
+                              prompt.groups, item.key or item.id))
     return samples
 
 
@@ -405,11 +406,29 @@ def choose_probes(ent: np.ndarray, agree: np.ndarray, layers: list[int], n_layer
     return best
 
 
-def split(samples: list[Sample], holdout: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """(train, held-out), the same split for every tail width (samples come in item order)."""
-    order = np.random.default_rng(seed).permutation(len(samples))
+def split(samples: list[Sample], holdout: float, seed: int, by_key: bool = True) -> tuple[list[Sample], list[Sample]]:
+    """(train, held-out), the same split for every tail width (samples come in item order).
+
+    `by_key`: whole facts are held out, all their few-shot variants together, so no held-out
+    prompt shares a fact with a training one. With one prompt per key (ARC, BoolQ) both ways
+    give the same split.
+    """
     n_hold = max(5, int(len(samples) * holdout))
-    return [samples[i] for i in order[n_hold:]], [samples[i] for i in order[:n_hold]]
+    keys = list(dict.fromkeys(s.key for s in samples)) if by_key else []
+    if len(keys) in (0, len(samples)):
+        order = np.random.default_rng(seed).permutation(len(samples))
+        return [samples[i] for i in order[n_hold:]], [samples[i] for i in order[:n_hold]]
+    held_keys: set[str] = set()
+    sizes: dict[str, int] = {}
+    for s in samples:
+        sizes[s.key] = sizes.get(s.key, 0) + 1
+    count = 0
+    for j in np.random.default_rng(seed).permutation(len(keys)):
+        if count >= n_hold:
+            break
+        held_keys.add(keys[j])
+        count += sizes[keys[j]]
+    return [s for s in samples if s.key not in held_keys], [s for s in samples if s.key in held_keys]
 
 
 def probe_plan(train: list[Sample], held: list[Sample], layers: list[int], n_layers: int, costs: dict[str, float],
@@ -465,11 +484,12 @@ def choose_tail(frontier: dict[int, dict]) -> int:
 def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[int], *, holdout: float,
                   target_agreement: float, confidence: float, rank: int, steps: int, lr: float, tail: int,
                   top_k: int, seed: int, data_names: list[str], plan: dict | None = None,
-                  frontier: dict | None = None, max_overhead: float = 0.03) -> tuple[HeadSet, dict[str, bytes]]:
+                  frontier: dict | None = None, max_overhead: float = 0.03, by_key: bool = True
+                  ) -> tuple[HeadSet, dict[str, bytes]]:
     engine = rt.engine
     L = engine.n_layers
     plan = plan or {}
-    train, held = split(samples, holdout, seed)
+    train, held = split(samples, holdout, seed, by_key)
     t0 = time.perf_counter()
     candidates = free_candidates(train) if kind == "free" else None
     lspade = train_heads(rt, train, layers, "spade", rank, steps, lr, candidates)
@@ -505,6 +525,7 @@ def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[in
         candidates=candidates.tolist() if candidates is not None else None,
         calibration={
             "data": data_names, "n_prompts": len(samples), "n_train": len(train), "n_holdout": len(held),
+            "holdout_by": "fact" if by_key else "prompt",
             "target": ("SPADE's distribution over each prompt's decision set" if kind == "choice" else
                        f"SPADE's distribution over its top-{top_k} tokens at the same layer, scored over every "
                        "candidate token"),
@@ -542,15 +563,20 @@ def calibrate(
     top_k: int = FREE_TOP_K,
     seed: int = 0,
     max_overhead: float = 0.03,
+    holdout_by: str = "fact",
     merge: bool = False,
     progress: Callable | None = None,
 ) -> HeadsManifest:
     """Collect, train, pick thresholds and export every answer kind present in `items`.
 
     `tail` / `free_tail`: one SPADE tail width, or several to choose from per answer kind
-    (choose_tail over the held-out frontier, recorded in the manifest). `merge`: keep the answer
+    (choose_tail over the held-out frontier, recorded in the manifest). `holdout_by="fact"` holds
+    out whole facts (all few-shot variants of one); "prompt" splits prompts as they come. `merge`: keep the answer
     kinds these items do not cover from the heads already in `out_dir` (same model, same rank).
     """
+    if holdout_by not in ("fact", "prompt"):
+        raise ValueError(f"holdout_by must be 'fact' or 'prompt', got {holdout_by!r}")
+    by_key = holdout_by == "fact"
     engine = rt.engine
     kinds = {"choice" if item.choices else "free" for item in items}
     kept_sets, kept_files = kept_heads(Path(out_dir), engine.head.fingerprint(), rank, kinds) if merge else ({}, {})
@@ -572,19 +598,19 @@ def calibrate(
             log.info("%s, tail %d: full answer %.1f ms, SPADE tail %.1f ms on the whole model, %.1f ms above "
                      "layer %d", kind, k, costs["full_ms"], costs["tail_ms"], costs["tail_mid_ms"],
                      costs["tail_mid_layer"])
-            train, held = split(by_k[k], holdout, seed)
+            train, held = split(by_k[k], holdout, seed, by_key)
             plans[k] = probe_plan(train, held, layers, engine.n_layers, costs, top_k, target_agreement, confidence)
             frontier[k] = frontier_row(held, layers, engine.n_layers, plans[k])
         k = choose_tail(frontier)
         log.info("%s answers: tail width %d chosen from %s", kind, k, sorted(frontier))
-        train, _ = split(by_k[k], holdout, seed)
+        train, _ = split(by_k[k], holdout, seed, by_key)
         check_ms = measure_check_ms(rt, kind_items, free_candidates(train) if kind == "free" else None, rank)
         plans[k]["costs"]["check_ms"] = check_ms
         log.info("%s answers: one L-SPADE check costs %.2f ms inside the pass", kind, check_ms)
         sets[kind], kind_files = calibrate_set(
             rt, by_k[k], kind, layers, holdout=holdout, target_agreement=target_agreement, confidence=confidence,
             rank=rank, steps=steps, lr=lr, tail=k, top_k=top_k, seed=seed, data_names=data_names, plan=plans[k],
-            frontier={str(w): row for w, row in frontier.items()}, max_overhead=max_overhead)
+            frontier={str(w): row for w, row in frontier.items()}, max_overhead=max_overhead, by_key=by_key)
         files.update(kind_files)
     manifest = HeadsManifest(
         format=HEADS_FORMAT, model=rt.name, model_file=engine.path.name, output_fingerprint=engine.head.fingerprint(),

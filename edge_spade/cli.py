@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--target-agreement", type=float, default=0.99)
     c.add_argument("--confidence", type=float, default=0.95)
     c.add_argument("--holdout", type=float, default=0.3, help="share of prompts held out to pick the threshold")
+    c.add_argument("--holdout-by", choices=("fact", "prompt"), default="fact",
+                   help="hold out whole cloze facts (all their few-shot variants; default) or single prompts")
     c.add_argument("--min-layer", type=int, default=1, help="first layer with a head")
     c.add_argument("--rank", type=int, default=64)
     c.add_argument("--steps", type=int, default=300)
@@ -197,9 +199,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     rt = load_model(args.model, threads=args.threads, heads=False)
     m = calibrate(
         rt, items, out, data_names=[os.path.basename(p) for p in args.data], min_layer=args.min_layer,
-        holdout=args.holdout, target_agreement=args.target_agreement, confidence=args.confidence, rank=args.rank,
-        steps=args.steps, tail=args.tail, free_tail=args.free_tail, max_overhead=args.max_overhead,
-        merge=args.merge,
+        holdout=args.holdout, holdout_by=args.holdout_by, target_agreement=args.target_agreement,
+        confidence=args.confidence, rank=args.rank, steps=args.steps, tail=args.tail, free_tail=args.free_tail,
+        max_overhead=args.max_overhead, merge=args.merge,
         progress=lambda xs: tqdm(xs, desc=f"calibrate {rt.name}", file=sys.stderr, disable=args.quiet),
     )
     if bundle and Path(out).resolve() == bundle.folder / HEADS_DIR:

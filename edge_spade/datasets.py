@@ -26,6 +26,7 @@ class Item:
     choices: tuple[str, ...] | None  # None: a free single-token answer
     gold: int | str | None  # index into choices, or the expected token text (cloze)
     group: str = ""  # the data set (or cloze category)
+    key: str = ""  # what prompts of one source share (the few-shot variants of a cloze fact); "" = id
 
 
 def load_items(path: str | Path, limit: int | None = None, few_shot: int = 3, seed: int = 0,
@@ -87,9 +88,10 @@ def _cloze(rows: list[dict], few_shot: int, seed: int, suffix: str = "") -> list
     for r in rows:
         by_cat.setdefault(r.get("category", ""), []).append(r)
     items = []
-    for r in rows:
+    for i, r in enumerate(rows):
         others = [o for o in by_cat[r.get("category", "")] if o is not r]
         shots = rng.sample(others, min(few_shot, len(others)))
         prefix = "".join(f"{s['prompt']}{s['answer']}\n" for s in shots)
-        items.append(Item(r.get("id", "") + suffix, prefix + r["prompt"], None, r["answer"], r.get("category", "")))
+        items.append(Item(r.get("id", "") + suffix, prefix + r["prompt"], None, r["answer"], r.get("category", ""),
+                          key=r.get("id") or f"row-{i}"))
     return items

@@ -18,6 +18,7 @@ from edge_spade.calibrate import (
     choose_tail,
     clopper_pearson_lower,
     pick_threshold,
+    split,
     thin_layers,
     train_heads,
 )
@@ -146,6 +147,29 @@ def test_tail_width_choice():
     paying = {"probes_pay": True, "mean_agreement": 0.5}
     assert choose_tail({1: row, 2: {**paying, "heldout_mean_cost_model": 0.9},
                         4: {**paying, "heldout_mean_cost_model": 0.8}}) == 4  # probes that pay come first
+
+
+def test_holdout_keeps_the_variants_of_a_fact_together(tmp_path):
+    """A fact's few-shot variants are all trained on or all held out; one prompt per key (ARC)
+    splits exactly as single prompts do."""
+    from edge_spade.datasets import load_items
+
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps({"id": f"f{i}", "prompt": f"{i} + 1 =", "answer": f" {i + 1}",
+                                         "category": "addition"}) + "\n" for i in range(20)))
+    items = load_items(facts, variants=3)
+    assert len(items) == 60 and len({i.key for i in items}) == 20 and len({i.question for i in items}) > 20
+    samples = [Sample(np.zeros((2, 4), np.float32), np.zeros((1, 2), int), np.zeros((2, 2), np.float32), key=i.key)
+               for i in items]
+    train, held = split(samples, 0.5, seed=0)
+    train_keys, held_keys = {s.key for s in train}, {s.key for s in held}
+    assert not train_keys & held_keys and len(train) + len(held) == 60 and 30 <= len(held) <= 33
+    assert all(sum(s.key == k for s in held) == 3 for k in held_keys)
+    by_prompt = split(samples, 0.5, seed=0, by_key=False)
+    assert {s.key for s in by_prompt[0]} & {s.key for s in by_prompt[1]}  # what the old split did
+    singles = [Sample(s.hidden, s.ids, s.logits, key=f"q{n}") for n, s in enumerate(samples)]
+    for a, b in zip(split(singles, 0.5, seed=0), split(singles, 0.5, seed=0, by_key=False)):
+        assert [id(x) for x in a] == [id(x) for x in b]
 
 
 def test_exit_signal_can_be_chosen(heads_dir, tiny_model, capsys):
