@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -414,15 +415,11 @@ def split(samples: list[Sample], holdout: float, seed: int, by_key: bool = True)
     give the same split.
     """
     n_hold = max(5, int(len(samples) * holdout))
-    keys = list(dict.fromkeys(s.key for s in samples)) if by_key else []
-    if len(keys) in (0, len(samples)):
+    sizes = Counter(s.key for s in samples)  # prompts per key, keys in first-seen order
+    if not by_key or len(sizes) == len(samples):
         order = np.random.default_rng(seed).permutation(len(samples))
         return [samples[i] for i in order[n_hold:]], [samples[i] for i in order[:n_hold]]
-    held_keys: set[str] = set()
-    sizes: dict[str, int] = {}
-    for s in samples:
-        sizes[s.key] = sizes.get(s.key, 0) + 1
-    count = 0
+    keys, held_keys, count = list(sizes), set(), 0
     for j in np.random.default_rng(seed).permutation(len(keys)):
         if count >= n_hold:
             break
