@@ -215,6 +215,20 @@ def clopper_pearson_lower(successes: int, n: int, confidence: float = 0.95) -> f
     return lo
 
 
+def fact_index(keys: Sequence[str] | None) -> np.ndarray | None:
+    """Each prompt's fact as an index 0..F-1 (None: every prompt counts on its own)."""
+    return None if keys is None else np.unique(np.asarray(keys), return_inverse=True)[1]
+
+
+def agreement_bound(ok: np.ndarray, facts: np.ndarray | None, confidence: float) -> float:
+    """Lower confidence bound on agreement from per-prompt outcomes `ok`, counting facts when given:
+    a fact agrees only when all its prompts do (see exit_curve)."""
+    if facts is None:
+        return clopper_pearson_lower(int(ok.sum()), len(ok), confidence)
+    failed = np.bincount(facts, weights=~ok) > 0
+    return clopper_pearson_lower(int(len(failed) - failed.sum()), len(failed), confidence)
+
+
 @dataclass
 class CurvePoint:
     threshold: float
@@ -225,11 +239,17 @@ class CurvePoint:
 
 
 def exit_curve(full: np.ndarray, answers: np.ndarray, entropies: np.ndarray, layers: list[int], n_layers: int,
-               confidence: float) -> list[CurvePoint]:
+               confidence: float, keys: Sequence[str] | None = None) -> list[CurvePoint]:
     """Agreement with the full answer and mean exit layer at every useful threshold.
 
     full: (N,) full answers; answers: (N, len(layers)) the answer given on exiting at each layer.
+    keys: the fact each prompt asks about. The lower bound then counts facts, not prompts: the
+    few-shot variants of one fact fail together, so treating them as independent draws would
+    overstate the evidence. A fact counts as agreeing only when all its prompts agree, which
+    bounds the chance that a prompt about a new fact disagrees (it is at most the chance that
+    some prompt of that fact does). With one prompt per key this is the per-prompt bound.
     """
+    facts = fact_index(keys)
     candidates = np.unique(np.concatenate([[0.0], entropies.ravel()]))
     if len(candidates) > 300:
         candidates = np.unique(np.quantile(candidates, np.linspace(0, 1, 300)))
@@ -240,10 +260,17 @@ def exit_curve(full: np.ndarray, answers: np.ndarray, entropies: np.ndarray, lay
         idx = np.maximum(first, 0)
         answer = np.where(first >= 0, answers[np.arange(len(full)), idx], full)
         layer = np.where(first >= 0, np.array(layers)[idx], n_layers - 1)
-        agree = int((answer == full).sum())
-        curve.append(CurvePoint(float(tau), agree / len(full), clopper_pearson_lower(agree, len(full), confidence),
+        ok = answer == full
+        curve.append(CurvePoint(float(tau), float(ok.mean()), agreement_bound(ok, facts, confidence),
                                 float(layer.mean()), float((first >= 0).mean())))
     return curve
+
+
+def keys_of(samples: list[Sample], by_key: bool = True) -> list[str] | None:
+    """The fact each sample asks about (its item's key), the unit the threshold's bound counts;
+    None (count prompts, as calibrations split by prompt did) when `by_key` is off. A sample
+    without a key is a fact of its own."""
+    return [s.key or f"#{i}" for i, s in enumerate(samples)] if by_key else None
 
 
 def pick_threshold(curve: list[CurvePoint], target: float, min_exit_rate: float = 0.05) -> float:
@@ -258,7 +285,8 @@ def pick_threshold(curve: list[CurvePoint], target: float, min_exit_rate: float 
 
 
 def thin_layers(train: list[Sample], ent: np.ndarray, layers: list[int], n_layers: int, target: float,
-                confidence: float, exit_cost: np.ndarray, check_cost: float, budget: float = math.inf) -> list[int]:
+                confidence: float, exit_cost: np.ndarray, check_cost: float, budget: float = math.inf,
+                by_key: bool = True) -> list[int]:
     """The evaluation layers worth a check, judged on the training split at its own threshold.
 
     A check costs every prompt that reaches it `check_cost` (relative to a full answer; ~1.5 ms for
@@ -271,7 +299,8 @@ def thin_layers(train: list[Sample], ent: np.ndarray, layers: list[int], n_layer
     """
     full = np.array([s.answer(n_layers - 1) for s in train])
     answers = np.array([[s.answer(layer) for layer in layers] for s in train])
-    tau = pick_threshold(exit_curve(full, answers, ent, layers, n_layers, confidence), target)
+    curve = exit_curve(full, answers, ent, layers, n_layers, confidence, keys_of(train, by_key))
+    tau = pick_threshold(curve, target)
     if tau < 0:
         return list(layers)
     exits = ent <= tau
@@ -382,24 +411,30 @@ def probe_cost(ent: np.ndarray, probes: list[int], tau: float, n_layers: int, ta
 
 
 def choose_probes(ent: np.ndarray, agree: np.ndarray, layers: list[int], n_layers: int, tail_cost: np.ndarray,
-                  target: float) -> tuple[list[int], float]:
+                  target: float, keys: Sequence[str] | None = None, confidence: float = 0.95
+                  ) -> tuple[list[int], float]:
     """Probe layers (one or two) and a threshold that maximise the median speedup on the training
     split while keeping its agreement with the full answer at the target and the mean cost at or
     under a full answer's (no slower on average); ([], -1) if none pays.
 
     ent, agree: (N, len(layers)) SPADE's entropy and whether its answer equals the full one;
-    tail_cost: (len(layers),) a probe's cost at each layer.
+    tail_cost: (len(layers),) a probe's cost at each layer. With `keys`, agreement must reach the
+    target as the held-out split will judge it (the lower bound over facts), not just on average:
+    layers chosen on the empirical rate can lose most of their exits to the certificate.
     """
     taus = np.unique(np.quantile(ent, np.linspace(0, 1, 41)))
     sets = [[j] for j in range(len(layers))] + [[i, j] for i in range(len(layers)) for j in range(i + 1, len(layers))]
     best, best_key = ([], -1.0), (1.0, 1.0)
     rows = np.arange(len(ent))
+    facts = fact_index(keys)
     for idx in sets:
         probes = [layers[j] for j in idx]
         for tau in taus:
             first, cost = probe_cost(ent[:, idx], probes, tau, n_layers, tail_cost[idx])
             ok = np.where(first >= 0, agree[:, idx][rows, np.maximum(first, 0)], True)
-            if ok.mean() < target or cost.mean() > 1.0:
+            if cost.mean() > 1.0 or ok.mean() < target:
+                continue
+            if facts is not None and agreement_bound(ok, facts, confidence) < target:
                 continue
             key = (float(np.median(1 / cost)), float(np.mean(1 / cost)))
             if key > best_key:
@@ -429,7 +464,7 @@ def split(samples: list[Sample], holdout: float, seed: int, by_key: bool = True)
 
 
 def probe_plan(train: list[Sample], held: list[Sample], layers: list[int], n_layers: int, costs: dict[str, float],
-               top_k: int, target: float, confidence: float) -> dict:
+               top_k: int, target: float, confidence: float, by_key: bool = True) -> dict:
     """SPADE probes for one tail width: layers chosen on the training split, threshold certified on
     the held-out one; `pays` when the cost model says they take less total time than full-depth
     answers on the held-out prompts (the median alone is fragile: it flips where about half exit)."""
@@ -442,11 +477,12 @@ def probe_plan(train: list[Sample], held: list[Sample], layers: list[int], n_lay
         return full, ent, answers
 
     full, ent, answers = table(train, layers)
-    probes, _ = choose_probes(ent, answers == full[:, None], layers, L, tail_costs(costs, layers, L), target)
+    probes, _ = choose_probes(ent, answers == full[:, None], layers, L, tail_costs(costs, layers, L), target,
+                              keys_of(train, by_key), confidence)
     plan = {"probe_layers": probes, "threshold": -1.0, "pays": False, "costs": dict(costs), "curve": []}
     if probes:
         full, ent, answers = table(held, probes)
-        curve = exit_curve(full, answers, ent, probes, L, confidence)
+        curve = exit_curve(full, answers, ent, probes, L, confidence, keys_of(held, by_key))
         tau = pick_threshold(curve, target)
         plan.update(threshold=tau, curve=curve)
         if tau >= 0:
@@ -499,7 +535,7 @@ def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[in
     if "full_ms" in costs:  # an L-SPADE exit runs its tail on the whole model
         exit_cost = (np.array(layers) + 1) / L + costs["tail_ms"] / costs["full_ms"]
         eval_layers = thin_layers(train, train_ent, layers, L, target_agreement, confidence, exit_cost,
-                                  costs.get("check_ms", 0.0) / costs["full_ms"], max_overhead)
+                                  costs.get("check_ms", 0.0) / costs["full_ms"], max_overhead, by_key)
     else:
         eval_layers = list(layers)
     cols = [layers.index(layer) for layer in eval_layers]  # the lens baselines are judged on the same layers
@@ -507,7 +543,8 @@ def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[in
     for name, heads in (("lspade", lspade), ("tuned", tuned), ("logit_lens", identity)):
         ent, own = judge(rt, heads, layers, held, top_k, candidates)
         answers = spade_answers if name == "lspade" else own  # lens baselines answer from their own head
-        curves[name] = exit_curve(full, answers[:, cols], ent[:, cols], eval_layers, L, confidence)
+        curves[name] = exit_curve(full, answers[:, cols], ent[:, cols], eval_layers, L, confidence,
+                                  keys_of(held, by_key))
         thresholds[name] = pick_threshold(curves[name], target_agreement)
         if name == "lspade":
             layer_stats = [{"layer": layer, "spade_agree_full": float((spade_answers[:, j] == full).mean()),
@@ -526,7 +563,9 @@ def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[in
             "target": ("SPADE's distribution over each prompt's decision set" if kind == "choice" else
                        f"SPADE's distribution over its top-{top_k} tokens at the same layer, scored over every "
                        "candidate token"),
-            "target_agreement": target_agreement, "confidence": confidence, "bound": "Clopper-Pearson, one-sided",
+            "target_agreement": target_agreement, "confidence": confidence,
+            "bound": ("Clopper-Pearson, one-sided, over held-out facts (a fact agrees when all its prompts do)"
+                      if by_key else "Clopper-Pearson, one-sided, over held-out prompts"),
             "min_exit_rate": 0.05, "max_overhead": max_overhead,
             "steps": steps, "lr": lr, "train_seconds": round(time.perf_counter() - t0, 1),
         },
@@ -596,7 +635,8 @@ def calibrate(
                      "layer %d", kind, k, costs["full_ms"], costs["tail_ms"], costs["tail_mid_ms"],
                      costs["tail_mid_layer"])
             train, held = split(by_k[k], holdout, seed, by_key)
-            plans[k] = probe_plan(train, held, layers, engine.n_layers, costs, top_k, target_agreement, confidence)
+            plans[k] = probe_plan(train, held, layers, engine.n_layers, costs, top_k, target_agreement, confidence,
+                                  by_key)
             frontier[k] = frontier_row(held, layers, engine.n_layers, plans[k])
         k = choose_tail(frontier)
         log.info("%s answers: tail width %d chosen from %s", kind, k, sorted(frontier))

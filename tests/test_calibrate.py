@@ -17,6 +17,7 @@ from edge_spade.calibrate import (
     calibrate,
     choose_tail,
     clopper_pearson_lower,
+    exit_curve,
     pick_threshold,
     split,
     thin_layers,
@@ -131,6 +132,27 @@ def test_clopper_pearson_by_hand():
     p = clopper_pearson_lower(9, 10, 0.95)
     assert 10 * p**9 * (1 - p) + p**10 == pytest.approx(0.05, abs=1e-9)
     assert p == pytest.approx(0.6058, abs=1e-4)
+
+
+def test_exit_curve_bounds_facts_not_prompts():
+    # 10 facts x 3 prompts; one layer; every prompt exits at threshold 1. Fact 0 has one wrong
+    # prompt, fact 1 two: 27 of 30 prompts agree, but only 8 of 10 facts do.
+    keys = [f"fact{i}" for i in range(10) for _ in range(3)]
+    full = np.zeros(30, int)
+    answers = np.zeros((30, 1), int)
+    answers[[0, 3, 4], 0] = 1
+    entropy = np.zeros((30, 1))
+    by_prompt = exit_curve(full, answers, entropy, [1], 4, 0.95)[-1]
+    by_fact = exit_curve(full, answers, entropy, [1], 4, 0.95, keys)[-1]
+    assert by_prompt.agreement == by_fact.agreement == pytest.approx(0.9)
+    assert by_prompt.lower_bound == pytest.approx(clopper_pearson_lower(27, 30))
+    assert by_fact.lower_bound == pytest.approx(clopper_pearson_lower(8, 10))
+    # all prompts right: 10 facts bound p^10 = 0.05, weaker than 30 prompts' p^30 = 0.05
+    clean = exit_curve(full, full[:, None], entropy, [1], 4, 0.95, keys)[-1]
+    assert clean.lower_bound == pytest.approx(0.05 ** 0.1)
+    # one prompt per key: the per-prompt bound exactly
+    single = exit_curve(full, answers, entropy, [1], 4, 0.95, [str(i) for i in range(30)])[-1]
+    assert single.lower_bound == by_prompt.lower_bound
 
 
 def test_threshold_is_the_largest_that_keeps_the_bound():
