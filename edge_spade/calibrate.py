@@ -318,17 +318,19 @@ def free_candidates(train: list[Sample]) -> np.ndarray:
 
 
 def measure_check_ms(rt: Runtime, items: list[Item], candidates: np.ndarray | None, rank: int, n: int = 5,
-                     repeats: int = 3) -> float:
-    """What one L-SPADE check adds to a prompt pass that does not exit, in ms: full-depth answers
-    against passes checking every layer with a threshold that never exits (heads of the trained
-    rank and the same candidate rows, so the same work), divided by the layers checked."""
+                     repeats: int = 3) -> tuple[float, float]:
+    """(what one L-SPADE check adds to a prompt pass that does not exit, the full answer), in ms:
+    full-depth answers against passes checking every layer with a threshold that never exits
+    (heads of the trained rank and the same candidate rows, so the same work); the added time is
+    divided by the layers checked. The overhead budget takes the ratio of the two, measured in the
+    same interleaved runs: a full answer timed minutes apart can differ by 15% on a busy laptop."""
     from .heads import OnnxHeads
     from .policy import ExitPolicy, spade_exit
 
     engine = rt.engine
     layers = tuple(range(1, engine.n_layers - 1))
     if not layers:
-        return 0.0
+        return 0.0, 0.0
     heads = OnnxHeads(export_onnx([LayerHead.identity(engine.n_embd, rank) for _ in layers],
                                   engine.head.norm_weight, engine.index.rms_eps))
     cands = tuple(int(c) for c in candidates) if candidates is not None else None
@@ -346,7 +348,8 @@ def measure_check_ms(rt: Runtime, items: list[Item], candidates: np.ndarray | No
             if i:
                 full.append(t1 - t0)
                 never.append(t2 - t1)
-    return round(max(0.0, float(np.median(never) - np.median(full)) * 1000 / len(layers)), 3)
+    per_check = max(0.0, float(np.median(never) - np.median(full)) * 1000 / len(layers))
+    return round(per_check, 3), round(float(np.median(full)) * 1000, 2)
 
 
 def measure_costs(rt: Runtime, items: list[Item], tail: int, n: int = 5, repeats: int = 3) -> dict[str, float]:
@@ -535,7 +538,8 @@ def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[in
     if "full_ms" in costs:  # an L-SPADE exit runs its tail on the whole model
         exit_cost = (np.array(layers) + 1) / L + costs["tail_ms"] / costs["full_ms"]
         eval_layers = thin_layers(train, train_ent, layers, L, target_agreement, confidence, exit_cost,
-                                  costs.get("check_ms", 0.0) / costs["full_ms"], max_overhead, by_key)
+                                  costs.get("check_ms", 0.0) / costs.get("check_full_ms", costs["full_ms"]),
+                                  max_overhead, by_key)
     else:
         eval_layers = list(layers)
     cols = [layers.index(layer) for layer in eval_layers]  # the lens baselines are judged on the same layers
@@ -641,9 +645,11 @@ def calibrate(
         k = choose_tail(frontier)
         log.info("%s answers: tail width %d chosen from %s", kind, k, sorted(frontier))
         train, _ = split(by_k[k], holdout, seed, by_key)
-        check_ms = measure_check_ms(rt, kind_items, free_candidates(train) if kind == "free" else None, rank)
-        plans[k]["costs"]["check_ms"] = check_ms
-        log.info("%s answers: one L-SPADE check costs %.2f ms inside the pass", kind, check_ms)
+        check_ms, check_full_ms = measure_check_ms(rt, kind_items, free_candidates(train) if kind == "free" else None,
+                                                   rank)
+        plans[k]["costs"].update(check_ms=check_ms, check_full_ms=check_full_ms)
+        log.info("%s answers: one L-SPADE check costs %.2f ms inside the pass (full answer %.1f ms)", kind, check_ms,
+                 check_full_ms)
         sets[kind], kind_files = calibrate_set(
             rt, by_k[k], kind, layers, holdout=holdout, target_agreement=target_agreement, confidence=confidence,
             rank=rank, steps=steps, lr=lr, tail=k, top_k=top_k, seed=seed, data_names=data_names, plan=plans[k],

@@ -65,6 +65,7 @@ def test_calibration_writes_a_complete_heads_folder(heads_dir, tiny_model):
     for head_set in (choice, free):  # the probe cost model was measured, probes chosen or declined
         assert head_set["costs"]["full_ms"] > 0 and head_set["costs"]["tail_ms"] > 0
         assert head_set["costs"]["check_ms"] >= 0  # what one L-SPADE check adds to a pass, measured
+        assert head_set["costs"]["check_full_ms"] > 0  # against full answers timed beside it
         assert set(head_set["probe_layers"]) <= {1, 2} and head_set["signal"] in ("lspade", "spade")
         assert (head_set["signal"] == "spade") <= (head_set["thresholds"]["spade"] >= 0)
     assert choice["calibration"]["n_prompts"] == 40 and choice["calibration"]["n_holdout"] == 12
