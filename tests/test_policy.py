@@ -131,3 +131,15 @@ def test_tail_cost_model_by_hand():
     np.testing.assert_allclose(tail_costs(costs, [0, 4, 6], 8), np.array([6 + 21, 6 + 9, 6 + 3]) / 60)
     # measured before tail models: the whole-model tail everywhere
     np.testing.assert_allclose(tail_costs({"full_ms": 60.0, "tail_ms": 30.0}, [0, 6], 8), [0.5, 0.5])
+
+
+def test_probe_choice_needs_the_bound_over_facts():
+    """200 prompts that all exit right at a cheap probe: as 200 facts the 98% bound holds (0.985);
+    as 50 facts of 4 prompts it cannot (0.942), so no probe is chosen."""
+    from edge_spade.calibrate import choose_probes
+
+    ent, agree = np.zeros((200, 1)), np.ones((200, 1), bool)
+    args = dict(layers=[2], n_layers=8, tail_cost=np.array([0.1]), target=0.98)
+    assert choose_probes(ent, agree, **args, keys=[str(i) for i in range(200)])[0] == [2]
+    assert choose_probes(ent, agree, **args, keys=[str(i // 4) for i in range(200)]) == ([], -1.0)
+    assert choose_probes(ent, agree, **args)[0] == [2]  # no keys: the empirical rate, as before
