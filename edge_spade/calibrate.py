@@ -453,17 +453,19 @@ def split(samples: list[Sample], holdout: float, seed: int, by_key: bool = True)
     give the same split.
     """
     n_hold = max(5, int(len(samples) * holdout))
-    sizes = Counter(s.key for s in samples)  # prompts per key, keys in first-seen order
+    keys = keys_of(samples)  # the same facts the bound counts
+    sizes = Counter(keys)  # prompts per key, keys in first-seen order
     if not by_key or len(sizes) == len(samples):
         order = np.random.default_rng(seed).permutation(len(samples))
         return [samples[i] for i in order[n_hold:]], [samples[i] for i in order[:n_hold]]
-    keys, held_keys, count = list(sizes), set(), 0
-    for j in np.random.default_rng(seed).permutation(len(keys)):
+    distinct, held_keys, count = list(sizes), set(), 0
+    for j in np.random.default_rng(seed).permutation(len(distinct)):
         if count >= n_hold:
             break
-        held_keys.add(keys[j])
-        count += sizes[keys[j]]
-    return [s for s in samples if s.key not in held_keys], [s for s in samples if s.key in held_keys]
+        held_keys.add(distinct[j])
+        count += sizes[distinct[j]]
+    held = [k in held_keys for k in keys]
+    return [s for s, h in zip(samples, held) if not h], [s for s, h in zip(samples, held) if h]
 
 
 def probe_plan(train: list[Sample], held: list[Sample], layers: list[int], n_layers: int, costs: dict[str, float],
@@ -543,12 +545,11 @@ def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[in
     else:
         eval_layers = list(layers)
     cols = [layers.index(layer) for layer in eval_layers]  # the lens baselines are judged on the same layers
-    curves, thresholds = {}, {}
+    curves, thresholds, held_keys = {}, {}, keys_of(held, by_key)
     for name, heads in (("lspade", lspade), ("tuned", tuned), ("logit_lens", identity)):
         ent, own = judge(rt, heads, layers, held, top_k, candidates)
         answers = spade_answers if name == "lspade" else own  # lens baselines answer from their own head
-        curves[name] = exit_curve(full, answers[:, cols], ent[:, cols], eval_layers, L, confidence,
-                                  keys_of(held, by_key))
+        curves[name] = exit_curve(full, answers[:, cols], ent[:, cols], eval_layers, L, confidence, held_keys)
         thresholds[name] = pick_threshold(curves[name], target_agreement)
         if name == "lspade":
             layer_stats = [{"layer": layer, "spade_agree_full": float((spade_answers[:, j] == full).mean()),
