@@ -522,8 +522,8 @@ def choose_tail(frontier: dict[int, dict]) -> int:
 def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[int], *, holdout: float,
                   target_agreement: float, confidence: float, rank: int, steps: int, lr: float, tail: int,
                   top_k: int, seed: int, data_names: list[str], plan: dict | None = None,
-                  frontier: dict | None = None, max_overhead: float = 0.03, by_key: bool = True
-                  ) -> tuple[HeadSet, dict[str, bytes]]:
+                  frontier: dict | None = None, max_overhead: float = 0.03, by_key: bool = True,
+                  few_shot: Sequence[int] | None = None) -> tuple[HeadSet, dict[str, bytes]]:
     engine = rt.engine
     L = engine.n_layers
     plan = plan or {}
@@ -563,7 +563,8 @@ def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[in
         threshold=thresholds["lspade"], thresholds=thresholds, tail=tail, top_k=top_k if kind == "free" else None,
         candidates=candidates.tolist() if candidates is not None else None,
         calibration={
-            "data": data_names, "n_prompts": len(samples), "n_train": len(train), "n_holdout": len(held),
+            "data": data_names, **({"few_shot": list(few_shot)} if few_shot and kind == "free" else {}),
+            "n_prompts": len(samples), "n_train": len(train), "n_holdout": len(held),
             "holdout_by": "fact" if by_key else "prompt",
             "target": ("SPADE's distribution over each prompt's decision set" if kind == "choice" else
                        f"SPADE's distribution over its top-{top_k} tokens at the same layer, scored over every "
@@ -606,6 +607,7 @@ def calibrate(
     max_overhead: float = 0.03,
     holdout_by: str = "fact",
     merge: bool = False,
+    few_shot: Sequence[int] | None = None,
     progress: Callable | None = None,
 ) -> HeadsManifest:
     """Collect, train, pick thresholds and export every answer kind present in `items`.
@@ -614,6 +616,7 @@ def calibrate(
     (choose_tail over the held-out frontier, recorded in the manifest). `holdout_by="fact"` holds
     out whole facts (all few-shot variants of one); "prompt" splits prompts as they come. `merge`: keep the answer
     kinds these items do not cover from the heads already in `out_dir` (same model, same rank).
+    `few_shot`: the prefix lengths the cloze items were built with, recorded with the free set.
     """
     if holdout_by not in ("fact", "prompt"):
         raise ValueError(f"holdout_by must be 'fact' or 'prompt', got {holdout_by!r}")
@@ -654,7 +657,8 @@ def calibrate(
         sets[kind], kind_files = calibrate_set(
             rt, by_k[k], kind, layers, holdout=holdout, target_agreement=target_agreement, confidence=confidence,
             rank=rank, steps=steps, lr=lr, tail=k, top_k=top_k, seed=seed, data_names=data_names, plan=plans[k],
-            frontier={str(w): row for w, row in frontier.items()}, max_overhead=max_overhead, by_key=by_key)
+            frontier={str(w): row for w, row in frontier.items()}, max_overhead=max_overhead, by_key=by_key,
+            few_shot=few_shot)
         files.update(kind_files)
     manifest = HeadsManifest(
         format=HEADS_FORMAT, model=rt.name, model_file=engine.path.name, output_fingerprint=engine.head.fingerprint(),

@@ -66,7 +66,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="SPADE tail width(s) for choice questions; several: the best on the held-out frontier")
     c.add_argument("--free-tail", type=int, nargs="+", default=None,
                    help="SPADE tail width(s) for free answers (default: --tail)")
-    c.add_argument("--variants", type=int, default=3, help="few-shot prefixes per cloze fact")
+    c.add_argument("--variants", type=int, default=3,
+                   help="few-shot prefixes per cloze fact (and per --few-shot count)")
+    c.add_argument("--few-shot", type=int, nargs="+", default=[3], metavar="N",
+                   help="examples in each cloze prompt's prefix; several counts calibrate for all of them")
     c.add_argument("--merge", action="store_true",
                    help="keep the answer kinds this data does not cover from the heads already in --out")
     c.add_argument("--max-overhead", type=float, default=0.03,
@@ -191,7 +194,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate
     from .datasets import load_items
 
-    items = [item for path in args.data for item in load_items(path, limit=args.limit, variants=args.variants)]
+    items = [item for path in args.data for item in load_items(path, limit=args.limit, variants=args.variants,
+                                                                  few_shot=args.few_shot)]
     bundle = open_bundle(args.model) if args.model and is_bundle(Path(args.model)) else None
     out = args.out or (bundle.folder / HEADS_DIR if bundle else None)
     if out is None:
@@ -201,7 +205,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         rt, items, out, data_names=[os.path.basename(p) for p in args.data], min_layer=args.min_layer,
         holdout=args.holdout, holdout_by=args.holdout_by, target_agreement=args.target_agreement,
         confidence=args.confidence, rank=args.rank, steps=args.steps, tail=args.tail, free_tail=args.free_tail,
-        max_overhead=args.max_overhead, merge=args.merge,
+        max_overhead=args.max_overhead, merge=args.merge, few_shot=args.few_shot,
         progress=lambda xs: tqdm(xs, desc=f"calibrate {rt.name}", file=sys.stderr, disable=args.quiet),
     )
     if bundle and Path(out).resolve() == bundle.folder / HEADS_DIR:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +30,11 @@ class Item:
     key: str = ""  # what prompts of one source share (the few-shot variants of a cloze fact); "" = id
 
 
-def load_items(path: str | Path, limit: int | None = None, few_shot: int = 3, seed: int = 0,
+def load_items(path: str | Path, limit: int | None = None, few_shot: int | Sequence[int] = 3, seed: int = 0,
                variants: int = 1) -> list[Item]:
     """Items of one file; cloze prompts get a few-shot prefix from other items of their category
-    (`variants` prefixes per fact, for calibration)."""
+    (`variants` prefixes per fact and per count in `few_shot`, for calibration: all prompts of one
+    fact share its key)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -50,7 +52,11 @@ def load_items(path: str | Path, limit: int | None = None, few_shot: int = 3, se
         elif "passage" in first and isinstance(first.get("answer"), bool):
             items = [_boolq(i, r) for i, r in enumerate(rows)]
         elif {"prompt", "answer"} <= set(first):
-            items = [item for v in range(variants) for item in _cloze(rows, few_shot, seed + v, f"-v{v}" * (v > 0))]
+            counts = [few_shot] if isinstance(few_shot, int) else list(few_shot)
+            if not counts or min(counts) < 0:
+                raise DatasetError(f"few-shot counts must be zero or more, got {few_shot!r}")
+            items = [item for n, shots in enumerate(counts) for v in range(variants)
+                     for item in _cloze(rows, shots, seed + v, f"-{shots}shot" * (n > 0) + f"-v{v}" * (v > 0))]
         else:
             raise DatasetError(f"{path}: not ARC, BoolQ, HEAD-QA or cloze facts (keys: {sorted(first)})")
     return items[:limit] if limit else items

@@ -195,6 +195,23 @@ def test_holdout_keeps_the_variants_of_a_fact_together(tmp_path):
         assert [id(x) for x in a] == [id(x) for x in b]
 
 
+def test_several_few_shot_counts_share_the_fact_key(tmp_path):
+    """`--few-shot 3 8`: each fact gets `variants` prompts per count, all under its key (so the
+    split and the bound treat them as one fact), with prefixes of the asked length."""
+    from edge_spade.datasets import DatasetError, load_items
+
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps({"id": f"f{i}", "prompt": f"{i} + 1 =", "answer": f" {i + 1}",
+                                         "category": "addition"}) + "\n" for i in range(20)))
+    items = load_items(facts, variants=2, few_shot=[3, 8])
+    assert len(items) == 80 and len({i.id for i in items}) == 80 and len({i.key for i in items}) == 20
+    shots = [i.question.count("\n") for i in items]
+    assert shots == [3] * 40 + [8] * 40
+    assert [i.question for i in load_items(facts, variants=2, few_shot=[3])] == [i.question for i in items[:40]]
+    with pytest.raises(DatasetError, match="few-shot"):
+        load_items(facts, few_shot=[-1])
+
+
 def test_exit_signal_can_be_chosen(heads_dir, tiny_model, capsys):
     head_set = json.loads((heads_dir / "heads.json").read_text())["sets"]["choice"]
     argv = ["ask", "which sky is blue?", "--choices", "sky", "water", "--model", str(tiny_model[0]),
