@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="few-shot prefixes per cloze fact (and per --few-shot count)")
     c.add_argument("--few-shot", type=int, nargs="+", default=[3], metavar="N",
                    help="examples in each cloze prompt's prefix; several counts calibrate for all of them")
+    c.add_argument("--objective", choices=("median", "total"), default="median",
+                   help="what SPADE probe layers are chosen to speed up: the median answer or the total time")
     c.add_argument("--merge", action="store_true",
                    help="keep the answer kinds this data does not cover from the heads already in --out")
     c.add_argument("--max-overhead", type=float, default=0.03,
@@ -206,6 +208,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         holdout=args.holdout, holdout_by=args.holdout_by, target_agreement=args.target_agreement,
         confidence=args.confidence, rank=args.rank, steps=args.steps, tail=args.tail, free_tail=args.free_tail,
         max_overhead=args.max_overhead, merge=args.merge, few_shot=args.few_shot,
+        objective=args.objective,
         progress=lambda xs: tqdm(xs, desc=f"calibrate {rt.name}", file=sys.stderr, disable=args.quiet),
     )
     if bundle and Path(out).resolve() == bundle.folder / HEADS_DIR:

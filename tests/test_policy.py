@@ -143,3 +143,22 @@ def test_probe_choice_needs_the_bound_over_facts():
     assert choose_probes(ent, agree, **args, keys=[str(i) for i in range(200)])[0] == [2]
     assert choose_probes(ent, agree, **args, keys=[str(i // 4) for i in range(200)]) == ([], -1.0)
     assert choose_probes(ent, agree, **args)[0] == [2]  # no keys: the empirical rate, as before
+
+
+def test_probe_objective_median_or_total_by_hand():
+    """Layer 1 exits 4 of 10 prompts cheaply, layer 5 exits 9 of 10 late (8 layers, tails 0.1 of a
+    full answer). The median wants layer 5 alone (1.18x; with layer 1 first it is 1.05x, since
+    the 5 prompts that go on to layer 5 paid for two tails); the total wants both (1.36x vs 1.14x)."""
+    from edge_spade.calibrate import choose_probes, probe_cost
+
+    ent = np.full((10, 2), 2.0)
+    ent[:4, 0] = 0.0
+    ent[:9, 1] = 0.0
+    agree = ent == 0.0  # confident and right, or unsure and wrong
+    args = dict(layers=[1, 5], n_layers=8, tail_cost=np.array([0.1, 0.1]), target=1.0)
+    assert choose_probes(ent, agree, **args)[0] == [5]
+    assert choose_probes(ent, agree, **args, objective="total")[0] == [1, 5]
+    _, cost = probe_cost(ent, [1, 5], 0.0, 8, np.array([0.1, 0.1]))
+    np.testing.assert_allclose([np.median(1 / cost), 1 / cost.mean()], [1 / 0.95, 10 / 7.35])
+    with pytest.raises(ValueError, match="objective"):
+        choose_probes(ent, agree, **args, objective="mean")
