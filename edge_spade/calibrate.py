@@ -317,6 +317,13 @@ def free_candidates(train: list[Sample]) -> np.ndarray:
     return np.unique(np.concatenate([s.ids.ravel() for s in train]))
 
 
+def _timing_items(items: list[Item], n: int) -> list[Item]:
+    """A warm-up item, then `n` spread over the list: with several few-shot lengths (or data
+    files) one after the other, the first `n` would all be the shortest kind."""
+    step = max(1, len(items) // n)
+    return [items[0], *items[::step][:n]]
+
+
 def measure_check_ms(rt: Runtime, items: list[Item], candidates: np.ndarray | None, rank: int, n: int = 5,
                      repeats: int = 3) -> tuple[float, float]:
     """(what one L-SPADE check adds to a prompt pass that does not exit, the full answer), in ms:
@@ -337,7 +344,7 @@ def measure_check_ms(rt: Runtime, items: list[Item], candidates: np.ndarray | No
     policy = ExitPolicy(1e-12, layers, {layer: i for i, layer in enumerate(layers)},
                         FREE_TOP_K if cands else None, cands)
     full, never = [], []
-    for i, item in enumerate([items[0], *items[:n]]):  # a warm-up first, as in measure_costs
+    for i, item in enumerate(_timing_items(items, n)):  # a warm-up first, as in measure_costs
         prompt = rt.prompt(item.question, item.choices)
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -360,7 +367,7 @@ def measure_costs(rt: Runtime, items: list[Item], tail: int, n: int = 5, repeats
     mid = engine.n_layers // 2
     engine.use_tail_models([mid])
     full, whole, cut = [], [], []
-    for i, item in enumerate([items[0], *items[:n]]):  # the first run is a warm-up (graphs, rows), not counted
+    for i, item in enumerate(_timing_items(items, n)):  # the first run is a warm-up (graphs, rows), not counted
         prompt = rt.prompt(item.question, item.choices)
         rows = tail_positions(len(prompt.tokens), tail)
         states = np.zeros((len(rows), engine.n_embd), np.float32)  # the content does not change the cost

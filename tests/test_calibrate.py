@@ -344,3 +344,13 @@ def test_committed_cloze_calibration_facts_are_the_generators(tmp_path):
         by_cat[r["category"]] = by_cat.get(r["category"], 0) + 1
         assert r["answer"].startswith(" ") and r["answer"].strip()
     assert min(by_cat.values()) > 8
+
+
+def test_costs_are_timed_on_prompts_spread_over_the_data():
+    """With 3-shot prompts first and 8-shot ones after (`--few-shot 3 8`), the timed prompts must
+    include both, not just the first few."""
+    from edge_spade.calibrate import _timing_items
+
+    items = [f"3shot-{i}" for i in range(6)] + [f"8shot-{i}" for i in range(6)]
+    assert _timing_items(items, 2) == ["3shot-0", "3shot-0", "8shot-0"]  # warm-up, then the two halves
+    assert _timing_items(items[:3], 5) == ["3shot-0", "3shot-0", "3shot-1", "3shot-2"]
