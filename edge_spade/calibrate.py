@@ -319,7 +319,7 @@ def free_candidates(train: list[Sample]) -> np.ndarray:
 
 def _timing_items(items: list[Item], n: int) -> list[Item]:
     """A warm-up item, then `n` spread over the list: with several few-shot lengths (or data
-    files) one after the other, the first `n` would all be the shortest kind."""
+    files) one after the other, the first `n` would all be of the first kind."""
     step = max(1, len(items) // n)
     return [items[0], *items[::step][:n]]
 
