@@ -1,13 +1,19 @@
-"""Helpers shared by the benchmark scripts: data paths, progress, saving JSON and plots."""
+"""Helpers shared by the benchmark scripts: data paths, progress, provenance, saving JSON and plots."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import platform
+import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+CALIBRATION = ROOT / "benchmarks" / "calibration"  # calibration reports and lens baselines of the shipped heads
 
 
 def data_path(name: str) -> Path:
@@ -25,9 +31,65 @@ def progress(iterable, total: int, desc: str):
     return tqdm(iterable, total=total, desc=desc, file=sys.stderr, dynamic_ncols=True)
 
 
-def save_json(obj: dict, out: str | Path) -> Path:
+def git_commit() -> str | None:
+    """The checkout's commit, with "-dirty" when tracked files differ from it; None outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def model_record(rt) -> dict:
+    """A loaded runtime's model and heads, by name and sha256, and the threads it ran with."""
+    from edge_spade.cache import sha256_file
+
+    heads_json = Path(rt.heads_dir) / "heads.json" if rt.heads_dir else None
+    return {"model": rt.name, "model_file": rt.engine.path.name, "model_sha256": sha256_file(rt.engine.path),
+            "heads_sha256": sha256_file(heads_json) if heads_json and heads_json.is_file() else None,
+            "threads": rt.engine.threads}
+
+
+def provenance(models: list[dict] | None = None) -> dict:
+    """What made a result: code version and commit, model and heads hashes, machine, threads, command."""
+    from importlib.metadata import version
+
+    return {"edge_spade": version("edge-spade"), "commit": git_commit(), "command": command_line(),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"), "cpu": cpu_model(), "cpus": os.cpu_count(),
+            "platform": platform.platform(), "python": platform.python_version(), "models": models or []}
+
+
+def command_line() -> str:
+    """The command as typed: `python -m benchmarks.<name> ...` for a benchmark module."""
+    script = Path(sys.argv[0])
+    if script.suffix == ".py" and script.parent.name == "benchmarks":
+        return " ".join(["python -m", f"benchmarks.{script.stem}", *sys.argv[1:]])
+    return " ".join(sys.argv)
+
+
+def save_json(obj: dict, out: str | Path, runtimes: list | None = None) -> Path:
+    """Write a result with its provenance (benchmarks/report.py refuses results without one).
+
+    `runtimes`: the loaded models the result was measured on; a run that closed its own puts
+    their `model_record`s under the result's "models" key instead.
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    obj = dict(obj)
+    models = [model_record(rt) for rt in runtimes or []] + obj.pop("models", [])
+    obj = {"provenance": provenance(models), **obj}
     out.write_text(json.dumps(obj, indent=1))
     logging.getLogger("benchmarks").info("saved %s", out)
     return out

@@ -1,6 +1,6 @@
 """SPADE-EXIT against the full-depth answer: fidelity, exit layers and wall-clock speedup.
 
-    python -m benchmarks.exit --model gemma3-270m --limit 100 --out results/exit-gemma3-270m.json
+    python -m benchmarks.exit --model gemma3-270m --limit 100 --out benchmarks/results/exit-gemma3-270m.json
 
 For each question every configuration runs in turn in one process with the same threads
 (round robin, so load drift hits all alike): the full-depth answer, SPADE-EXIT at the shipped
@@ -15,6 +15,7 @@ the cloze facts (free answers, with a few-shot prefix) the "free" one.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import sys
@@ -27,13 +28,16 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import data_path, progress, pyplot, save_json
+from edge_spade.convert.datasets import load_items
+from edge_spade.convert.heads_files import REPORT_JSON, default_report_dir
+from edge_spade.convert.heads_train import LayerHead
+from edge_spade.convert.onnx_export import export_onnx
+from edge_spade.convert.trace import collect
+
+from benchmarks.common import CALIBRATION, data_path, progress, pyplot, save_json
+from benchmarks.metrics import accuracy, agreement, cohen_kappa, constant_agreement
 from edge_spade import load_model
-from edge_spade.calibrate import FREE_TOP_K, collect
-from edge_spade.datasets import load_items
-from edge_spade.heads import LayerHead, OnnxHeads, export_onnx
-from edge_spade.manifest import load_heads
-from edge_spade.metrics import accuracy, agreement, cohen_kappa, constant_agreement
+from edge_spade.heads import FREE_TOP_K, OnnxHeads
 from edge_spade.policy import ExitPolicy, spade_exit
 
 log = logging.getLogger("benchmarks.exit")
@@ -42,10 +46,25 @@ DATASETS = ["cloze/facts.jsonl", "arc/ARC-Easy-Test.jsonl", "arc/ARC-Challenge-T
 NEVER = 1e-12  # entropy is never at or below this: hooks and heads run, nothing exits
 
 
-def configurations(rt, kind: str, tuned, sweep: list[float], tails: list[int], probe_sweep: list[float]
-                   ) -> dict[str, tuple]:
+def load_report(rt, folder: str | None) -> tuple[dict, dict[str, OnnxHeads]]:
+    """The calibration report of `rt`'s heads (curves, lens baselines) and its tuned-lens heads per kind:
+    `folder`, else benchmarks/calibration/<model> for shipped heads, else the one beside the heads."""
+    candidates = [Path(folder)] if folder else [CALIBRATION / rt.name, default_report_dir(Path(rt.heads_dir))]
+    path = next((c for c in candidates if (c / REPORT_JSON).is_file()), None)
+    if path is None:
+        raise SystemExit(f"no calibration report ({REPORT_JSON}) in {', '.join(map(str, candidates))}; pass --report")
+    report = json.loads((path / REPORT_JSON).read_text())
+    if report["heads_hashes"] != rt.manifest.hashes:
+        raise SystemExit(f"the calibration report in {path} belongs to other heads than {rt.heads_dir}")
+    tuned = {kind: OnnxHeads((path / entry["tuned_file"]).read_bytes()) for kind, entry in report["sets"].items()}
+    return report, tuned
+
+
+def configurations(rt, kind: str, report: dict, tuned, sweep: list[float], tails: list[int],
+                   probe_sweep: list[float]) -> dict[str, tuple]:
     """name -> (heads, policy, answer_from, tail K)."""
     head_set = rt.manifest.sets[kind]
+    baselines = report["sets"][kind]["thresholds"]
     k = head_set.tail
     identity = OnnxHeads(export_onnx([LayerHead.identity(rt.engine.n_embd, 1) for _ in head_set.layers],
                                      rt.engine.head.norm_weight, rt.engine.index.rms_eps))
@@ -57,8 +76,8 @@ def configurations(rt, kind: str, tuned, sweep: list[float], tails: list[int], p
     configs = {"spade-exit": (lspade, ExitPolicy.from_head_set(head_set), "spade", k),
                "never-exit": (lspade, head(NEVER), "spade", k),
                "lspade-exit": (lspade, head(head_set.thresholds.get("lspade", -1.0)), "spade", k),
-               "tuned-lens-exit": (tuned[kind], head(head_set.thresholds.get("tuned", -1.0)), "head", k),
-               "logit-lens-exit": (identity, head(head_set.thresholds.get("logit_lens", -1.0)), "head", k)}
+               "tuned-lens-exit": (tuned[kind], head(baselines.get("tuned", -1.0)), "head", k),
+               "logit-lens-exit": (identity, head(baselines.get("logit_lens", -1.0)), "head", k)}
     for tau in sweep:
         configs[f"lspade-exit@{tau:.3g}"] = (lspade, head(tau), "spade", k)
     if head_set.probe_layers:
@@ -66,21 +85,21 @@ def configurations(rt, kind: str, tuned, sweep: list[float], tails: list[int], p
         configs["spade-probe"] = (lspade, probe, "spade", k)
     else:  # calibration found no probe layers: sweep probes at a third and half of the depth
         L = rt.engine.n_layers
-        probe = ExitPolicy(-1.0, (L // 3, L // 2), {}, head_set.top_k or FREE_TOP_K, signal="tail")
+        probe = ExitPolicy(-1.0, (L // 3, L // 2), {}, head_set.top_k or FREE_TOP_K, signal="spade")
     for width in tails:
         for tau in probe_sweep:
             configs[f"spade-probe@{tau:.3g}/K{width}"] = (lspade, replace(probe, threshold=tau), "spade", width)
     return configs
 
 
-def default_sweep(head_set, n: int = 5) -> list[float]:
+def default_sweep(report_set: dict, n: int = 5) -> list[float]:
     """Thresholds spread over the calibration curve's range of mean exit layers."""
-    curve = [c for c in head_set.curves["lspade"] if np.isfinite(c["threshold"])]
+    curve = [c for c in report_set["curves"]["lspade"] if np.isfinite(c["threshold"])]
     return sorted({round(curve[int(i)]["threshold"], 4) for i in np.linspace(1, len(curve) - 1, n)})
 
 
-def run_dataset(rt, data: str, limit: int | None, sweep: list[float] | None, tuned, tails: list[int],
-                probe_sweep: list[float], few_shot: int = 3) -> tuple[list[dict], list[float]]:
+def run_dataset(rt, data: str, limit: int | None, sweep: list[float] | None, report: dict, tuned,
+                tails: list[int], probe_sweep: list[float], few_shot: int = 3) -> tuple[list[dict], list[float]]:
     engine, m = rt.engine, rt.manifest
     items = load_items(data_path(data), limit=limit, few_shot=few_shot)
     kind = "choice" if items[0].choices else "free"
@@ -89,8 +108,8 @@ def run_dataset(rt, data: str, limit: int | None, sweep: list[float] | None, tun
         return [], []
     head_set = m.sets[kind]
     tails = sorted({head_set.tail, *tails})
-    configs = configurations(rt, kind, tuned, default_sweep(head_set) if sweep is None else sweep, tails,
-                             probe_sweep)
+    configs = configurations(rt, kind, report, tuned,
+                             default_sweep(report["sets"][kind]) if sweep is None else sweep, tails, probe_sweep)
     answers = {name: [] for name in configs}
     exit_layers = {name: [] for name in configs}
     oracle_names = [f"oracle/K{k}" for k in tails]
@@ -151,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="registry name (default: the default model and its shipped heads)")
     p.add_argument("--heads", default=None, help="heads folder (default: the shipped heads)")
+    p.add_argument("--report", default=None,
+                   help="the heads' calibration report folder (default: benchmarks/calibration/<model>, else "
+                        "<heads>-calibration)")
     p.add_argument("--data", nargs="+", default=DATASETS)
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--sweep", type=float, nargs="*", default=None, help="extra thresholds (default: from the curve)")
@@ -166,10 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     rt = load_model(args.model, threads=args.threads, heads=args.heads)
     if not rt.heads:
         p.error(f"{rt.name} has no heads: run edge-spade calibrate first, or pass --heads")
-    _, tuned = load_heads(rt.heads_dir, rt.engine, tuned=True)
+    report, tuned = load_report(rt, args.report)
     rows, overhead, by_data = [], [], {}
     for data in args.data:
-        r, o = run_dataset(rt, data, args.limit, args.sweep, tuned, args.tail, args.probe_sweep, args.few_shot)
+        r, o = run_dataset(rt, data, args.limit, args.sweep, report, tuned, args.tail, args.probe_sweep,
+                           args.few_shot)
         rows += r
         overhead += o
         if o:
@@ -186,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['mean_exit_layer']:>7.2f}{r['exit_rate']:>6.2f}{r['speedup_median']:>8.2f}"
               f"{r['speedup_total']:>7.2f}{r['oracle_speedup']:>8.2f}")
     if args.out:
-        out = save_json(result, args.out)
+        out = save_json(result, args.out, [rt])
         plot(result, out.with_suffix(".png"))
     return 0
 

@@ -55,7 +55,7 @@ def run(model: str | None, widths: list[int], layers: list[int] | None, repeat: 
     for layer in progress(layers, len(layers), f"tail cost {rt.name}"):
         for k in widths:
             states = np.zeros((k + 1, engine.n_embd), np.float32)
-            row = {"layer": layer, "tail_k": k, "tail_model": layer in engine._tails}
+            row = {"layer": layer, "tail_k": k, "tail_model": layer in engine.tail_model_layers}
             runs = {f"{way}_{label}_ms": partial(engine.spade_tail, states, layer, decision, side=True,
                                                  tail_model=way == "cut")
                     for label, decision in (("vocab", None), ("choice", ids)) for way in ("whole", "cut")}
@@ -64,7 +64,7 @@ def run(model: str | None, widths: list[int], layers: list[int] | None, repeat: 
             logging.getLogger("benchmarks").info("%s", row)
     full = {"prompt_tokens": len(tokens), **medians_ms({"full_vocab_ms": lambda: engine.full(tokens, None),
                                                           "full_choice_ms": lambda: engine.full(tokens, ids)}, repeat)}
-    return {"model": rt.name, "n_layers": engine.n_layers, "threads": engine._main.threads, "repeat": repeat,
+    return {"model": rt.name, "n_layers": engine.n_layers, "threads": engine.threads, "repeat": repeat,
             "full": full, "rows": rows}
 
 

@@ -1,19 +1,20 @@
-"""`edge-spade`: a thin command line over the Python API (edge_spade.runtime)."""
+"""`edge-spade`: a thin command line over the Python API (edge_spade.runtime) and, for `convert`,
+`pull` and `calibrate`, over the converter (edge_spade.convert, imported only when asked for)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
+from types import ModuleType
 from typing import IO
 
-from .bundle import HEADS_DIR, is_bundle, open_bundle, record_heads
 from .errors import EdgeSpadeError, QuestionError
-from .quantize import QUANT_TYPES
+from .policy import SIGNALS
 from .registry import load_registry
 from .runtime import Answer, Runtime, load_model
 
@@ -40,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="SPADE tail width: prompt rows forwarded besides the start (default 1, or the heads' own)")
     p.add_argument("--threshold", type=float, default=None,
                    help="SPADE-EXIT entropy threshold in nats (default: the calibrated one; negative: never exit)")
-    p.add_argument("--signal", choices=["lspade", "spade"], default=None,
+    p.add_argument("--signal", choices=SIGNALS, default=None,
                    help="exit rule: L-SPADE heads at the evaluation layers, or SPADE probes (default: calibrated)")
     p.add_argument("--heads", default=None, help="heads folder from `edge-spade calibrate` (default: shipped heads)")
     p.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
@@ -53,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--data", action="append", required=True,
                    help="ARC / BoolQ / HEAD-QA / cloze file (repeatable); only the prompts are used")
     c.add_argument("--out", help="heads folder to write (heads.json + ONNX); default for a bundle: its heads/")
+    c.add_argument("--report", help="calibration report folder (curves, lens baselines); default: <out>-calibration")
     c.add_argument("--limit", type=int, default=None, help="questions per data file")
     c.add_argument("--target-agreement", type=float, default=0.99)
     c.add_argument("--confidence", type=float, default=0.95)
@@ -81,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("convert", help="Hugging Face model or GGUF -> quantized GGUF in a bundle directory")
     v.add_argument("source", help="Hugging Face folder, hub repo id (owner/name), .gguf file or bundle to requantize")
     v.add_argument("--out", required=True, help="bundle directory to create")
-    v.add_argument("--quant", default="Q4_K_M", choices=QUANT_TYPES, help="llama.cpp quantization (default Q4_K_M)")
+    v.add_argument("--quant", default="Q4_K_M",
+                   help="llama.cpp type: Q8_0, Q6_K, Q5_K_M, Q5_0, Q4_K_M (default), Q4_K_S, Q4_0, F16, BF16, F32")
     v.add_argument("--revision", default="main", help="hub revision (repo id sources)")
     v.add_argument("--threads", type=int, help="quantizer threads")
     v.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
@@ -190,29 +193,34 @@ def format_answer(a: Answer) -> str:
     return "\n".join(lines)
 
 
+# The converter's own dependencies (the `convert` extra); a missing one is the user's to install.
+CONVERT_EXTRA = {"onnx", "safetensors", "ml_dtypes"}
+
+
+def converter(module: str) -> ModuleType:
+    """edge_spade.convert.<module>, or a one-line error naming the pip command when the extra is missing."""
+    try:
+        return importlib.import_module(f"edge_spade.convert.{module}")
+    except ImportError as exc:
+        if exc.name not in CONVERT_EXTRA:
+            raise
+        raise EdgeSpadeError(f"this command needs the converter's dependencies ({exc.name} is missing); "
+                             "run: pip install 'edge-spade[convert]'") from None
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .calibrate import calibrate
-    from .datasets import load_items
-
-    items = [item for path in args.data for item in load_items(path, limit=args.limit, variants=args.variants,
-                                                                  few_shot=args.few_shot)]
-    bundle = open_bundle(args.model) if args.model and is_bundle(Path(args.model)) else None
-    out = args.out or (bundle.folder / HEADS_DIR if bundle else None)
-    if out is None:
-        raise QuestionError("give --out (a heads folder), or a bundle as --model")
-    rt = load_model(args.model, threads=args.threads, heads=False)
-    m = calibrate(
-        rt, items, out, data_names=[os.path.basename(p) for p in args.data], min_layer=args.min_layer,
-        holdout=args.holdout, holdout_by=args.holdout_by, target_agreement=args.target_agreement,
-        confidence=args.confidence, rank=args.rank, steps=args.steps, tail=args.tail, free_tail=args.free_tail,
-        max_overhead=args.max_overhead, merge=args.merge, few_shot=args.few_shot,
-        objective=args.objective,
-        progress=lambda xs: tqdm(xs, desc=f"calibrate {rt.name}", file=sys.stderr, disable=args.quiet),
+    calibrate = converter("calibrate")
+    m, out = calibrate.calibrate_model(
+        args.model, args.data, args.out, report=args.report, limit=args.limit, variants=args.variants,
+        few_shot=args.few_shot, threads=args.threads, min_layer=args.min_layer, holdout=args.holdout,
+        holdout_by=args.holdout_by, target_agreement=args.target_agreement, confidence=args.confidence,
+        rank=args.rank, steps=args.steps, tail=args.tail, free_tail=args.free_tail, max_overhead=args.max_overhead,
+        merge=args.merge, objective=args.objective,
+        progress=lambda xs: tqdm(xs, desc=f"calibrate {args.model or 'default model'}", file=sys.stderr,
+                                 disable=args.quiet),
     )
-    if bundle and Path(out).resolve() == bundle.folder / HEADS_DIR:
-        record_heads(bundle)
     for kind, head_set in m.sets.items():
         print(f"{m.model} {kind} heads (layers {head_set.layers[0]}-{head_set.layers[-1]}, tail {head_set.tail}) in "
               f"{out}; thresholds (nats): " + ", ".join(f"{k} {v:.4g}" for k, v in head_set.thresholds.items()))
@@ -222,10 +230,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .sources import convert
-
-    b = convert(args.source, args.out, args.quant, revision=args.revision, threads=args.threads, force=args.force,
-                progress=lambda xs: tqdm(xs, desc="convert", unit="tensor", file=sys.stderr, disable=args.quiet))
+    b = converter("sources").convert(
+        args.source, args.out, args.quant, revision=args.revision, threads=args.threads, force=args.force,
+        progress=lambda xs: tqdm(xs, desc="convert", unit="tensor", file=sys.stderr, disable=args.quiet))
     model = b.meta["model"]
     print(f"{b.folder}: {model['architecture']}, {model['n_layers']} layers, {model['quantization']}, "
           f"{model['size'] / 1e6:.1f} MB\nnext: edge-spade calibrate --model {b.folder} --data ...  "
@@ -234,9 +241,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from .sources import pull
-
-    result = pull(args.repo, args.file, args.out, revision=args.revision, force=args.force)
+    result = converter("sources").pull(args.repo, args.file, args.out, revision=args.revision, force=args.force)
     path = result.folder if hasattr(result, "folder") else result
     print(f"{path}\nnext: edge-spade ask \"...\" --model {path}")
     return 0

@@ -44,7 +44,7 @@ _GGML_LOG_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.DEBUG, 4: log
 _backend: dict[str, object] = {}
 
 
-def _init_backend():
+def init_backend():
     """llama.cpp's global init, once per process; its log goes to our logger at DEBUG."""
     if not _backend:
         import llama_cpp
@@ -130,7 +130,7 @@ class Engine:
         self.settings = settings or EngineSettings()
         self.index = read_index(self.path)  # validates the file before llama.cpp sees it
         self.arch: Arch = lookup_arch(self.index.arch)
-        ggml = _init_backend()
+        ggml = init_backend()
         self._ll = llama_cpp
         self._model = self._main = self._side = None
         self._tails: dict[int, _TailModel] = {}  # layer -> the model of the layers above it
@@ -150,6 +150,7 @@ class Engine:
         self._side: _Context | None = None  # second context for tails run inside the main pass's callback
         self.hooks = self._main.hooks
         self.n_ctx = self._main.n_ctx
+        self.threads = self._main.threads
         self.head = OutputHead(self.path, self.index)
         log.debug("loaded %s: %s, %d layers, n_embd %d, %d threads", self.path.name, self.arch.name,
                   self.n_layers, self.n_embd, self._main.threads)
@@ -291,6 +292,11 @@ class Engine:
                     self._tails[layer] = _TailModel(self, layer)
                 except TailModelError as exc:
                     log.info("%s; tails from layer %d run on the whole model", exc, layer)
+
+    @property
+    def tail_model_layers(self) -> list[int]:
+        """Layers whose SPADE tails run on a tail model (use_tail_models)."""
+        return sorted(self._tails)
 
     def early_exit(self, tokens: Sequence[int], ids: np.ndarray | None,
                    checks: dict[int, Callable[[np.ndarray], bool]], tail: int = 1,

@@ -20,8 +20,10 @@ if TYPE_CHECKING:
     from .engine import Engine
     from .heads import OnnxHeads
 
-HEADS_FORMAT = 1
+HEADS_FORMAT = 2
 KINDS = ("choice", "free")
+# Format 1 kept the calibration report (curves, baselines) in heads.json; these keys are read and dropped.
+_REPORT_KEYS_V1 = ("tuned_file", "curves", "layer_stats", "tail_frontier")
 
 
 class HeadsMismatchError(EdgeSpadeError):
@@ -32,21 +34,17 @@ class HeadsMismatchError(EdgeSpadeError):
 class HeadSet:
     kind: str  # "choice" | "free"
     file: str  # L-SPADE heads (ONNX), one per layer in `layers`
-    tuned_file: str  # tuned-lens heads, same layers (the paper's baseline)
     layers: list[int]
     eval_layers: list[int]  # layers checked by default
     threshold: float  # L-SPADE entropy threshold (nats); -1 = never exit
-    thresholds: dict[str, float] = field(default_factory=dict)  # lspade, tuned, logit_lens, spade (probe)
+    thresholds: dict[str, float] = field(default_factory=dict)  # "lspade" (heads), "spade" (probes)
     tail: int = 1  # SPADE tail width used for targets and exits
     top_k: int | None = None  # free answers: entropy over the head's top-k tokens...
     candidates: list[int] | None = None  # ...among these token ids (SPADE's top tokens in calibration)
-    calibration: dict = field(default_factory=dict)
-    curves: dict = field(default_factory=dict)  # method -> [{threshold, agreement, lower_bound, mean_exit_layer}]
-    layer_stats: list = field(default_factory=list)
+    calibration: dict = field(default_factory=dict)  # data, counts, target, bound: how the set was made
     signal: str = "lspade"  # the default exit: "lspade" (head at every layer) or "spade" (SPADE probes)
     probe_layers: list[int] = field(default_factory=list)  # layers probed by the "spade" signal
     costs: dict = field(default_factory=dict)  # measured ms: full answer, one tail (the probe cost model)
-    tail_frontier: dict = field(default_factory=dict)  # tail width K -> what it offered (see calibrate.frontier_row)
 
     def head_index(self) -> dict[int, int]:
         return {layer: i for i, layer in enumerate(self.layers)}
@@ -73,12 +71,16 @@ class HeadsManifest:
     @classmethod
     def from_dict(cls, raw: dict, where: str) -> HeadsManifest:
         raw = dict(raw)
-        sets = raw.get("sets", {})
+        fmt = raw.get("format")
+        if fmt not in (1, HEADS_FORMAT):
+            raise HeadsMismatchError(f"{where}: heads format {fmt}, this edge-spade reads 1 and {HEADS_FORMAT}")
+        sets = {k: dict(v) for k, v in raw.get("sets", {}).items()}
+        if fmt == 1:
+            for v in sets.values():
+                for key in _REPORT_KEYS_V1:
+                    v.pop(key, None)
         raw["sets"] = {k: build(HeadSet, v, f"{where} [sets.{k}]", HeadsMismatchError) for k, v in sets.items()}
-        manifest = build(cls, raw, where, HeadsMismatchError)
-        if manifest.format != HEADS_FORMAT:
-            raise HeadsMismatchError(f"{where}: heads format {manifest.format}, this edge-spade reads {HEADS_FORMAT}")
-        return manifest
+        return build(cls, raw, where, HeadsMismatchError)
 
 
 def load_manifest(folder: Path) -> HeadsManifest:
@@ -90,8 +92,7 @@ def load_manifest(folder: Path) -> HeadsManifest:
     return HeadsManifest.from_dict(raw, str(path))
 
 
-def load_heads(folder: str | Path, engine: Engine, tuned: bool = False
-               ) -> tuple[HeadsManifest, dict[str, OnnxHeads]]:
+def load_heads(folder: str | Path, engine: Engine) -> tuple[HeadsManifest, dict[str, OnnxHeads]]:
     """The manifest and one onnxruntime session per head set, after checking they fit `engine`'s model."""
     from .heads import OnnxHeads
 
@@ -107,10 +108,9 @@ def load_heads(folder: str | Path, engine: Engine, tuned: bool = False
             f"{engine.path.name}'s; calibrate for this model (edge-spade calibrate)")
     sessions = {}
     for kind, head_set in manifest.sets.items():
-        name = head_set.tuned_file if tuned else head_set.file
-        path = folder / name
+        path = folder / head_set.file
         data = path.read_bytes() if path.is_file() else None
-        if data is None or hashlib.sha256(data).hexdigest() != manifest.hashes.get(name):
+        if data is None or hashlib.sha256(data).hexdigest() != manifest.hashes.get(head_set.file):
             raise HeadsMismatchError(f"{path} is missing or does not match its sha256 in heads.json")
         sessions[kind] = OnnxHeads(data)
     return manifest, sessions

@@ -1,10 +1,10 @@
 """The SPADE-EXIT rule: at evaluation layers, stop when a confidence signal is low enough.
 
 Two signals, one rule (entropy in nats <= threshold):
-- "head" (the paper's): an L-SPADE head maps the answer position's hidden state to a normed
+- "lspade" (the paper's): an L-SPADE head maps the answer position's hidden state to a normed
   vector, the decision-set rows of the output matrix turn it into logits. Cheap (~0.1 ms), so
   every layer can be checked; the answer after an exit comes from SPADE at that layer.
-- "tail" (a SPADE probe): at a few calibrated probe layers, the SPADE tail itself runs on a
+- "spade" (a SPADE probe): at a few calibrated probe layers, the SPADE tail itself runs on a
   second llama context while the prompt pass waits inside its eval callback; its own entropy
   decides, and on an exit its logits are the answer. A probe costs a tail (the remaining
   layers for K+1 rows, on a tail model holding only them, plus the LM head for free answers),
@@ -26,6 +26,8 @@ from .heads import FREE_TOP_K, OnnxHeads, entropy, topk_entropy
 from .manifest import HeadsMismatchError
 from .prompts import Prompt
 
+SIGNALS = ("lspade", "spade")  # the CLI's --signal and heads.json's "signal" use the same words
+
 
 @dataclass(frozen=True)
 class ExitPolicy:
@@ -34,7 +36,7 @@ class ExitPolicy:
     head_index: dict[int, int]  # layer -> index of its head in the ONNX file
     top_k: int | None = None  # free answers: entropy over the top-k tokens...
     candidates: tuple[int, ...] | None = None  # ...among these ids (None: the whole vocabulary)
-    signal: str = "head"  # "head": an ONNX head's entropy; "tail": the SPADE tail's own (probe)
+    signal: str = "lspade"  # "lspade": an L-SPADE head's entropy; "spade": the SPADE tail's own (a probe)
 
     @classmethod
     def from_head_set(cls, head_set, threshold: float | None = None, signal: str | None = None) -> ExitPolicy:
@@ -45,13 +47,15 @@ class ExitPolicy:
                 raise HeadsMismatchError(f"the {head_set.kind} heads have no SPADE probe layers (calibration found "
                                          "none that keep the target agreement); use --signal lspade")
             tau = head_set.thresholds.get("spade", -1.0) if threshold is None else threshold
-            return cls(tau, tuple(head_set.probe_layers), {}, head_set.top_k or FREE_TOP_K, None, "tail")
+            return cls(tau, tuple(head_set.probe_layers), {}, head_set.top_k or FREE_TOP_K, None, "spade")
         tau = head_set.threshold if threshold is None else threshold
         candidates = tuple(head_set.candidates) if head_set.candidates else None
         return cls(tau, tuple(head_set.eval_layers), head_set.head_index(), head_set.top_k, candidates)
 
     def __post_init__(self) -> None:
-        if self.signal == "tail":
+        if self.signal not in SIGNALS:
+            raise ValueError(f"signal must be one of {SIGNALS}, got {self.signal!r}")
+        if self.signal == "spade":
             if not self.eval_layers and self.threshold >= 0:
                 raise ValueError("a SPADE-probe exit needs probe layers")
             return
@@ -133,7 +137,7 @@ def spade_exit(engine: Engine, heads: OnnxHeads, policy: ExitPolicy, prompt: Pro
     tuned-lens and logit-lens baselines). A probe policy already holds SPADE's logits.
     """
     seen = ExitTrace()
-    probe = policy.signal == "tail"
+    probe = policy.signal == "spade"
     if policy.threshold < 0 or math.isnan(policy.threshold):
         checks = {}  # never exits: no hooks at all, the plain full-depth pass
     elif probe:

@@ -8,9 +8,7 @@ size and mtime so later runs do not re-hash hundreds of megabytes.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import json
 import logging
 import os
 import tomllib
@@ -18,9 +16,10 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
+from .bundle import is_bundle, open_bundle
+from .cache import cache_dir, verify_sha256
 from .errors import ModelFileError, ModelUnavailableError, UnknownModelError
 from .records import build
-from .weights import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +89,6 @@ def resolve_model(model: str | os.PathLike | None = None) -> ResolvedModel:
     text = os.fspath(model)
     path = Path(text).expanduser()
     if path.is_dir():
-        from .bundle import is_bundle, open_bundle
-
         if not is_bundle(path):
             raise ModelFileError(f"{path} is a directory without bundle.json; give a bundle, a .gguf file "
                                  "or a model name (see: edge-spade models)")
@@ -173,37 +170,3 @@ def hub_sha256(repo: str, filename: str, revision: str = "main") -> str:
         return ""
     lfs = getattr(info[0], "lfs", None) if info else None
     return getattr(lfs, "sha256", "") or ""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def verify_sha256(path: Path, expected: str) -> None:
-    """Raise ModelFileError unless `path` hashes to `expected` ('' = nothing to check)."""
-    if not expected:
-        return
-    if not path.is_file():
-        raise ModelFileError(f"model file {path} does not exist")
-    stat = path.stat()
-    marker_file = cache_dir() / "verified.json"
-    try:
-        markers = json.loads(marker_file.read_text())
-    except (OSError, ValueError):
-        markers = {}
-    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": expected}
-    if markers.get(str(path)) == stamp:
-        return
-    log.info("verifying sha256 of %s", path.name)
-    actual = sha256_file(path)
-    if actual != expected:
-        raise ModelFileError(f"{path} has sha256 {actual}, expected {expected}; delete it and fetch it again")
-    markers[str(path)] = stamp
-    marker_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = marker_file.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(markers, indent=1))
-    tmp.replace(marker_file)

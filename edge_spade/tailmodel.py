@@ -23,8 +23,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cache import cache_dir, file_key
 from .errors import ModelFileError
-from .weights import cache_dir, file_key
 
 log = logging.getLogger(__name__)
 

@@ -19,27 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .cache import cache_dir, file_key
 from .errors import ModelFileError
 
 log = logging.getLogger(__name__)
 
 INDEX_VERSION = 2
 GGUF_MAGIC = b"GGUF"
-
-
-def cache_dir() -> Path:
-    """edge-spade's cache folder: $EDGE_SPADE_CACHE, else $XDG_CACHE_HOME/edge-spade, else ~/.cache/edge-spade."""
-    env = os.environ.get("EDGE_SPADE_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "edge-spade"
-
-
-def file_key(path: Path, length: int = 24) -> str:
-    """A cache key for what is derived from a file: its resolved path, size and mtime."""
-    stat = path.stat()
-    return hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:length]
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,26 @@
-"""Shared fixtures: the tiny generated model (exact tests) and the two real models."""
+"""Shared fixtures: the tiny generated model (exact tests) and the two real models.
+
+Tiers (markers, see pyproject.toml): tests that load the real models from PyPI are marked
+`real_model` here, by the fixtures they use; `slow` marks calibration, conversion and
+process-level tests. `pytest -m "not real_model and not slow"` runs the fast tier alone.
+"""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+from edge_spade import Engine, load_model
+from tests.support import EXACT, tiny
 
-import tiny  # noqa: E402
+REAL_MODEL_FIXTURES = {"gemma", "smollm"}
 
-from edge_spade import Engine, EngineSettings, load_model  # noqa: E402
 
-# f32 KV cache and no flash attention: llama.cpp then computes in f32 like the reference.
-EXACT = EngineSettings(n_ctx=256, kv_type="f32", flash_attn=False)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real_model)
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-
-from edge_spade.heads import LayerHead, head_logits, masked_log_softmax, rms_norm, train_head
+from edge_spade.convert.heads_train import LayerHead, head_logits, masked_log_softmax, rms_norm, train_head
 
 D, M, N, EPS = 16, 12, 400, 1e-5
 
@@ -44,7 +43,9 @@ def test_training_recovers_the_target_distribution():
 
 
 def test_onnx_heads_reproduce_numpy_heads():
-    from edge_spade.heads import OnnxHeads, export_onnx
+    from edge_spade.convert.onnx_export import export_onnx
+
+    from edge_spade.heads import OnnxHeads
 
     h, target, mask, rows, g = problem()
     heads = [train_head(h, target, mask, rows, g, EPS, rank=4, steps=30, lr=2e-2, seed=s)[0] for s in range(3)]

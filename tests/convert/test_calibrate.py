@@ -8,25 +8,20 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import tiny
+from edge_spade.convert.calibrate import calibrate
+from edge_spade.convert.certify import CurvePoint, clopper_pearson_lower, exit_curve, pick_threshold, split
+from edge_spade.convert.datasets import Item
+from edge_spade.convert.heads_files import REPORT_JSON, default_report_dir
+from edge_spade.convert.heads_train import LayerHead, rms_norm, train_heads
+from edge_spade.convert.plan import choose_tail, thin_layers
+from edge_spade.convert.trace import Sample
 
 from edge_spade import load_model
-from edge_spade.calibrate import (
-    CurvePoint,
-    Sample,
-    calibrate,
-    choose_tail,
-    clopper_pearson_lower,
-    exit_curve,
-    pick_threshold,
-    split,
-    thin_layers,
-    train_heads,
-)
 from edge_spade.cli import main
-from edge_spade.datasets import Item
-from edge_spade.heads import LayerHead, rms_norm
 from edge_spade.manifest import HeadsMismatchError
+from tests.support import tiny
+
+pytestmark = pytest.mark.slow
 
 WORDS = ["sky", "water", "paris", "blue", "france", "capital", "answer", "question"]
 
@@ -42,7 +37,7 @@ def items(n: int) -> list[Item]:
 
 @pytest.fixture(scope="module")
 def heads_dir(tiny_model, tmp_path_factory):
-    from conftest import EXACT
+    from tests.support import EXACT
 
     mp = pytest.MonkeyPatch()
     mp.setenv("EDGE_SPADE_CACHE", str(tmp_path_factory.mktemp("cache")))  # calibration traces stay private
@@ -59,9 +54,12 @@ def heads_dir(tiny_model, tmp_path_factory):
 
 def test_calibration_writes_a_complete_heads_folder(heads_dir, tiny_model):
     manifest = json.loads((heads_dir / "heads.json").read_text())
+    report = json.loads((default_report_dir(heads_dir) / REPORT_JSON).read_text())
     assert manifest["n_layers"] == tiny.N_LAYERS and set(manifest["sets"]) == {"choice", "free"}
+    assert set(report["sets"]) == {"choice", "free"} and report["heads_hashes"] == manifest["hashes"]
     choice, free = manifest["sets"]["choice"], manifest["sets"]["free"]
-    assert choice["layers"] == [1, 2] and set(choice["thresholds"]) == {"lspade", "tuned", "logit_lens", "spade"}
+    assert choice["layers"] == [1, 2] and set(choice["thresholds"]) == {"lspade", "spade"}
+    assert set(report["sets"]["choice"]["thresholds"]) == {"tuned", "logit_lens"}
     for head_set in (choice, free):  # the probe cost model was measured, probes chosen or declined
         assert head_set["costs"]["full_ms"] > 0 and head_set["costs"]["tail_ms"] > 0
         assert head_set["costs"]["check_ms"] >= 0  # what one L-SPADE check adds to a pass, measured
@@ -71,15 +69,17 @@ def test_calibration_writes_a_complete_heads_folder(heads_dir, tiny_model):
     assert choice["calibration"]["n_prompts"] == 40 and choice["calibration"]["n_holdout"] == 12
     assert free["top_k"] == 8 and free["calibration"]["n_prompts"] == 24
     # two tail widths were tried for free answers: both on the frontier, the chosen one by choose_tail's rule
-    frontier = {int(k): row for k, row in free["tail_frontier"].items()}
+    frontier = {int(k): row for k, row in report["sets"]["free"]["tail_frontier"].items()}
     assert set(frontier) == {2, 3} and free["tail"] == choose_tail(frontier)
-    assert set(choice["tail_frontier"]) == {"1"} and choice["tail"] == 1
+    assert set(report["sets"]["choice"]["tail_frontier"]) == {"1"} and choice["tail"] == 1
     for row in frontier.values():
         assert 0 <= row["mean_agreement"] <= 1 and 0 <= row["oracle_mean_exit_layer"] <= tiny.N_LAYERS - 1
     assert free["candidates"] and choice["candidates"] is None
-    for name in ("lspade-choice.onnx", "tuned-choice.onnx", "lspade-free.onnx", "tuned-free.onnx"):
-        assert (heads_dir / name).stat().st_size > 0
-    curve = choice["curves"]["lspade"]
+    # the heads folder holds what the runtime loads; the tuned-lens baseline goes with the report
+    assert sorted(p.name for p in heads_dir.iterdir()) == ["heads.json", "lspade-choice.onnx", "lspade-free.onnx"]
+    for name in ("tuned-choice.onnx", "tuned-free.onnx"):
+        assert (default_report_dir(heads_dir) / name).stat().st_size > 0
+    curve = report["sets"]["choice"]["curves"]["lspade"]
     assert curve[0]["threshold"] == 0.0 and curve[-1]["mean_exit_layer"] <= tiny.N_LAYERS - 1
 
 
@@ -175,7 +175,7 @@ def test_tail_width_choice():
 def test_holdout_keeps_the_variants_of_a_fact_together(tmp_path):
     """A fact's few-shot variants are all trained on or all held out; one prompt per key (ARC)
     splits exactly as single prompts do."""
-    from edge_spade.datasets import load_items
+    from edge_spade.convert.datasets import load_items
 
     facts = tmp_path / "facts.jsonl"
     facts.write_text("".join(json.dumps({"id": f"f{i}", "prompt": f"{i} + 1 =", "answer": f" {i + 1}",
@@ -198,7 +198,7 @@ def test_holdout_keeps_the_variants_of_a_fact_together(tmp_path):
 def test_several_few_shot_counts_share_the_fact_key(tmp_path):
     """`--few-shot 3 8`: each fact gets `variants` prompts per count, all under its key (so the
     split and the bound treat them as one fact), with prefixes of the asked length."""
-    from edge_spade.datasets import DatasetError, load_items
+    from edge_spade.convert.datasets import DatasetError, load_items
 
     facts = tmp_path / "facts.jsonl"
     facts.write_text("".join(json.dumps({"id": f"f{i}", "prompt": f"{i} + 1 =", "answer": f" {i + 1}",
@@ -292,11 +292,12 @@ def test_merge_keeps_the_kinds_not_recalibrated(heads_dir, tiny_model, tmp_path,
     heads of another rank or another model are refused before any work."""
     import shutil
 
-    from conftest import EXACT
+    from tests.support import EXACT
 
     monkeypatch.setenv("EDGE_SPADE_CACHE", str(tmp_path / "cache"))
     merged = tmp_path / "merged"
     shutil.copytree(heads_dir, merged)
+    shutil.copytree(default_report_dir(heads_dir), default_report_dir(merged))
     before = json.loads((heads_dir / "heads.json").read_text())
     free = [Item(f"g{i}", f"the {w} is", None, None) for i, w in enumerate(WORDS * 2)]
     other_path = tmp_path / "other.gguf"
@@ -317,25 +318,27 @@ def test_merge_keeps_the_kinds_not_recalibrated(heads_dir, tiny_model, tmp_path,
         rt.close()
     after = json.loads((merged / "heads.json").read_text())
     assert after["sets"]["choice"] == before["sets"]["choice"]
-    for name in ("lspade-choice.onnx", "tuned-choice.onnx"):
-        assert (merged / name).read_bytes() == (heads_dir / name).read_bytes()
-        assert after["hashes"][name] == before["hashes"][name]
+    name = "lspade-choice.onnx"
+    assert (merged / name).read_bytes() == (heads_dir / name).read_bytes()
+    assert after["hashes"][name] == before["hashes"][name]
     assert after["sets"]["free"]["calibration"]["n_prompts"] == 16
+    # the kept set's report entry and tuned-lens baseline come along with it
+    old_report, new_report = default_report_dir(heads_dir), default_report_dir(merged)
+    kept = json.loads((new_report / REPORT_JSON).read_text())["sets"]["choice"]
+    assert kept == json.loads((old_report / REPORT_JSON).read_text())["sets"]["choice"]
+    assert (new_report / "tuned-choice.onnx").read_bytes() == (old_report / "tuned-choice.onnx").read_bytes()
     load_model(str(tiny_model[0]), heads=merged).close()  # every file checked against its sha256 on load
 
 
 def test_committed_cloze_calibration_facts_are_the_generators(tmp_path):
-    """convert/cloze-calibration.jsonl is what convert/cloze_prompts.py writes (no stale or hand-edited
-    file), every prompt once, every category with enough facts for a few-shot prefix."""
-    import importlib.util
-    from pathlib import Path
+    """convert/cloze/cloze-calibration.jsonl is what convert/cloze/generate.py writes (no stale or
+    hand-edited file), every prompt once, every category with enough facts for a few-shot prefix."""
+    from importlib.resources import files
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("cloze_prompts", root / "convert" / "cloze_prompts.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from edge_spade.convert.cloze import generate as module
+
     written = module.write_jsonl(tmp_path / "facts.jsonl")
-    assert written.read_bytes() == (root / "convert" / "cloze-calibration.jsonl").read_bytes()
+    assert written.read_bytes() == files("edge_spade.convert.cloze").joinpath("cloze-calibration.jsonl").read_bytes()
     rows = module.facts()
     prompts = [r["prompt"] for r in rows]
     assert len(prompts) == len(set(prompts)) > 400
@@ -349,8 +352,8 @@ def test_committed_cloze_calibration_facts_are_the_generators(tmp_path):
 def test_costs_are_timed_on_prompts_spread_over_the_data():
     """With 3-shot prompts first and 8-shot ones after (`--few-shot 3 8`), the timed prompts must
     include both, not just the first few."""
-    from edge_spade.calibrate import _timing_items
+    from edge_spade.convert.costs import timing_items
 
     items = [f"3shot-{i}" for i in range(6)] + [f"8shot-{i}" for i in range(6)]
-    assert _timing_items(items, 2) == ["3shot-0", "3shot-0", "8shot-0"]  # warm-up, then the two halves
-    assert _timing_items(items[:3], 5) == ["3shot-0", "3shot-0", "3shot-1", "3shot-2"]
+    assert timing_items(items, 2) == ["3shot-0", "3shot-0", "8shot-0"]  # warm-up, then the two halves
+    assert timing_items(items[:3], 5) == ["3shot-0", "3shot-0", "3shot-1", "3shot-2"]

@@ -8,14 +8,13 @@ from dataclasses import replace
 import gguf
 import numpy as np
 import pytest
-import tiny
-from conftest import EXACT
 
 from edge_spade import Engine
 from edge_spade.errors import ModelFileError
 from edge_spade.policy import ExitPolicy, spade_exit
 from edge_spade.prompts import build_prompt
 from edge_spade.tailmodel import TailModelError, tail_model_path, write_tail_model
+from tests.support import EXACT, tiny
 
 CHOICES = np.array([5, 9, 17])
 
@@ -113,7 +112,7 @@ def test_probe_exit_runs_on_tail_models(tiny_model, tmp_path, monkeypatch):
     with Engine(tiny_model[0], EXACT) as engine:
         p = build_prompt(engine, "the capital of france is", None)
         want = engine.spade(p.tokens, 1, p.ids, tail=3).logits  # before any tail model exists
-        policy = ExitPolicy(math.inf, (1, 2), {}, top_k=8, signal="tail")
+        policy = ExitPolicy(math.inf, (1, 2), {}, top_k=8, signal="spade")
         readout, _ = spade_exit(engine, None, policy, p, tail=3)
         assert sorted(engine._tails) == [1, 2] and readout.layer == 1
         np.testing.assert_array_equal(readout.logits, want)

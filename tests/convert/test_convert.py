@@ -12,18 +12,21 @@ import os
 import shutil
 from pathlib import Path
 
-import hf_tiny
 import numpy as np
 import pytest
-from conftest import EXACT
+from edge_spade.convert.bundle_writer import record_heads
+from edge_spade.convert.hf_to_gguf import convert_checkpoint
+from edge_spade.convert.sources import convert
 from tokenizers import Tokenizer
 
 from edge_spade import Engine, load_model
-from edge_spade.bundle import open_bundle, record_heads
+from edge_spade.bundle import open_bundle
+from edge_spade.cache import sha256_file
 from edge_spade.cli import main
-from edge_spade.converter import convert_checkpoint
 from edge_spade.errors import BundleError, CheckpointError, UnsupportedArchitectureError
-from edge_spade.sources import convert
+from tests.support import EXACT, hf_tiny
+
+pytestmark = pytest.mark.slow
 
 ARCHS = ["llama", "qwen2", "gemma3"]
 PROMPT = "The capital of France is Paris. Question: is the sky blue? Answer:"
@@ -256,7 +259,7 @@ def test_pull_verifies_against_the_hub_sha(monkeypatch, tmp_path, tiny_model, ca
     calls = []
     monkeypatch.setattr(huggingface_hub, "hf_hub_download",
                         lambda repo_id, filename, revision: calls.append((repo_id, filename)) or str(tiny_model[0]))
-    monkeypatch.setattr(registry, "hub_sha256", lambda repo, file, rev: registry.sha256_file(tiny_model[0]))
+    monkeypatch.setattr(registry, "hub_sha256", lambda repo, file, rev: sha256_file(tiny_model[0]))
     assert main(["pull", "someone/Tiny-GGUF", "--file", "tiny.gguf", "--out", str(tmp_path / "p")]) == 0
     assert calls == [("someone/Tiny-GGUF", "tiny.gguf")]
     b = open_bundle(tmp_path / "p")
@@ -289,7 +292,8 @@ def test_convert_from_a_hub_repo_id(monkeypatch, checkpoints, tmp_path):
 
 def test_streamed_tensors_are_byte_identical(checkpoints, f32, tmp_path, monkeypatch):
     """Large tensors are converted in row chunks; force that path on a tiny model and compare bytes."""
-    from edge_spade import converter
+    from edge_spade.convert import hf_to_gguf as converter
+
     streamed_sources = []
     stream_init = converter._RowStream.__init__
 
@@ -298,7 +302,7 @@ def test_streamed_tensors_are_byte_identical(checkpoints, f32, tmp_path, monkeyp
         stream_init(self, ckpt, plan)
 
     monkeypatch.setattr(converter._RowStream, "__init__", spy)
-    from edge_spade.checkpoint import Checkpoint
+    from edge_spade.convert.checkpoint import Checkpoint
 
     reads = []
     rows = Checkpoint.rows

@@ -3,10 +3,10 @@
 Calibration needs no labels (targets come from the model), but the few-shot prefixes do, so
 each fact carries its answer. Categories mirror the shared benchmark set (capitals, addition,
 opposites, sequences, colours, plurals) with different facts; `write_jsonl` writes them in the
-shared set's format (`{"id", "prompt", "answer", "category"}`), which `edge_spade.datasets`
+shared set's format (`{"id", "prompt", "answer", "category"}`), which `edge_spade.convert.datasets`
 reads with few-shot prefixes built from other facts of the same category.
 
-    python convert/cloze_prompts.py convert/cloze-calibration.jsonl   # refuses facts of ../shared/data/cloze
+    python -m edge_spade.convert.cloze.generate   # rewrites cloze-calibration.jsonl, none of ../shared's facts
 """
 
 from __future__ import annotations
@@ -145,4 +145,4 @@ def write_jsonl(path: str | Path, exclude: str | Path | None = None) -> Path:
 
 if __name__ == "__main__":
     out = sys.argv[1] if len(sys.argv) > 1 else Path(__file__).with_name("cloze-calibration.jsonl")
-    print(write_jsonl(out, exclude=Path(__file__).resolve().parents[2] / "shared/data/cloze/facts.jsonl"))
+    print(write_jsonl(out, exclude=Path(__file__).resolve().parents[3] / "shared/data/cloze/facts.jsonl"))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tiny
 
 from edge_spade import Engine, EngineSettings
 from edge_spade.hooks import Tap
+from tests.support import tiny
 
 PROMPTS = ["Question: is the sky blue?\nAnswer:", "the capital of france is", "water is wet (yes or no)"]
 TOL = 1e-4  # f32 llama.cpp vs f64 numpy, logits of magnitude ~10

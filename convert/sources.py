@@ -13,11 +13,14 @@ import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from . import registry
-from .bundle import Bundle, build_bundle, is_bundle, open_bundle
+from edge_spade import registry
+from edge_spade.bundle import Bundle, is_bundle, open_bundle
+from edge_spade.cache import verify_sha256
+from edge_spade.errors import CheckpointError, ModelFileError
+
+from .bundle_writer import build_bundle
 from .checkpoint import snapshot
-from .converter import OUT_TYPES, convert_checkpoint
-from .errors import CheckpointError, ModelFileError
+from .hf_to_gguf import OUT_TYPES, convert_checkpoint
 from .quantize import QUANT_TYPES, quantize
 
 log = logging.getLogger(__name__)
@@ -69,7 +72,7 @@ def pull(repo: str, filename: str, out: str | Path | None = None, *, revision: s
     if not filename.endswith(".gguf"):
         raise ModelFileError(f"{filename} is not a .gguf file; for Hugging Face weights use: edge-spade convert {repo}")
     path = registry.download_from_hub(repo, filename, revision)
-    registry.verify_sha256(path, registry.hub_sha256(repo, filename, revision))
+    verify_sha256(path, registry.hub_sha256(repo, filename, revision))
     if out is None:
         return path
     return build_bundle(out, lambda dst: _link_or_copy(path, dst),

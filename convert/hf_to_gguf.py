@@ -22,8 +22,9 @@ from typing import Any
 import gguf
 import numpy as np
 
+from edge_spade.errors import CheckpointError, UnsupportedArchitectureError
+
 from .checkpoint import Checkpoint
-from .errors import CheckpointError, UnsupportedArchitectureError
 from .hfvocab import load_vocab
 
 log = logging.getLogger(__name__)

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_spade import registry
+from edge_spade import cache, registry
 from edge_spade.archs import lookup_arch
+from edge_spade.cache import sha256_file, verify_sha256
 from edge_spade.errors import ModelFileError, ModelUnavailableError
 from edge_spade.records import build
 
@@ -41,7 +42,7 @@ def test_package_models_resolve_and_verify():
     for name in ("gemma3-270m", "smollm2-135m"):
         resolved = registry.resolve_model(name)
         assert resolved.path.is_file() and resolved.entry.name == name
-        assert registry.sha256_file(resolved.path) == resolved.entry.sha256
+        assert sha256_file(resolved.path) == resolved.entry.sha256
 
 
 def test_missing_package_names_the_pip_command():
@@ -57,7 +58,7 @@ def test_hub_source_downloads_and_checks_the_lfs_sha(monkeypatch, tiny_model):
     calls = []
     monkeypatch.setattr(registry, "download_from_hub",
                         lambda repo, file, rev: calls.append((repo, file)) or tiny_model[0])
-    monkeypatch.setattr(registry, "hub_sha256", lambda repo, file, rev: registry.sha256_file(tiny_model[0]))
+    monkeypatch.setattr(registry, "hub_sha256", lambda repo, file, rev: sha256_file(tiny_model[0]))
     assert registry.fetch(entry) == tiny_model[0]
     assert calls == [("Qwen/Qwen2.5-0.5B-Instruct-GGUF", "qwen2.5-0.5b-instruct-q4_k_m.gguf")]
     monkeypatch.setattr(registry, "hub_sha256", lambda repo, file, rev: "0" * 64)
@@ -96,11 +97,11 @@ def test_hub_cache_is_used_offline(tmp_path, tiny_model):
 def test_verified_files_are_not_rehashed(monkeypatch, tmp_path):
     f = tmp_path / "m.gguf"
     f.write_bytes(b"GGUF" + b"\0" * 100)
-    digest = registry.sha256_file(f)
-    registry.verify_sha256(f, digest)
-    monkeypatch.setattr(registry, "sha256_file", lambda p: pytest.fail("re-hashed a verified file"))
-    registry.verify_sha256(f, digest)
+    digest = sha256_file(f)
+    verify_sha256(f, digest)
+    monkeypatch.setattr(cache, "sha256_file", lambda p: pytest.fail("re-hashed a verified file"))
+    verify_sha256(f, digest)
     f.write_bytes(b"GGUF" + b"\1" * 100)  # changed: hashed again, and refused
-    monkeypatch.setattr(registry, "sha256_file", lambda p: "bad")
+    monkeypatch.setattr(cache, "sha256_file", lambda p: "bad")
     with pytest.raises(ModelFileError, match="has sha256 bad"):
-        registry.verify_sha256(f, digest)
+        verify_sha256(f, digest)

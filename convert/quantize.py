@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from .errors import CheckpointError, ModelFileError
+from edge_spade.errors import CheckpointError, ModelFileError
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +27,12 @@ def quantize(src: str | Path, dst: str | Path, quant: str, threads: int | None =
     """Quantize `src` into `dst` (written under a temporary name, renamed when complete)."""
     import llama_cpp
 
-    from .engine import _init_backend
-    from .weights import read_index
+    from edge_spade.engine import init_backend
+    from edge_spade.weights import read_index
 
     src, dst = Path(src), Path(dst)
     read_index(src)  # a clear ModelFileError for a missing, truncated or corrupt input
-    _init_backend()  # routes llama.cpp's log to our logger
+    init_backend()  # routes llama.cpp's log to our logger
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype(quant)
     params.nthread = threads or 0

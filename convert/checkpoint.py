@@ -16,7 +16,7 @@ import ml_dtypes  # noqa: F401 - registers numpy's "bfloat16" dtype, which safet
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from .errors import CheckpointError, ModelUnavailableError
+from edge_spade.errors import CheckpointError, ModelUnavailableError
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import gguf
 
-from .errors import CheckpointError
+from edge_spade.errors import CheckpointError
 
 # Split regexes of the pre-tokenizers we map, as they appear in tokenizer.json.
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
