@@ -19,7 +19,7 @@ def thin_layers(train: list[Sample], ent: np.ndarray, layers: list[int], n_layer
                 by_key: bool = True) -> list[int]:
     """The evaluation layers worth a check, judged on the training split at its own threshold.
 
-    A check costs every prompt that reaches it `check_cost` (relative to a full answer; ~1.5 ms for
+    A check costs every prompt that reaches it `check_cost` (relative to a full answer, measured; for
     Gemma 3's free answers: observing the node, ONNX head, 2,486 candidate rows, top-k entropy); an
     exit at layer j saves 1 - exit_cost[j]. Kept: layers where the exits that happen there save
     more than the check costs, at most as many as fit in `budget` (what checks may add to a pass

@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_ask(args: argparse.Namespace) -> int:
     if (args.question is None) == (args.file is None):
         raise QuestionError("give a question, or --file with JSON lines (not both)")
-    # One question: a tail model would cost more to load (~0.6 s for Gemma 3) than its probe saves.
+    # One question: loading a tail model costs about what loading the model does, more than a probe saves.
     rt = load_model(args.model, threads=args.threads, gpu_layers=args.gpu_layers, n_ctx=args.ctx, heads=args.heads,
                     tail_models=args.file is not None)
     options = dict(layer=args.layer, lens=args.lens, tail=args.tail, template=False if args.raw else None,

@@ -87,7 +87,7 @@ class EngineSettings:
     kv_type: Literal["f16", "f32"] = "f16"  # f32 for exact comparisons in tests
     flash_attn: bool | None = None  # None: llama.cpp decides; on CPU it rounds attention through f16
     # SPADE probes run their tails on tail models (only the layers above): loading one costs about what
-    # loading the model does (~0.6 s for Gemma 3, its 262k-token vocabulary), repaid after a few answers
+    # loading the model does (the vocabulary dominates both), repaid after a few answers
     tail_models: bool = True
 
 
@@ -282,7 +282,7 @@ class Engine:
         """Run SPADE tails from these layers on tail models (only the layers above; see tailmodel).
 
         Each costs a derived GGUF in the cache (written once) and its memory: the output matrix
-        is not shared with the main model (Gemma 3 270M: ~230 MB per layer). Worth it for the
+        is not shared with the main model (most of a small model's file). Worth it for the
         few layers that probes run at, not for every layer.
         """
         for layer in layers:
@@ -367,7 +367,7 @@ class Engine:
             self._side = _Context(self, self.settings.n_ctx)
         context = context or (self._side if side else self._main)
         # numpy inside the callback (exit checks) must not wake OpenBLAS's thread pool: its
-        # spinning threads fight llama.cpp's for the cores (measured: a 2.7x slower pass).
+        # spinning threads fight llama.cpp's for the cores and slow the pass several times over.
         with _blas_controller().limit(limits=1, user_api="blas"):
             rc, capture = context.decode(tokens, taps)
         if rc != 0 and not (rc == 2 and capture.stopped):
@@ -436,7 +436,7 @@ class _Context:
             batch.logits[i] = i == n - 1
         ll = self._ll
         # Metadata only: emptied cells are masked out, so their stale (finite) K/V never count, and
-        # zeroing the buffers cost ~2.6 ms per clear on Gemma (the exact tests compare bit for bit).
+        # zeroing the buffers costs time on every clear (the exact tests compare bit for bit).
         ll.llama_memory_clear(self.mem, False)
         try:
             return self.hooks.run(taps, lambda: ll.llama_decode(self.ctx, batch))

@@ -2,7 +2,7 @@
 
 Two signals, one rule (entropy in nats <= threshold):
 - "lspade" (the paper's): an L-SPADE head maps the answer position's hidden state to a normed
-  vector, the decision-set rows of the output matrix turn it into logits. Cheap (~0.1 ms), so
+  vector, the decision-set rows of the output matrix turn it into logits. Cheap enough that
   every layer can be checked; the answer after an exit comes from SPADE at that layer.
 - "spade" (a SPADE probe): at a few calibrated probe layers, the SPADE tail itself runs on a
   second llama context while the prompt pass waits inside its eval callback; its own entropy
@@ -102,7 +102,7 @@ def probe_checks(engine: Engine, policy: ExitPolicy, prompt: Prompt, seen: ExitT
 def exit_checks(engine: Engine, heads: OnnxHeads, policy: ExitPolicy, prompt: Prompt,
                 seen: ExitTrace) -> dict[int, Callable[[np.ndarray], bool]]:
     """Per evaluation layer, the callback-side test: head -> decision logits -> entropy <= threshold."""
-    # Free answers: a full-vocabulary head costs ~10 ms per layer for Gemma (262,144 x 640), so the
+    # Free answers: a full-vocabulary head is a whole LM head per layer (Gemma: 262,144 x 640), so the
     # entropy is taken over the calibration's candidate tokens; the answer still comes from SPADE.
     if prompt.ids is not None:
         rows = engine.head.rows(prompt.ids)

@@ -4,11 +4,11 @@ llama.cpp cannot start a graph at layer l: a tail run on the whole model recompu
 0..l for its K+1 rows and then overwrites them at `l_out-l`. A model whose blocks are
 l+1..L-1 (renumbered from 0), fed the captured hidden states as input embeddings
 (`batch.embd`), computes the same tail without that waste: bit-identical logits in the tests;
-a Gemma 3 K=4 tail from layer 9 takes 17 ms instead of 29 (benchmarks/results/tailcost-*.json).
+the saving grows with the layer (benchmarks/tailcost.py measures it).
 
 The file is derived from the model by copying bytes (no requantization) into the cache. We
 read and write the GGUF container ourselves because only byte ranges are needed and gguf's
-`GGUFReader` takes ~15 s to parse Gemma 3's 262k-token vocabulary into Python objects.
+`GGUFReader` is slow to parse Gemma 3's 262k-token vocabulary into Python objects.
 Per-layer metadata arrays are sliced with the layers; an architecture whose sliding-window
 pattern is implicit (gemma3: every 6th layer global) gets it written out, shifted.
 """

@@ -2,7 +2,7 @@
 
 llama.cpp owns the model; we only need the output matrix rows of the decision set (to skip
 the full LM head), the final norm weight (for the logit lens) and a few numbers. gguf's
-`GGUFReader` parses the whole header, which takes ~13 s for Gemma 3's 262k-token vocabulary,
+`GGUFReader` parses the whole header into Python objects, slow for Gemma 3's 262k-token vocabulary,
 so the first open of a file records what we need in a small JSON index in the cache, keyed
 by the file's path, size and mtime; later opens read that and memory-map the tensors.
 """
@@ -188,7 +188,7 @@ class OutputHead:
         return out
 
     def matrix(self) -> np.ndarray:
-        """(n_vocab, n_embd), dequantized once (Gemma 3 270M: 670 MB, ~4 s)."""
+        """(n_vocab, n_embd), dequantized once (float32: 4 bytes per weight)."""
         if self._matrix is None:
             log.info("dequantizing the full output matrix (%d x %d)", self.index.output.n_rows, self.index.n_embd)
             self._matrix = self._dequantize(self.index.output, None)
