@@ -32,8 +32,16 @@ from edge_spade.heads import FREE_TOP_K
 log = logging.getLogger("benchmarks.categories")
 
 
-def run(model: str | None, data: str, tail: int, layers: list[int], threshold: float, variants: int,
-        few_shot: int, examples: int = 8) -> dict:
+def run(
+    model: str | None,
+    data: str,
+    tail: int,
+    layers: list[int],
+    threshold: float,
+    variants: int,
+    few_shot: int,
+    examples: int = 8,
+) -> dict:
     rt = load_model(model, tail_models=False)
     L = rt.engine.n_layers
     items = [i for i in load_items(data_path(data), few_shot=few_shot, variants=variants) if not i.choices]
@@ -42,8 +50,16 @@ def run(model: str | None, data: str, tail: int, layers: list[int], threshold: f
         raise SystemExit(f"{len(items) - len(samples)} prompts could not be traced")
     groups = np.array([i.group for i in items])
     full = np.array([s.answer(L - 1) for s in samples])
-    result = {"model": rt.name, "data": str(data), "tail_k": tail, "threshold": threshold, "few_shot": few_shot,
-              "variants": variants, "n": len(items), "layers": {}}
+    result = {
+        "model": rt.name,
+        "data": str(data),
+        "tail_k": tail,
+        "threshold": threshold,
+        "few_shot": few_shot,
+        "variants": variants,
+        "n": len(items),
+        "layers": {},
+    }
     for layer in layers:
         answers = np.array([s.answer(layer) for s in samples])
         ent = np.array([s.entropy(layer, FREE_TOP_K) for s in samples])
@@ -51,21 +67,33 @@ def run(model: str | None, data: str, tail: int, layers: list[int], threshold: f
         rows = {}
         for cat in [*sorted(set(groups)), "all"]:
             m = groups == cat if cat != "all" else np.ones(len(items), bool)
-            rows[cat] = {"n": int(m.sum()), "agreement": round(float(agree[m].mean()), 4),
-                         "exit_rate": round(float(exits[m].mean()), 4), "wrong_exits": int((exits & ~agree & m).sum())}
+            rows[cat] = {
+                "n": int(m.sum()),
+                "agreement": round(float(agree[m].mean()), 4),
+                "exit_rate": round(float(exits[m].mean()), 4),
+                "wrong_exits": int((exits & ~agree & m).sum()),
+            }
         wrong = np.where(exits & ~agree)[0][:examples]
         result["layers"][str(layer)] = {
             "by_category": rows,
-            "wrong_exit_examples": [{"prompt": items[i].question.splitlines()[-1], "entropy": round(float(ent[i]), 3),
-                                     "early": rt.engine.token_text(int(answers[i])),
-                                     "full": rt.engine.token_text(int(full[i]))} for i in wrong],
+            "wrong_exit_examples": [
+                {
+                    "prompt": items[i].question.splitlines()[-1],
+                    "entropy": round(float(ent[i]), 3),
+                    "early": rt.engine.token_text(int(answers[i])),
+                    "full": rt.engine.token_text(int(full[i])),
+                }
+                for i in wrong
+            ],
         }
     return result
 
 
 def print_table(result: dict) -> None:
-    print(f"{result['model']} on {result['data']} (n={result['n']}, {result['few_shot']}-shot): "
-          f"SPADE-{result['tail_k']} against the full answer; exits at <= {result['threshold']} nats")
+    print(
+        f"{result['model']} on {result['data']} (n={result['n']}, {result['few_shot']}-shot): "
+        f"SPADE-{result['tail_k']} against the full answer; exits at <= {result['threshold']} nats"
+    )
     for layer, block in result["layers"].items():
         print(f"layer {layer}:  {'category':<10}{'n':>6}{'agree':>8}{'exits':>7}{'wrong':>7}")
         for cat, r in block["by_category"].items():

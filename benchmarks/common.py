@@ -35,8 +35,13 @@ def git_commit() -> str | None:
     """The checkout's commit, with "-dirty" when tracked files differ from it; None outside git."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
@@ -57,18 +62,30 @@ def model_record(rt) -> dict:
     from edge_spade.cache import sha256_file
 
     heads_json = Path(rt.heads_dir) / "heads.json" if rt.heads_dir else None
-    return {"model": rt.name, "model_file": rt.engine.path.name, "model_sha256": sha256_file(rt.engine.path),
-            "heads_sha256": sha256_file(heads_json) if heads_json and heads_json.is_file() else None,
-            "threads": rt.engine.threads}
+    return {
+        "model": rt.name,
+        "model_file": rt.engine.path.name,
+        "model_sha256": sha256_file(rt.engine.path),
+        "heads_sha256": sha256_file(heads_json) if heads_json and heads_json.is_file() else None,
+        "threads": rt.engine.threads,
+    }
 
 
 def provenance(models: list[dict] | None = None) -> dict:
     """What made a result: code version and commit, model and heads hashes, machine, threads, command."""
     from importlib.metadata import version
 
-    return {"edge_spade": version("edge-spade"), "commit": git_commit(), "command": command_line(),
-            "date": datetime.now(UTC).isoformat(timespec="seconds"), "cpu": cpu_model(), "cpus": os.cpu_count(),
-            "platform": platform.platform(), "python": platform.python_version(), "models": models or []}
+    return {
+        "edge_spade": version("edge-spade"),
+        "commit": git_commit(),
+        "command": command_line(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "models": models or [],
+    }
 
 
 def command_line() -> str:

@@ -45,12 +45,27 @@ def write_large_checkpoint(folder: Path, shape: dict) -> int:
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
     h, ff, hd = shape["hidden"], shape["ff"], shape["head_dim"]
-    config = {**hf_tiny.ARCH_CONFIG["llama"], "tie_word_embeddings": True, "hidden_size": h, "intermediate_size": ff,
-              "num_hidden_layers": shape["layers"], "num_attention_heads": shape["heads"],
-              "num_key_value_heads": shape["kv_heads"], "head_dim": hd, "vocab_size": shape["vocab"],
-              "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-              "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+    config = {
+        **hf_tiny.ARCH_CONFIG["llama"],
+        "tie_word_embeddings": True,
+        "hidden_size": h,
+        "intermediate_size": ff,
+        "num_hidden_layers": shape["layers"],
+        "num_attention_heads": shape["heads"],
+        "num_key_value_heads": shape["kv_heads"],
+        "head_dim": hd,
+        "vocab_size": shape["vocab"],
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    }
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     rng = np.random.default_rng(0)
 
@@ -61,18 +76,23 @@ def write_large_checkpoint(folder: Path, shape: dict) -> int:
     shards = [("embed", None)] + [("layer", i) for i in range(shape["layers"])]
     for s, (kind, i) in enumerate(progress(shards, len(shards), "write random checkpoint")):
         if kind == "embed":
-            w = {"model.embed_tokens.weight": mat(shape["vocab"], h),
-                 "model.norm.weight": np.ones(h, ml_dtypes.bfloat16)}
+            w = {
+                "model.embed_tokens.weight": mat(shape["vocab"], h),
+                "model.norm.weight": np.ones(h, ml_dtypes.bfloat16),
+            }
         else:
             p = f"model.layers.{i}."
-            w = {p + "input_layernorm.weight": np.ones(h, ml_dtypes.bfloat16),
-                 p + "post_attention_layernorm.weight": np.ones(h, ml_dtypes.bfloat16),
-                 p + "self_attn.q_proj.weight": mat(shape["heads"] * hd, h),
-                 p + "self_attn.k_proj.weight": mat(shape["kv_heads"] * hd, h),
-                 p + "self_attn.v_proj.weight": mat(shape["kv_heads"] * hd, h),
-                 p + "self_attn.o_proj.weight": mat(h, shape["heads"] * hd),
-                 p + "mlp.gate_proj.weight": mat(ff, h), p + "mlp.up_proj.weight": mat(ff, h),
-                 p + "mlp.down_proj.weight": mat(h, ff)}
+            w = {
+                p + "input_layernorm.weight": np.ones(h, ml_dtypes.bfloat16),
+                p + "post_attention_layernorm.weight": np.ones(h, ml_dtypes.bfloat16),
+                p + "self_attn.q_proj.weight": mat(shape["heads"] * hd, h),
+                p + "self_attn.k_proj.weight": mat(shape["kv_heads"] * hd, h),
+                p + "self_attn.v_proj.weight": mat(shape["kv_heads"] * hd, h),
+                p + "self_attn.o_proj.weight": mat(h, shape["heads"] * hd),
+                p + "mlp.gate_proj.weight": mat(ff, h),
+                p + "mlp.up_proj.weight": mat(ff, h),
+                p + "mlp.down_proj.weight": mat(h, ff),
+            }
         name = f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(w, str(folder / name))
         weight_map |= dict.fromkeys(w, name)
@@ -86,17 +106,23 @@ def timed_convert(source: Path, out: Path, quant: str) -> dict:
 
     Peak RSS is the child's own VmHWM (Linux): getrusage's ru_maxrss would also carry the RSS the
     parent had when it forked (this script holds the generated checkpoint's arrays by then)."""
-    code = ("import re, sys; from edge_spade.cli import main; "
-            f"rc = main(['-q', 'convert', {str(source)!r}, '--out', {str(out)!r}, '--quant', {quant!r}, '--force']); "
-            "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)); sys.exit(rc)")
+    code = (
+        "import re, sys; from edge_spade.cli import main; "
+        f"rc = main(['-q', 'convert', {str(source)!r}, '--out', {str(out)!r}, '--quant', {quant!r}, '--force']); "
+        "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)); sys.exit(rc)"
+    )
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(f"convert failed: {proc.stderr}")
     peak_kb = int(proc.stdout.split()[-1])
-    row = {"quant": quant, "seconds": round(seconds, 1), "peak_rss_mb": round(peak_kb / 1024),
-           "file_mb": round((out / "model.gguf").stat().st_size / 1e6, 1)}
+    row = {
+        "quant": quant,
+        "seconds": round(seconds, 1),
+        "peak_rss_mb": round(peak_kb / 1024),
+        "file_mb": round((out / "model.gguf").stat().st_size / 1e6, 1),
+    }
     log.info("%s", row)
     return row
 
@@ -124,10 +150,16 @@ def quant_table(workdir: Path) -> list[dict]:
                 reference = logits
             scale = np.abs(reference).max(axis=1)
             err = np.abs(logits - reference).max(axis=1) / scale
-            rows.append({"arch": arch, "quant": quant, "file_kb": round(bundle.model.stat().st_size / 1024, 1),
-                         "rel_max_logit_error_median": float(np.median(err)),
-                         "top1_agreement": float(np.mean(logits.argmax(1) == reference.argmax(1))),
-                         "n_prompts": len(prompts)})
+            rows.append(
+                {
+                    "arch": arch,
+                    "quant": quant,
+                    "file_kb": round(bundle.model.stat().st_size / 1024, 1),
+                    "rel_max_logit_error_median": float(np.median(err)),
+                    "top1_agreement": float(np.mean(logits.argmax(1) == reference.argmax(1))),
+                    "n_prompts": len(prompts),
+                }
+            )
     return rows
 
 
@@ -148,8 +180,10 @@ def main() -> None:
         result = {"quant_table": quant_table(workdir)}
     print(f"{'arch':<8}{'quant':<8}{'size KB':>9}{'rel err':>10}{'top-1':>7}")
     for r in result["quant_table"]:
-        print(f"{r['arch']:<8}{r['quant']:<8}{r['file_kb']:>9.1f}{r['rel_max_logit_error_median']:>10.2e}"
-              f"{r['top1_agreement']:>7.2f}")
+        print(
+            f"{r['arch']:<8}{r['quant']:<8}{r['file_kb']:>9.1f}{r['rel_max_logit_error_median']:>10.2e}"
+            f"{r['top1_agreement']:>7.2f}"
+        )
     if not args.skip_large:
         folder = workdir / "llama-3.2-1b-shape"
         n_params = write_large_checkpoint(folder, LLAMA_1B)
@@ -158,8 +192,9 @@ def main() -> None:
         result["large"] = {"shape": LLAMA_1B, "n_params": n_params, "checkpoint_mb": round(size / 1e6), "runs": runs}
         print(f"Llama-3.2-1B shape, {n_params / 1e9:.2f} B params, bf16 checkpoint {size / 1e9:.2f} GB:")
         for r in runs:
-            print(f"  -> {r['quant']:<7} {r['seconds']:>7.1f} s  peak RSS {r['peak_rss_mb']} MB  "
-                  f"file {r['file_mb']} MB")
+            print(
+                f"  -> {r['quant']:<7} {r['seconds']:>7.1f} s  peak RSS {r['peak_rss_mb']} MB  file {r['file_mb']} MB"
+            )
     save_json(result, args.out)
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)

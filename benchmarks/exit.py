@@ -41,8 +41,13 @@ from edge_spade.heads import FREE_TOP_K, OnnxHeads
 from edge_spade.policy import ExitPolicy, spade_exit
 
 log = logging.getLogger("benchmarks.exit")
-DATASETS = ["cloze/facts.jsonl", "arc/ARC-Easy-Test.jsonl", "arc/ARC-Challenge-Test.jsonl", "boolq/dev.jsonl",
-            "headqa/dev_HEAD_EN.json"]
+DATASETS = [
+    "cloze/facts.jsonl",
+    "arc/ARC-Easy-Test.jsonl",
+    "arc/ARC-Challenge-Test.jsonl",
+    "boolq/dev.jsonl",
+    "headqa/dev_HEAD_EN.json",
+]
 NEVER = 1e-12  # entropy is never at or below this: hooks and heads run, nothing exits
 
 
@@ -60,24 +65,32 @@ def load_report(rt, folder: str | None) -> tuple[dict, dict[str, OnnxHeads]]:
     return report, tuned
 
 
-def configurations(rt, kind: str, report: dict, tuned, sweep: list[float], tails: list[int],
-                   probe_sweep: list[float]) -> dict[str, tuple]:
+def configurations(
+    rt, kind: str, report: dict, tuned, sweep: list[float], tails: list[int], probe_sweep: list[float]
+) -> dict[str, tuple]:
     """name -> (heads, policy, answer_from, tail K)."""
     head_set = rt.manifest.sets[kind]
     baselines = report["sets"][kind]["thresholds"]
     k = head_set.tail
-    identity = OnnxHeads(export_onnx([LayerHead.identity(rt.engine.n_embd, 1) for _ in head_set.layers],
-                                     rt.engine.head.norm_weight, rt.engine.index.rms_eps))
+    identity = OnnxHeads(
+        export_onnx(
+            [LayerHead.identity(rt.engine.n_embd, 1) for _ in head_set.layers],
+            rt.engine.head.norm_weight,
+            rt.engine.index.rms_eps,
+        )
+    )
     lspade = rt.heads[kind]
 
     def head(tau: float) -> ExitPolicy:
         return ExitPolicy.from_head_set(head_set, tau, signal="lspade")
 
-    configs = {"spade-exit": (lspade, ExitPolicy.from_head_set(head_set), "spade", k),
-               "never-exit": (lspade, head(NEVER), "spade", k),
-               "lspade-exit": (lspade, head(head_set.thresholds.get("lspade", -1.0)), "spade", k),
-               "tuned-lens-exit": (tuned[kind], head(baselines.get("tuned", -1.0)), "head", k),
-               "logit-lens-exit": (identity, head(baselines.get("logit_lens", -1.0)), "head", k)}
+    configs = {
+        "spade-exit": (lspade, ExitPolicy.from_head_set(head_set), "spade", k),
+        "never-exit": (lspade, head(NEVER), "spade", k),
+        "lspade-exit": (lspade, head(head_set.thresholds.get("lspade", -1.0)), "spade", k),
+        "tuned-lens-exit": (tuned[kind], head(baselines.get("tuned", -1.0)), "head", k),
+        "logit-lens-exit": (identity, head(baselines.get("logit_lens", -1.0)), "head", k),
+    }
     for tau in sweep:
         configs[f"lspade-exit@{tau:.3g}"] = (lspade, head(tau), "spade", k)
     if head_set.probe_layers:
@@ -98,8 +111,17 @@ def default_sweep(report_set: dict, n: int = 5) -> list[float]:
     return sorted({round(curve[int(i)]["threshold"], 4) for i in np.linspace(1, len(curve) - 1, n)})
 
 
-def run_dataset(rt, data: str, limit: int | None, sweep: list[float] | None, report: dict, tuned,
-                tails: list[int], probe_sweep: list[float], few_shot: int = 3) -> tuple[list[dict], list[float]]:
+def run_dataset(
+    rt,
+    data: str,
+    limit: int | None,
+    sweep: list[float] | None,
+    report: dict,
+    tuned,
+    tails: list[int],
+    probe_sweep: list[float],
+    few_shot: int = 3,
+) -> tuple[list[dict], list[float]]:
     engine, m = rt.engine, rt.manifest
     items = load_items(data_path(data), limit=limit, few_shot=few_shot)
     kind = "choice" if items[0].choices else "free"
@@ -108,8 +130,9 @@ def run_dataset(rt, data: str, limit: int | None, sweep: list[float] | None, rep
         return [], []
     head_set = m.sets[kind]
     tails = sorted({head_set.tail, *tails})
-    configs = configurations(rt, kind, report, tuned,
-                             default_sweep(report["sets"][kind]) if sweep is None else sweep, tails, probe_sweep)
+    configs = configurations(
+        rt, kind, report, tuned, default_sweep(report["sets"][kind]) if sweep is None else sweep, tails, probe_sweep
+    )
     answers = {name: [] for name in configs}
     exit_layers = {name: [] for name in configs}
     oracle_names = [f"oracle/K{k}" for k in tails]
@@ -143,20 +166,30 @@ def run_dataset(rt, data: str, limit: int | None, sweep: list[float] | None, rep
     rows = []
     for name, (_, policy, _, k) in configs.items():
         t = np.array(times[name])
-        rows.append({
-            "data": data, "method": name, "threshold": policy.threshold, "n": len(items), "tail_k": k,
-            "few_shot": few_shot, "prompt_tokens_median": prompt_tokens,
-            "signal": policy.signal, "eval_layers": list(policy.eval_layers),
-            "accuracy": accuracy(answers[name], gold), "agreement": agreement(answers[name], full_answers),
-            "kappa": cohen_kappa(answers[name], full_answers), "constant_agreement": constant_agreement(full_answers),
-            "full_accuracy": accuracy(full_answers, gold),
-            "mean_exit_layer": float(np.mean(exit_layers[name])),
-            "exit_rate": float(np.mean(np.array(exit_layers[name]) < engine.n_layers - 1)),
-            "speedup_median": float(np.median(full_t / t)),
-            "speedup_total": float(full_t.sum() / t.sum()),
-            "oracle_speedup": float(np.median(full_t / np.array(times[f"oracle/K{k}"]))),
-            "oracle_mean_exit_layer": float(np.mean(oracle_layers[k])),
-        })
+        rows.append(
+            {
+                "data": data,
+                "method": name,
+                "threshold": policy.threshold,
+                "n": len(items),
+                "tail_k": k,
+                "few_shot": few_shot,
+                "prompt_tokens_median": prompt_tokens,
+                "signal": policy.signal,
+                "eval_layers": list(policy.eval_layers),
+                "accuracy": accuracy(answers[name], gold),
+                "agreement": agreement(answers[name], full_answers),
+                "kappa": cohen_kappa(answers[name], full_answers),
+                "constant_agreement": constant_agreement(full_answers),
+                "full_accuracy": accuracy(full_answers, gold),
+                "mean_exit_layer": float(np.mean(exit_layers[name])),
+                "exit_rate": float(np.mean(np.array(exit_layers[name]) < engine.n_layers - 1)),
+                "speedup_median": float(np.median(full_t / t)),
+                "speedup_total": float(full_t.sum() / t.sum()),
+                "oracle_speedup": float(np.median(full_t / np.array(times[f"oracle/K{k}"]))),
+                "oracle_mean_exit_layer": float(np.mean(oracle_layers[k])),
+            }
+        )
     overhead = list(np.array(times["never-exit"]) / full_t)
     return rows, overhead
 
@@ -170,16 +203,28 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="registry name (default: the default model and its shipped heads)")
     p.add_argument("--heads", default=None, help="heads folder (default: the shipped heads)")
-    p.add_argument("--report", default=None,
-                   help="the heads' calibration report folder (default: benchmarks/calibration/<model>, else "
-                        "<heads>-calibration)")
+    p.add_argument(
+        "--report",
+        default=None,
+        help="the heads' calibration report folder (default: benchmarks/calibration/<model>, else <heads>-calibration)",
+    )
     p.add_argument("--data", nargs="+", default=DATASETS)
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--sweep", type=float, nargs="*", default=None, help="extra thresholds (default: from the curve)")
-    p.add_argument("--tail", type=int, nargs="*", default=[],
-                   help="extra SPADE tail widths K for the probe sweep and the oracle (rows carry tail_k)")
-    p.add_argument("--probe-sweep", type=float, nargs="*", default=[0.25, 0.5, 1.0, 2.0],
-                   help="probe thresholds (nats) tried at every tail width")
+    p.add_argument(
+        "--tail",
+        type=int,
+        nargs="*",
+        default=[],
+        help="extra SPADE tail widths K for the probe sweep and the oracle (rows carry tail_k)",
+    )
+    p.add_argument(
+        "--probe-sweep",
+        type=float,
+        nargs="*",
+        default=[0.25, 0.5, 1.0, 2.0],
+        help="probe thresholds (nats) tried at every tail width",
+    )
     p.add_argument("--few-shot", type=int, default=3, help="cloze facts: solved examples before each fact")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)
@@ -191,23 +236,32 @@ def main(argv: list[str] | None = None) -> int:
     report, tuned = load_report(rt, args.report)
     rows, overhead, by_data = [], [], {}
     for data in args.data:
-        r, o = run_dataset(rt, data, args.limit, args.sweep, report, tuned, args.tail, args.probe_sweep,
-                           args.few_shot)
+        r, o = run_dataset(rt, data, args.limit, args.sweep, report, tuned, args.tail, args.probe_sweep, args.few_shot)
         rows += r
         overhead += o
         if o:
             by_data[data] = float(statistics.median(o))
-    result = {"model": rt.name, "rows": rows, "overhead_no_exit": float(statistics.median(overhead)),
-              "overhead_no_exit_by_data": by_data}  # choice and free checks differ: one figure would hide that
-    print(f"{rt.name}: overhead with hooks and heads but no exit: x{result['overhead_no_exit']:.3f} "
-          f"({', '.join(f'{Path(d).stem} x{v:.3f}' for d, v in by_data.items())})")
-    print(f"{'data':<26}{'method':<26}{'K':>3}{'thr':>7}{'n':>5}{'acc':>7}{'agree':>7}{'kappa':>7}{'const':>7}"
-          f"{'exit L':>7}{'exits':>6}{'median':>8}{'total':>7}{'oracle':>8}")
+    result = {
+        "model": rt.name,
+        "rows": rows,
+        "overhead_no_exit": float(statistics.median(overhead)),
+        "overhead_no_exit_by_data": by_data,
+    }  # choice and free checks differ: one figure would hide that
+    print(
+        f"{rt.name}: overhead with hooks and heads but no exit: x{result['overhead_no_exit']:.3f} "
+        f"({', '.join(f'{Path(d).stem} x{v:.3f}' for d, v in by_data.items())})"
+    )
+    print(
+        f"{'data':<26}{'method':<26}{'K':>3}{'thr':>7}{'n':>5}{'acc':>7}{'agree':>7}{'kappa':>7}{'const':>7}"
+        f"{'exit L':>7}{'exits':>6}{'median':>8}{'total':>7}{'oracle':>8}"
+    )
     for r in rows:
-        print(f"{r['data']:<26}{r['method']:<26}{r['tail_k']:>3}{r['threshold']:>7.3g}{r['n']:>5}"
-              f"{r['accuracy']:>7.3f}{r['agreement']:>7.3f}{r['kappa']:>7.3f}{r['constant_agreement']:>7.3f}"
-              f"{r['mean_exit_layer']:>7.2f}{r['exit_rate']:>6.2f}{r['speedup_median']:>8.2f}"
-              f"{r['speedup_total']:>7.2f}{r['oracle_speedup']:>8.2f}")
+        print(
+            f"{r['data']:<26}{r['method']:<26}{r['tail_k']:>3}{r['threshold']:>7.3g}{r['n']:>5}"
+            f"{r['accuracy']:>7.3f}{r['agreement']:>7.3f}{r['kappa']:>7.3f}{r['constant_agreement']:>7.3f}"
+            f"{r['mean_exit_layer']:>7.2f}{r['exit_rate']:>6.2f}{r['speedup_median']:>8.2f}"
+            f"{r['speedup_total']:>7.2f}{r['oracle_speedup']:>8.2f}"
+        )
     if args.out:
         out = save_json(result, args.out, [rt])
         plot(result, out.with_suffix(".png"))
@@ -226,8 +280,9 @@ def plot(result: dict, png: Path) -> None:
         name = Path(data).stem
         families = {"L-SPADE sweep": [r for r in rows if r["data"] == data and r["method"].startswith("lspade-exit@")]}
         for k in sorted({r["tail_k"] for r in rows if r["method"].startswith("spade-probe@")}):
-            families[f"probes K={k}"] = [r for r in rows if r["data"] == data and r["method"].startswith("spade-probe@")
-                                         and r["tail_k"] == k]
+            families[f"probes K={k}"] = [
+                r for r in rows if r["data"] == data and r["method"].startswith("spade-probe@") and r["tail_k"] == k
+            ]
         for family, members in families.items():
             if members:
                 pts = sorted((r["speedup_median"], r["agreement"]) for r in members)
@@ -235,8 +290,13 @@ def plot(result: dict, png: Path) -> None:
         for r in rows:
             if r["data"] == data and r["method"] in ("spade-exit", "lspade-exit", "tuned-lens-exit", "logit-lens-exit"):
                 ax.scatter(r["speedup_median"], r["agreement"], marker="*", s=120, zorder=3)
-                ax.annotate(r["method"], (r["speedup_median"], r["agreement"]), fontsize=7,
-                            xytext=(4, -10), textcoords="offset points")
+                ax.annotate(
+                    r["method"],
+                    (r["speedup_median"], r["agreement"]),
+                    fontsize=7,
+                    xytext=(4, -10),
+                    textcoords="offset points",
+                )
     ax.axhline(0.98, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("median wall-clock speedup vs full depth")
     ax.set_ylabel("agreement with the full model")

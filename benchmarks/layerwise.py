@@ -60,8 +60,9 @@ def run(model: str | None, data: str, limit: int | None, tails: list[int], threa
                     out = full
                 else:
                     keep = [i for i, pos in enumerate(trace.tail_rows) if pos == 0 or pos >= len(prompt.tokens) - k]
-                    logits = engine.spade_tail(trace.states[layer][keep], layer, None,
-                                               [prompt.tokens[trace.tail_rows[i]] for i in keep])
+                    logits = engine.spade_tail(
+                        trace.states[layer][keep], layer, None, [prompt.tokens[trace.tail_rows[i]] for i in keep]
+                    )
                     out = decide(prompt, logits)
                 answers[method][layer].append(out[0])
                 top1[method][layer].append(out[1])
@@ -70,13 +71,24 @@ def run(model: str | None, data: str, limit: int | None, tails: list[int], threa
         row = {"layer": layer}
         for m in methods:
             a = answers[m][layer]
-            row[m] = {"acc": accuracy(a, gold), "agree": agreement(a, full_answers),
-                      "kappa": cohen_kappa(a, full_answers), "top1_agree": agreement(top1[m][layer], full_top1)}
+            row[m] = {
+                "acc": accuracy(a, gold),
+                "agree": agreement(a, full_answers),
+                "kappa": cohen_kappa(a, full_answers),
+                "top1_agree": agreement(top1[m][layer], full_top1),
+            }
         layers.append(row)
     return {
-        "model": rt.name, "data": str(data), "n": len(items), "n_layers": L, "tails": tails,
-        "full": {"acc": accuracy(full_answers, gold), "constant_agreement": constant_agreement(full_answers),
-                 "answer_counts": _counts(full_answers, engine, bool(items and items[0].choices))},
+        "model": rt.name,
+        "data": str(data),
+        "n": len(items),
+        "n_layers": L,
+        "tails": tails,
+        "full": {
+            "acc": accuracy(full_answers, gold),
+            "constant_agreement": constant_agreement(full_answers),
+            "answer_counts": _counts(full_answers, engine, bool(items and items[0].choices)),
+        },
         "layers": layers,
     }
 
@@ -97,13 +109,17 @@ def _counts(answers: list[int], engine, choices: bool) -> dict[str, int]:
 def print_table(result: dict) -> None:
     methods = [m for m in result["layers"][0] if m != "layer"]
     full = result["full"]
-    print(f"{result['model']} on {result['data']} (n={result['n']}): full-model accuracy {full['acc']:.3f}, "
-          f"constant-answer agreement {full['constant_agreement']:.3f}, answers {full['answer_counts']}")
+    print(
+        f"{result['model']} on {result['data']} (n={result['n']}): full-model accuracy {full['acc']:.3f}, "
+        f"constant-answer agreement {full['constant_agreement']:.3f}, answers {full['answer_counts']}"
+    )
     head = "layer " + " ".join(f"{m + ' acc/agree/kappa/top1':>36}" for m in methods)
     print(head)
     for row in result["layers"]:
-        cells = [f"{row[m]['acc']:8.3f} {row[m]['agree']:8.3f} {row[m]['kappa']:8.3f} {row[m]['top1_agree']:8.3f}"
-                 for m in methods]
+        cells = [
+            f"{row[m]['acc']:8.3f} {row[m]['agree']:8.3f} {row[m]['kappa']:8.3f} {row[m]['top1_agree']:8.3f}"
+            for m in methods
+        ]
         print(f"{row['layer']:>5} " + " ".join(f"{c:>36}" for c in cells))
 
 

@@ -48,9 +48,15 @@ def run(models: list[str], data: str, limit: int, fractions: list[float], thread
                     ratios.setdefault((rt.name, mode), []).append(per_mode["full"] / ms)
     rows = []
     for (name, mode), ms in times.items():
-        rows.append({"model": name, "mode": mode, "median_ms": statistics.median(ms),
-                     "median_speedup": statistics.median(ratios[(name, mode)]) if mode != "full" else 1.0,
-                     "median_prompt_tokens": statistics.median(tokens[name])})
+        rows.append(
+            {
+                "model": name,
+                "mode": mode,
+                "median_ms": statistics.median(ms),
+                "median_speedup": statistics.median(ratios[(name, mode)]) if mode != "full" else 1.0,
+                "median_prompt_tokens": statistics.median(tokens[name]),
+            }
+        )
     return {"data": data, "n": len(items), "threads": threads, "rows": rows}
 
 
@@ -68,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.models, args.data, args.limit, args.fractions, args.threads, args.repeat)
     print(f"{'model':<16}{'mode':<14}{'median ms':>10}{'speedup':>9}{'tokens':>8}")
     for r in result["rows"]:
-        print(f"{r['model']:<16}{r['mode']:<14}{r['median_ms']:>10.1f}{r['median_speedup']:>9.2f}"
-              f"{r['median_prompt_tokens']:>8.0f}")
+        print(
+            f"{r['model']:<16}{r['mode']:<14}{r['median_ms']:>10.1f}{r['median_speedup']:>9.2f}"
+            f"{r['median_prompt_tokens']:>8.0f}"
+        )
     if args.out:
         save_json(result, args.out)
     return 0

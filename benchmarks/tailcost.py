@@ -28,8 +28,10 @@ if __package__ in (None, ""):
 from benchmarks.common import progress, pyplot, save_json
 from edge_spade import load_model
 
-PROMPT = ("Paris is the capital of France. Rome is the capital of Italy. Madrid is the capital of Spain. "
-          "Berlin is the capital of")
+PROMPT = (
+    "Paris is the capital of France. Rome is the capital of Italy. Madrid is the capital of Spain. "
+    "Berlin is the capital of"
+)
 
 
 def medians_ms(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
@@ -56,29 +58,48 @@ def run(model: str | None, widths: list[int], layers: list[int] | None, repeat: 
         for k in widths:
             states = np.zeros((k + 1, engine.n_embd), np.float32)
             row = {"layer": layer, "tail_k": k, "tail_model": layer in engine.tail_model_layers}
-            runs = {f"{way}_{label}_ms": partial(engine.spade_tail, states, layer, decision, side=True,
-                                                 tail_model=way == "cut")
-                    for label, decision in (("vocab", None), ("choice", ids)) for way in ("whole", "cut")}
+            runs = {
+                f"{way}_{label}_ms": partial(
+                    engine.spade_tail, states, layer, decision, side=True, tail_model=way == "cut"
+                )
+                for label, decision in (("vocab", None), ("choice", ids))
+                for way in ("whole", "cut")
+            }
             row.update(medians_ms(runs, repeat))
             rows.append(row)
             logging.getLogger("benchmarks").info("%s", row)
-    full = {"prompt_tokens": len(tokens), **medians_ms({"full_vocab_ms": lambda: engine.full(tokens, None),
-                                                          "full_choice_ms": lambda: engine.full(tokens, ids)}, repeat)}
-    return {"model": rt.name, "n_layers": engine.n_layers, "threads": engine.threads, "repeat": repeat,
-            "full": full, "rows": rows}
+    full = {
+        "prompt_tokens": len(tokens),
+        **medians_ms(
+            {"full_vocab_ms": lambda: engine.full(tokens, None), "full_choice_ms": lambda: engine.full(tokens, ids)},
+            repeat,
+        ),
+    }
+    return {
+        "model": rt.name,
+        "n_layers": engine.n_layers,
+        "threads": engine.threads,
+        "repeat": repeat,
+        "full": full,
+        "rows": rows,
+    }
 
 
 def report(result: dict) -> None:
     f = result["full"]
-    print(f"**{result['model']}** ({result['n_layers']} layers, {result['threads']} threads): full answer of a "
-          f"{f['prompt_tokens']}-token prompt {f['full_vocab_ms']} ms over the vocabulary, "
-          f"{f['full_choice_ms']} ms over a decision set\n")
+    print(
+        f"**{result['model']}** ({result['n_layers']} layers, {result['threads']} threads): full answer of a "
+        f"{f['prompt_tokens']}-token prompt {f['full_vocab_ms']} ms over the vocabulary, "
+        f"{f['full_choice_ms']} ms over a decision set\n"
+    )
     print("| layer | K | whole model, vocab | tail model, vocab | whole model, choice | tail model, choice |")
     print("|---|---|---|---|---|---|")
     for r in result["rows"]:
         mark = "" if r["tail_model"] else " (none)"
-        print(f"| {r['layer']} | {r['tail_k']} | {r['whole_vocab_ms']} | {r['cut_vocab_ms']}{mark} | "
-              f"{r['whole_choice_ms']} | {r['cut_choice_ms']}{mark} |")
+        print(
+            f"| {r['layer']} | {r['tail_k']} | {r['whole_vocab_ms']} | {r['cut_vocab_ms']}{mark} | "
+            f"{r['whole_choice_ms']} | {r['cut_choice_ms']}{mark} |"
+        )
 
 
 def plot(result: dict, png: Path) -> None:
@@ -88,9 +109,14 @@ def plot(result: dict, png: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for k in sorted({r["tail_k"] for r in result["rows"]}):
         rs = [r for r in result["rows"] if r["tail_k"] == k]
-        line, = ax.plot([r["layer"] for r in rs], [r["whole_vocab_ms"] for r in rs], "--", label=f"K={k} whole model")
-        ax.plot([r["layer"] for r in rs], [r["cut_vocab_ms"] for r in rs], "-", color=line.get_color(),
-                label=f"K={k} tail model")
+        (line,) = ax.plot([r["layer"] for r in rs], [r["whole_vocab_ms"] for r in rs], "--", label=f"K={k} whole model")
+        ax.plot(
+            [r["layer"] for r in rs],
+            [r["cut_vocab_ms"] for r in rs],
+            "-",
+            color=line.get_color(),
+            label=f"K={k} tail model",
+        )
     ax.axhline(result["full"]["full_vocab_ms"], color="gray", lw=0.8, label="full answer")
     ax.set_xlabel("tail starts after layer")
     ax.set_ylabel("ms (median)")

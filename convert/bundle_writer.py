@@ -22,8 +22,9 @@ from edge_spade.weights import read_index
 log = logging.getLogger(__name__)
 
 
-def build_bundle(out: str | Path, write_model: Callable[[Path], None], source: dict[str, Any],
-                 force: bool = False) -> Bundle:
+def build_bundle(
+    out: str | Path, write_model: Callable[[Path], None], source: dict[str, Any], force: bool = False
+) -> Bundle:
     """Create bundle `out`: `write_model(path)` writes model.gguf; the rest is recorded here."""
     out = Path(out).expanduser().resolve()
     if out.exists() and not (out.is_dir() and (force or not any(out.iterdir()))):

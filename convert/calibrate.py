@@ -38,11 +38,28 @@ from .trace import Sample, collect
 log = logging.getLogger(__name__)
 
 
-def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[int], *, holdout: float,
-                  target_agreement: float, confidence: float, rank: int, steps: int, lr: float, tail: int,
-                  top_k: int, seed: int, data_names: list[str], plan: dict | None = None,
-                  frontier: dict | None = None, max_overhead: float = 0.03, by_key: bool = True,
-                  few_shot: Sequence[int] | None = None) -> tuple[HeadSet, dict[str, bytes], dict, dict[str, bytes]]:
+def calibrate_set(
+    rt: Runtime,
+    samples: list[Sample],
+    kind: str,
+    layers: list[int],
+    *,
+    holdout: float,
+    target_agreement: float,
+    confidence: float,
+    rank: int,
+    steps: int,
+    lr: float,
+    tail: int,
+    top_k: int,
+    seed: int,
+    data_names: list[str],
+    plan: dict | None = None,
+    frontier: dict | None = None,
+    max_overhead: float = 0.03,
+    by_key: bool = True,
+    few_shot: Sequence[int] | None = None,
+) -> tuple[HeadSet, dict[str, bytes], dict, dict[str, bytes]]:
     """One answer kind: train the heads, certify the thresholds, export.
 
     Returns the head set and its ONNX file (what the runtime loads), and its calibration report
@@ -63,9 +80,18 @@ def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[in
     train_ent, _ = judge(rt, lspade, layers, train, top_k, candidates)
     if "full_ms" in costs:  # an L-SPADE exit runs its tail on the whole model
         exit_cost = (np.array(layers) + 1) / L + costs["tail_ms"] / costs["full_ms"]
-        eval_layers = thin_layers(train, train_ent, layers, L, target_agreement, confidence, exit_cost,
-                                  costs.get("check_ms", 0.0) / costs.get("check_full_ms", costs["full_ms"]),
-                                  max_overhead, by_key)
+        eval_layers = thin_layers(
+            train,
+            train_ent,
+            layers,
+            L,
+            target_agreement,
+            confidence,
+            exit_cost,
+            costs.get("check_ms", 0.0) / costs.get("check_full_ms", costs["full_ms"]),
+            max_overhead,
+            by_key,
+        )
     else:
         eval_layers = list(layers)
     cols = [layers.index(layer) for layer in eval_layers]  # the lens baselines are judged on the same layers
@@ -76,41 +102,74 @@ def calibrate_set(rt: Runtime, samples: list[Sample], kind: str, layers: list[in
         curves[name] = exit_curve(full, answers[:, cols], ent[:, cols], eval_layers, L, confidence, held_keys)
         thresholds[name] = pick_threshold(curves[name], target_agreement)
         if name == "lspade":
-            layer_stats = [{"layer": layer, "spade_agree_full": float((spade_answers[:, j] == full).mean()),
-                            "lspade_agree_spade": float((own[:, j] == spade_answers[:, j]).mean()),
-                            "mean_entropy": float(ent[:, j].mean())} for j, layer in enumerate(layers)]
+            layer_stats = [
+                {
+                    "layer": layer,
+                    "spade_agree_full": float((spade_answers[:, j] == full).mean()),
+                    "lspade_agree_spade": float((own[:, j] == spade_answers[:, j]).mean()),
+                    "mean_entropy": float(ent[:, j].mean()),
+                }
+                for j, layer in enumerate(layers)
+            ]
     if plan.get("curve"):
         curves["spade"] = plan["curve"]
     thresholds["spade"] = plan.get("threshold", -1.0)
     head_set = HeadSet(
-        kind=kind, file=f"lspade-{kind}.onnx", layers=layers, eval_layers=eval_layers, threshold=thresholds["lspade"],
-        thresholds={name: thresholds[name] for name in ("lspade", "spade")}, tail=tail,
+        kind=kind,
+        file=f"lspade-{kind}.onnx",
+        layers=layers,
+        eval_layers=eval_layers,
+        threshold=thresholds["lspade"],
+        thresholds={name: thresholds[name] for name in ("lspade", "spade")},
+        tail=tail,
         top_k=top_k if kind == "free" else None,
         candidates=candidates.tolist() if candidates is not None else None,
         calibration={
-            "data": data_names, **({"few_shot": list(few_shot)} if few_shot and kind == "free" else {}),
-            "n_prompts": len(samples), "n_train": len(train), "n_holdout": len(held),
+            "data": data_names,
+            **({"few_shot": list(few_shot)} if few_shot and kind == "free" else {}),
+            "n_prompts": len(samples),
+            "n_train": len(train),
+            "n_holdout": len(held),
             "holdout_by": "fact" if by_key else "prompt",
-            "target": ("SPADE's distribution over each prompt's decision set" if kind == "choice" else
-                       f"SPADE's distribution over its top-{top_k} tokens at the same layer, scored over every "
-                       "candidate token"),
-            "target_agreement": target_agreement, "confidence": confidence,
-            "bound": ("Clopper-Pearson, one-sided, over held-out facts (a fact agrees when all its prompts do)"
-                      if by_key else "Clopper-Pearson, one-sided, over held-out prompts"),
-            "min_exit_rate": 0.05, "max_overhead": max_overhead, "probe_objective": plan.get("objective", "median"),
-            "steps": steps, "lr": lr, "train_seconds": round(time.perf_counter() - t0, 1),
+            "target": (
+                "SPADE's distribution over each prompt's decision set"
+                if kind == "choice"
+                else f"SPADE's distribution over its top-{top_k} tokens at the same layer, scored over every "
+                "candidate token"
+            ),
+            "target_agreement": target_agreement,
+            "confidence": confidence,
+            "bound": (
+                "Clopper-Pearson, one-sided, over held-out facts (a fact agrees when all its prompts do)"
+                if by_key
+                else "Clopper-Pearson, one-sided, over held-out prompts"
+            ),
+            "min_exit_rate": 0.05,
+            "max_overhead": max_overhead,
+            "probe_objective": plan.get("objective", "median"),
+            "steps": steps,
+            "lr": lr,
+            "train_seconds": round(time.perf_counter() - t0, 1),
         },
         signal="spade" if plan.get("pays") else "lspade",
         probe_layers=plan.get("probe_layers", []),
         costs=costs,
     )
     tuned_file = f"tuned-{kind}.onnx"
-    report = {"tuned_file": tuned_file, "thresholds": {name: thresholds[name] for name in ("tuned", "logit_lens")},
-              "curves": {k: [p.__dict__ for p in v] for k, v in curves.items()}, "layer_stats": layer_stats,
-              "tail_frontier": frontier or {}}
+    report = {
+        "tuned_file": tuned_file,
+        "thresholds": {name: thresholds[name] for name in ("tuned", "logit_lens")},
+        "curves": {k: [p.__dict__ for p in v] for k, v in curves.items()},
+        "layer_stats": layer_stats,
+        "tail_frontier": frontier or {},
+    }
     norm, eps = engine.head.norm_weight, engine.index.rms_eps
-    return (head_set, {head_set.file: export_onnx(lspade, norm, eps)}, report,
-            {tuned_file: export_onnx(tuned, norm, eps)})
+    return (
+        head_set,
+        {head_set.file: export_onnx(lspade, norm, eps)},
+        report,
+        {tuned_file: export_onnx(tuned, norm, eps)},
+    )
 
 
 def calibrate(
@@ -174,32 +233,68 @@ def calibrate(
             by_k[k] = collect(rt, kind_items, tail=k, progress=progress, top_k=top_k)
             log.info("collected %d %s prompts (tail %d) in %.0f s", len(by_k[k]), kind, k, time.perf_counter() - t0)
             costs = measure_costs(rt, kind_items, k)
-            log.info("%s, tail %d: full answer %.1f ms, SPADE tail %.1f ms on the whole model, %.1f ms above "
-                     "layer %d", kind, k, costs["full_ms"], costs["tail_ms"], costs["tail_mid_ms"],
-                     costs["tail_mid_layer"])
+            log.info(
+                "%s, tail %d: full answer %.1f ms, SPADE tail %.1f ms on the whole model, %.1f ms above layer %d",
+                kind,
+                k,
+                costs["full_ms"],
+                costs["tail_ms"],
+                costs["tail_mid_ms"],
+                costs["tail_mid_layer"],
+            )
             train, held = split(by_k[k], holdout, seed, by_key)
-            plans[k] = probe_plan(train, held, layers, engine.n_layers, costs, top_k, target_agreement, confidence,
-                                  by_key, objective)
+            plans[k] = probe_plan(
+                train, held, layers, engine.n_layers, costs, top_k, target_agreement, confidence, by_key, objective
+            )
             frontier[k] = frontier_row(held, layers, engine.n_layers, plans[k])
         k = choose_tail(frontier)
         log.info("%s answers: tail width %d chosen from %s", kind, k, sorted(frontier))
         train, _ = split(by_k[k], holdout, seed, by_key)
-        check_ms, check_full_ms = measure_check_ms(rt, kind_items, free_candidates(train) if kind == "free" else None,
-                                                   rank)
+        check_ms, check_full_ms = measure_check_ms(
+            rt, kind_items, free_candidates(train) if kind == "free" else None, rank
+        )
         plans[k]["costs"].update(check_ms=check_ms, check_full_ms=check_full_ms)
-        log.info("%s answers: one L-SPADE check costs %.2f ms inside the pass (full answer %.1f ms)", kind, check_ms,
-                 check_full_ms)
+        log.info(
+            "%s answers: one L-SPADE check costs %.2f ms inside the pass (full answer %.1f ms)",
+            kind,
+            check_ms,
+            check_full_ms,
+        )
         sets[kind], kind_files, reports[kind], kind_report_files = calibrate_set(
-            rt, by_k[k], kind, layers, holdout=holdout, target_agreement=target_agreement, confidence=confidence,
-            rank=rank, steps=steps, lr=lr, tail=k, top_k=top_k, seed=seed, data_names=data_names, plan=plans[k],
-            frontier={str(w): row for w, row in frontier.items()}, max_overhead=max_overhead, by_key=by_key,
-            few_shot=few_shot)
+            rt,
+            by_k[k],
+            kind,
+            layers,
+            holdout=holdout,
+            target_agreement=target_agreement,
+            confidence=confidence,
+            rank=rank,
+            steps=steps,
+            lr=lr,
+            tail=k,
+            top_k=top_k,
+            seed=seed,
+            data_names=data_names,
+            plan=plans[k],
+            frontier={str(w): row for w, row in frontier.items()},
+            max_overhead=max_overhead,
+            by_key=by_key,
+            few_shot=few_shot,
+        )
         files.update(kind_files)
         report_files.update(kind_report_files)
     manifest = HeadsManifest(
-        format=HEADS_FORMAT, model=rt.name, model_file=engine.path.name, output_fingerprint=engine.head.fingerprint(),
-        arch=engine.arch.name, n_layers=engine.n_layers, n_embd=engine.n_embd, rank=rank, onnx_opset=ONNX_OPSET,
-        dtype="float16", sets={**kept_sets, **sets},
+        format=HEADS_FORMAT,
+        model=rt.name,
+        model_file=engine.path.name,
+        output_fingerprint=engine.head.fingerprint(),
+        arch=engine.arch.name,
+        n_layers=engine.n_layers,
+        n_embd=engine.n_embd,
+        rank=rank,
+        onnx_opset=ONNX_OPSET,
+        dtype="float16",
+        sets={**kept_sets, **sets},
     )
     write_heads(out_dir, manifest, {**kept_files, **files})
     write_report(report_dir, manifest, {**kept_report, **reports}, {**kept_report_files, **report_files})
@@ -210,10 +305,19 @@ def _widths(tail: int | Sequence[int]) -> list[int]:
     return sorted({tail} if isinstance(tail, int) else set(tail))
 
 
-def calibrate_model(model: str | None, data: Sequence[str], out: str | Path | None = None, *,
-                    report: str | Path | None = None, limit: int | None = None, variants: int = 3,
-                    few_shot: Sequence[int] = (3,), threads: int | None = None, progress: Callable | None = None,
-                    **options) -> tuple[HeadsManifest, Path]:
+def calibrate_model(
+    model: str | None,
+    data: Sequence[str],
+    out: str | Path | None = None,
+    *,
+    report: str | Path | None = None,
+    limit: int | None = None,
+    variants: int = 3,
+    few_shot: Sequence[int] = (3,),
+    threads: int | None = None,
+    progress: Callable | None = None,
+    **options,
+) -> tuple[HeadsManifest, Path]:
     """`edge-spade calibrate`: load the model and the data files, calibrate, write the heads.
 
     `out` defaults to a bundle's own heads/ folder (recorded in its bundle.json afterwards);
@@ -235,8 +339,16 @@ def calibrate_model(model: str | None, data: Sequence[str], out: str | Path | No
     out = Path(out)
     rt = load_model(model, threads=threads, heads=False)
     try:
-        manifest = calibrate(rt, items, out, data_names=[Path(p).name for p in data], few_shot=few_shot,
-                             report_dir=report, progress=progress, **options)
+        manifest = calibrate(
+            rt,
+            items,
+            out,
+            data_names=[Path(p).name for p in data],
+            few_shot=few_shot,
+            report_dir=report,
+            progress=progress,
+            **options,
+        )
     finally:
         rt.close()
     if bundle and out.resolve() == bundle.folder / HEADS_DIR:

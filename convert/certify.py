@@ -24,8 +24,14 @@ def clopper_pearson_lower(successes: int, n: int, confidence: float = 0.95) -> f
         return alpha ** (1.0 / n)
 
     def upper_tail(p: float) -> float:  # P(X >= successes | n, p)
-        logs = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p)
-                + (n - k) * math.log1p(-p) for k in range(successes, n + 1)]
+        logs = [
+            math.lgamma(n + 1)
+            - math.lgamma(k + 1)
+            - math.lgamma(n - k + 1)
+            + k * math.log(p)
+            + (n - k) * math.log1p(-p)
+            for k in range(successes, n + 1)
+        ]
         top = max(logs)
         return math.exp(top) * sum(math.exp(x - top) for x in logs)
 
@@ -62,8 +68,15 @@ class CurvePoint:
     exit_rate: float
 
 
-def exit_curve(full: np.ndarray, answers: np.ndarray, entropies: np.ndarray, layers: list[int], n_layers: int,
-               confidence: float, keys: Sequence[str] | None = None) -> list[CurvePoint]:
+def exit_curve(
+    full: np.ndarray,
+    answers: np.ndarray,
+    entropies: np.ndarray,
+    layers: list[int],
+    n_layers: int,
+    confidence: float,
+    keys: Sequence[str] | None = None,
+) -> list[CurvePoint]:
     """Agreement with the full answer and mean exit layer at every useful threshold.
 
     full: (N,) full answers; answers: (N, len(layers)) the answer given on exiting at each layer.
@@ -85,8 +98,15 @@ def exit_curve(full: np.ndarray, answers: np.ndarray, entropies: np.ndarray, lay
         answer = np.where(first >= 0, answers[np.arange(len(full)), idx], full)
         layer = np.where(first >= 0, np.array(layers)[idx], n_layers - 1)
         ok = answer == full
-        curve.append(CurvePoint(float(tau), float(ok.mean()), agreement_bound(ok, facts, confidence),
-                                float(layer.mean()), float((first >= 0).mean())))
+        curve.append(
+            CurvePoint(
+                float(tau),
+                float(ok.mean()),
+                agreement_bound(ok, facts, confidence),
+                float(layer.mean()),
+                float((first >= 0).mean()),
+            )
+        )
     return curve
 
 

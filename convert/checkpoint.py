@@ -111,10 +111,12 @@ def snapshot(repo: str, revision: str = "main", cache_dir: str | Path | None = N
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id=repo, revision=revision, allow_patterns=HUB_PATTERNS,
-                                      cache_dir=cache_dir))
+        return Path(
+            snapshot_download(repo_id=repo, revision=revision, allow_patterns=HUB_PATTERNS, cache_dir=cache_dir)
+        )
     except LocalEntryNotFoundError:
-        raise ModelUnavailableError(f"{repo} is not in the local Hugging Face cache and the hub cannot be reached") \
-            from None
+        raise ModelUnavailableError(
+            f"{repo} is not in the local Hugging Face cache and the hub cannot be reached"
+        ) from None
     except (HfHubHTTPError, OSError) as exc:
         raise ModelUnavailableError(f"could not download {repo}: {exc}") from None

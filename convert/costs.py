@@ -26,8 +26,9 @@ def timing_items(items: list[Item], n: int) -> list[Item]:
     return [items[0], *items[::step][:n]]
 
 
-def measure_check_ms(rt: Runtime, items: list[Item], candidates: np.ndarray | None, rank: int, n: int = 5,
-                     repeats: int = 3) -> tuple[float, float]:
+def measure_check_ms(
+    rt: Runtime, items: list[Item], candidates: np.ndarray | None, rank: int, n: int = 5, repeats: int = 3
+) -> tuple[float, float]:
     """(what one L-SPADE check adds to a prompt pass that does not exit, the full answer), in ms:
     full-depth answers against passes checking every layer with a threshold that never exits
     (heads of the trained rank and the same candidate rows, so the same work); the added time is
@@ -37,11 +38,15 @@ def measure_check_ms(rt: Runtime, items: list[Item], candidates: np.ndarray | No
     layers = tuple(range(1, engine.n_layers - 1))
     if not layers:
         return 0.0, 0.0
-    heads = OnnxHeads(export_onnx([LayerHead.identity(engine.n_embd, rank) for _ in layers],
-                                  engine.head.norm_weight, engine.index.rms_eps))
+    heads = OnnxHeads(
+        export_onnx(
+            [LayerHead.identity(engine.n_embd, rank) for _ in layers], engine.head.norm_weight, engine.index.rms_eps
+        )
+    )
     cands = tuple(int(c) for c in candidates) if candidates is not None else None
-    policy = ExitPolicy(1e-12, layers, {layer: i for i, layer in enumerate(layers)},
-                        FREE_TOP_K if cands else None, cands)
+    policy = ExitPolicy(
+        1e-12, layers, {layer: i for i, layer in enumerate(layers)}, FREE_TOP_K if cands else None, cands
+    )
     full, never = [], []
     for i, item in enumerate(timing_items(items, n)):  # a warm-up first, as in measure_costs
         prompt = rt.prompt(item.question, item.choices)
@@ -103,8 +108,9 @@ def tail_costs(costs: dict[str, float], layers: Sequence[int], n_layers: int) ->
     return np.array([fixed + per_layer * (n_layers - 1 - layer) for layer in layers]) / costs["full_ms"]
 
 
-def probe_cost(ent: np.ndarray, probes: list[int], tau: float, n_layers: int, tail_cost: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray]:
+def probe_cost(
+    ent: np.ndarray, probes: list[int], tau: float, n_layers: int, tail_cost: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Per sample: (index of the exit probe or -1, cost relative to the full answer).
 
     ent: (N, len(probes)) SPADE entropies at the probe layers; tail_cost: each probe's cost.

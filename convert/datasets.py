@@ -30,8 +30,9 @@ class Item:
     key: str = ""  # what prompts of one source share (the few-shot variants of a cloze fact); "" = id
 
 
-def load_items(path: str | Path, limit: int | None = None, few_shot: int | Sequence[int] = 3, seed: int = 0,
-               variants: int = 1) -> list[Item]:
+def load_items(
+    path: str | Path, limit: int | None = None, few_shot: int | Sequence[int] = 3, seed: int = 0, variants: int = 1
+) -> list[Item]:
     """Items of one file; cloze prompts get a few-shot prefix from other items of their category
     (`variants` prefixes per fact and per count in `few_shot`, for calibration: all prompts of one
     fact share its key)."""
@@ -55,8 +56,12 @@ def load_items(path: str | Path, limit: int | None = None, few_shot: int | Seque
             counts = [few_shot] if isinstance(few_shot, int) else list(few_shot)
             if not counts or min(counts) < 0:
                 raise DatasetError(f"few-shot counts must be zero or more, got {few_shot!r}")
-            items = [item for n, shots in enumerate(counts) for v in range(variants)
-                     for item in _cloze(rows, shots, seed + v, f"-{shots}shot" * (n > 0) + f"-v{v}" * (v > 0))]
+            items = [
+                item
+                for n, shots in enumerate(counts)
+                for v in range(variants)
+                for item in _cloze(rows, shots, seed + v, f"-{shots}shot" * (n > 0) + f"-v{v}" * (v > 0))
+            ]
         else:
             raise DatasetError(f"{path}: not ARC, BoolQ, HEAD-QA or cloze facts (keys: {sorted(first)})")
     return items[:limit] if limit else items
@@ -83,8 +88,9 @@ def _headqa(data: dict, group: str) -> list[Item]:
                 continue  # refers to an image that is not in the text release
             aids = [a["aid"] for a in q["answers"]]
             gold = aids.index(int(q["ra"])) if int(q["ra"]) in aids else None
-            items.append(Item(f"{exam['name']}-{q['qid']}", q["qtext"], tuple(a["atext"] for a in q["answers"]),
-                              gold, group))
+            items.append(
+                Item(f"{exam['name']}-{q['qid']}", q["qtext"], tuple(a["atext"] for a in q["answers"]), gold, group)
+            )
     return items
 
 
@@ -98,6 +104,14 @@ def _cloze(rows: list[dict], few_shot: int, seed: int, suffix: str = "") -> list
         others = [o for o in by_cat[r.get("category", "")] if o is not r]
         shots = rng.sample(others, min(few_shot, len(others)))
         prefix = "".join(f"{s['prompt']}{s['answer']}\n" for s in shots)
-        items.append(Item(r.get("id", "") + suffix, prefix + r["prompt"], None, r["answer"], r.get("category", ""),
-                          key=r.get("id") or f"row-{i}"))
+        items.append(
+            Item(
+                r.get("id", "") + suffix,
+                prefix + r["prompt"],
+                None,
+                r["answer"],
+                r.get("category", ""),
+                key=r.get("id") or f"row-{i}",
+            )
+        )
     return items

@@ -17,8 +17,9 @@ log = logging.getLogger(__name__)
 REPORT_JSON = "report.json"
 
 
-def kept_heads(folder: Path, fingerprint: str, rank: int, replaced: set[str]
-               ) -> tuple[dict[str, HeadSet], dict[str, bytes]]:
+def kept_heads(
+    folder: Path, fingerprint: str, rank: int, replaced: set[str]
+) -> tuple[dict[str, HeadSet], dict[str, bytes]]:
     """The head sets (and their ONNX files) of `folder` that a calibration of `replaced` kinds keeps.
 
     Checked before any work: the heads must be this model's (output fingerprint), of the same rank
@@ -28,11 +29,13 @@ def kept_heads(folder: Path, fingerprint: str, rank: int, replaced: set[str]
         return {}, {}
     old = load_manifest(folder)
     if old.output_fingerprint != fingerprint:
-        raise HeadsMismatchError(f"the heads in {folder} were made for another model's output matrix: "
-                                 "merge only into this model's heads")
+        raise HeadsMismatchError(
+            f"the heads in {folder} were made for another model's output matrix: merge only into this model's heads"
+        )
     if old.rank != rank:
-        raise HeadsMismatchError(f"the heads in {folder} have rank {old.rank}: calibrate with --rank {old.rank} "
-                                 "to merge into them")
+        raise HeadsMismatchError(
+            f"the heads in {folder} have rank {old.rank}: calibrate with --rank {old.rank} to merge into them"
+        )
     sets = {kind: head_set for kind, head_set in old.sets.items() if kind not in replaced}
     files = {}
     for head_set in sets.values():
@@ -64,8 +67,9 @@ def kept_reports(folder: Path, kinds: set[str]) -> tuple[dict[str, dict], dict[s
         old = json.loads((folder / REPORT_JSON).read_text())
     except (OSError, ValueError):
         if kinds:
-            log.warning("no calibration report in %s: the kept head sets' curves and baselines are not carried over",
-                        folder)
+            log.warning(
+                "no calibration report in %s: the kept head sets' curves and baselines are not carried over", folder
+            )
         return {}, {}
     entries, files = {}, {}
     for kind in kinds & set(old.get("sets", {})):
@@ -81,8 +85,13 @@ def kept_reports(folder: Path, kinds: set[str]) -> tuple[dict[str, dict], dict[s
 def write_report(folder: Path, manifest: HeadsManifest, sets: dict[str, dict], files: dict[str, bytes]) -> Path:
     """The calibration report: per answer kind, the threshold curves of L-SPADE, the probes and the lens
     baselines, per-layer statistics and the tail-width frontier, with the tuned-lens heads beside it."""
-    report = {"model": manifest.model, "model_file": manifest.model_file,
-              "output_fingerprint": manifest.output_fingerprint, "heads_hashes": manifest.hashes, "sets": sets}
+    report = {
+        "model": manifest.model,
+        "model_file": manifest.model_file,
+        "output_fingerprint": manifest.output_fingerprint,
+        "heads_hashes": manifest.hashes,
+        "sets": sets,
+    }
     return _swap_in(folder, {**files, REPORT_JSON: json.dumps(report, indent=1).encode()})
 
 

@@ -101,16 +101,19 @@ def _apply_rows(z: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return np.einsum("nd,nmd->nm", z, rows) if rows.ndim == 3 else z @ rows.T
 
 
-def head_logits(head: LayerHead, hidden: np.ndarray, rows: np.ndarray, norm_weight: np.ndarray,
-                eps: float) -> np.ndarray:
+def head_logits(
+    head: LayerHead, hidden: np.ndarray, rows: np.ndarray, norm_weight: np.ndarray, eps: float
+) -> np.ndarray:
     """(N, m) logits of the head over `rows` ((m, d) shared or (N, m, d) per sample)."""
     return _apply_rows(rms_norm(head.adjust(hidden), norm_weight, eps), rows)
 
 
 # -- across layers, on calibration traces ------------------------------------------------------
 
-def _batch(rt: Runtime, samples: list[Sample], layer: int, target_layer: int | None,
-           candidates: np.ndarray | None = None):
+
+def _batch(
+    rt: Runtime, samples: list[Sample], layer: int, target_layer: int | None, candidates: np.ndarray | None = None
+):
     """Rows, mask and target logits for one layer (target_layer None: the layer itself).
 
     Free answers with `candidates`: every sample is scored over all candidate tokens, as the
@@ -142,23 +145,48 @@ def _batch(rt: Runtime, samples: list[Sample], layer: int, target_layer: int | N
     return hidden, logits, mask, rows
 
 
-def train_heads(rt: Runtime, samples: list[Sample], layers: list[int], target: str, rank: int, steps: int,
-                lr: float, candidates: np.ndarray | None = None) -> list[LayerHead]:
+def train_heads(
+    rt: Runtime,
+    samples: list[Sample],
+    layers: list[int],
+    target: str,
+    rank: int,
+    steps: int,
+    lr: float,
+    candidates: np.ndarray | None = None,
+) -> list[LayerHead]:
     """One head per layer; target "spade" (L-SPADE) or "full" (tuned lens); free answers over `candidates`."""
     engine = rt.engine
     heads = []
     for layer in layers:
-        hidden, logits, mask, rows = _batch(rt, samples, layer, None if target == "spade" else engine.n_layers - 1,
-                                            candidates)
-        head, losses = train_head(hidden, logits, mask, rows, engine.head.norm_weight, engine.index.rms_eps,
-                                  rank=rank, steps=steps, lr=lr, seed=layer)
+        hidden, logits, mask, rows = _batch(
+            rt, samples, layer, None if target == "spade" else engine.n_layers - 1, candidates
+        )
+        head, losses = train_head(
+            hidden,
+            logits,
+            mask,
+            rows,
+            engine.head.norm_weight,
+            engine.index.rms_eps,
+            rank=rank,
+            steps=steps,
+            lr=lr,
+            seed=layer,
+        )
         log.info("%s head, layer %d: cross-entropy %.4f -> %.4f", target, layer, losses[0], losses[-1])
         heads.append(head)
     return heads
 
 
-def judge(rt: Runtime, heads: list[LayerHead], layers: list[int], samples: list[Sample],
-          top_k: int, candidates: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def judge(
+    rt: Runtime,
+    heads: list[LayerHead],
+    layers: list[int],
+    samples: list[Sample],
+    top_k: int,
+    candidates: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(entropy, own answer) of each head on each sample, as the runtime computes them.
 
     Free answers: entropy over the head's top-k among `candidates`, and its own answer among them.

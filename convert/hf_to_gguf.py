@@ -34,8 +34,11 @@ OUT_TYPES = {
     "F16": gguf.GGMLQuantizationType.F16,
     "BF16": gguf.GGMLQuantizationType.BF16,
 }
-FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
-              "BF16": gguf.LlamaFileType.MOSTLY_BF16}
+FILE_TYPES = {
+    "F32": gguf.LlamaFileType.ALL_F32,
+    "F16": gguf.LlamaFileType.MOSTLY_F16,
+    "BF16": gguf.LlamaFileType.MOSTLY_BF16,
+}
 
 
 @dataclass(frozen=True)
@@ -98,8 +101,9 @@ class _RowStream:
             gguf.quants.quantize(chunk, self.plan.qtype).tofile(fp)
 
 
-def convert_checkpoint(folder: str | Path, out: str | Path, outtype: str = "F16",
-                       progress: Callable[[Iterable], Iterable] = lambda x: x) -> Path:
+def convert_checkpoint(
+    folder: str | Path, out: str | Path, outtype: str = "F16", progress: Callable[[Iterable], Iterable] = lambda x: x
+) -> Path:
     """Write `out` (a .gguf) from a Hugging Face folder; a partial file is never left behind."""
     if outtype not in OUT_TYPES:
         raise CheckpointError(f"output type {outtype!r}: choose one of {', '.join(OUT_TYPES)}")
@@ -123,8 +127,9 @@ def convert_checkpoint(folder: str | Path, out: str | Path, outtype: str = "F16"
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for p in progress(plans):
-            writer.write_tensor_data(_RowStream(ckpt, p) if p.streamable else
-                                     gguf.quants.quantize(p.make(), p.qtype).view(np.uint8))
+            writer.write_tensor_data(
+                _RowStream(ckpt, p) if p.streamable else gguf.quants.quantize(p.make(), p.qtype).view(np.uint8)
+            )
         writer.close()
         tmp.replace(out)
     finally:
@@ -156,8 +161,10 @@ def _hparams(config: dict[str, Any], spec: HFArch) -> dict[str, Any]:
     if spec.arch == gguf.MODEL_ARCH.GEMMA3:
         scalar = config.get("query_pre_attn_scalar", hp["head_dim"])
         if scalar != hp["head_dim"]:
-            raise CheckpointError(f"query_pre_attn_scalar {scalar} != head_dim {hp['head_dim']}: llama.cpp scales "
-                                  "gemma3 queries by 1/sqrt(head_dim) for this size")
+            raise CheckpointError(
+                f"query_pre_attn_scalar {scalar} != head_dim {hp['head_dim']}: llama.cpp scales "
+                "gemma3 queries by 1/sqrt(head_dim) for this size"
+            )
         for key in ("final_logit_softcapping", "attn_logit_softcapping"):
             if config.get(key) is not None:
                 raise CheckpointError(f"{key} is set; llama.cpp's gemma3 graph has no softcapping")
@@ -243,8 +250,16 @@ def _plan(ckpt: Checkpoint, spec: HFArch, hp: dict[str, Any], qtype: gguf.GGMLQu
         shape = ckpt.shape(src)
         transform = _transform(src, dst, spec, hp)
         big = len(shape) == 2 and 4 * shape[0] * shape[1] > STREAM_BYTES and transform is _identity
-        plans.append(Plan(dst, src, shape, qtype if len(shape) == 2 else gguf.GGMLQuantizationType.F32,
-                          lambda s=src, t=transform: t(ckpt.tensor(s)), streamable=big))
+        plans.append(
+            Plan(
+                dst,
+                src,
+                shape,
+                qtype if len(shape) == 2 else gguf.GGMLQuantizationType.F32,
+                lambda s=src, t=transform: t(ckpt.tensor(s)),
+                streamable=big,
+            )
+        )
     have = {p.name for p in plans}
     required = {"token_embd.weight", "output_norm.weight"} | {
         f"blk.{i}.{t}.weight" for i in range(hp["n_layers"]) for t in ("attn_q", "attn_k", "attn_v", "ffn_down")
@@ -255,8 +270,15 @@ def _plan(ckpt: Checkpoint, spec: HFArch, hp: dict[str, Any], qtype: gguf.GGMLQu
     scaling = _rope_scaling(ckpt.config)
     if scaling and scaling["kind"] == "llama3":
         factors = llama3_rope_factors(ckpt.config, hp["head_dim"])
-        plans.append(Plan(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", None, factors.shape,
-                          gguf.GGMLQuantizationType.F32, lambda f=factors: f))
+        plans.append(
+            Plan(
+                gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                None,
+                factors.shape,
+                gguf.GGMLQuantizationType.F32,
+                lambda f=factors: f,
+            )
+        )
     return plans
 
 

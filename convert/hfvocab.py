@@ -25,10 +25,14 @@ import gguf
 from edge_spade.errors import CheckpointError
 
 # Split regexes of the pre-tokenizers we map, as they appear in tokenizer.json.
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 SPLIT_TO_PRE = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
@@ -90,10 +94,18 @@ def load_vocab(folder: Path, n_vocab: int) -> Vocab:
             types.append(gguf.TokenType.NORMAL)
     if byte_fallback:
         scores = _merge_rank_scores(tokens, model.get("merges", []), added)
-        return Vocab("llama", "default", tokens, scores, [int(t) for t in types],
-                     _prepends_space(tj.get("normalizer")), folder)
-    return Vocab("gpt2", _pre_tokenizer(tj.get("pre_tokenizer"), path), tokens, [0.0] * size,
-                 [int(t) for t in types], False, folder)
+        return Vocab(
+            "llama", "default", tokens, scores, [int(t) for t in types], _prepends_space(tj.get("normalizer")), folder
+        )
+    return Vocab(
+        "gpt2",
+        _pre_tokenizer(tj.get("pre_tokenizer"), path),
+        tokens,
+        [0.0] * size,
+        [int(t) for t in types],
+        False,
+        folder,
+    )
 
 
 def _merge_rank_scores(tokens: list[str], merges: list[Any], added: dict[int, Any]) -> list[float]:

@@ -47,14 +47,16 @@ def export_onnx(heads: list[LayerHead], norm_weight: np.ndarray, eps: float, dty
         helper.make_node("Mul", ["yn", "norm_weight"], ["normed"]),
     ]
     graph = helper.make_graph(
-        nodes, "lspade_heads",
-        [helper.make_tensor_value_info("hidden", f32, [1, d]),
-         helper.make_tensor_value_info("layer", TensorProto.INT64, [])],
+        nodes,
+        "lspade_heads",
+        [
+            helper.make_tensor_value_info("hidden", f32, [1, d]),
+            helper.make_tensor_value_info("layer", TensorProto.INT64, []),
+        ],
         [helper.make_tensor_value_info("normed", f32, [1, d])],
         initializer=inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
-                              producer_name="edge-spade")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], producer_name="edge-spade")
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model.SerializeToString()

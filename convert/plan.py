@@ -14,9 +14,18 @@ from .costs import probe_cost, tail_costs
 from .trace import Sample
 
 
-def thin_layers(train: list[Sample], ent: np.ndarray, layers: list[int], n_layers: int, target: float,
-                confidence: float, exit_cost: np.ndarray, check_cost: float, budget: float = math.inf,
-                by_key: bool = True) -> list[int]:
+def thin_layers(
+    train: list[Sample],
+    ent: np.ndarray,
+    layers: list[int],
+    n_layers: int,
+    target: float,
+    confidence: float,
+    exit_cost: np.ndarray,
+    check_cost: float,
+    budget: float = math.inf,
+    by_key: bool = True,
+) -> list[int]:
     """The evaluation layers worth a check, judged on the training split at its own threshold.
 
     A check costs every prompt that reaches it `check_cost` (relative to a full answer, measured; for
@@ -50,9 +59,17 @@ def free_candidates(train: list[Sample]) -> np.ndarray:
 OBJECTIVES = ("median", "total")
 
 
-def choose_probes(ent: np.ndarray, agree: np.ndarray, layers: list[int], n_layers: int, tail_cost: np.ndarray,
-                  target: float, keys: Sequence[str] | None = None, confidence: float = 0.95,
-                  objective: str = "median") -> tuple[list[int], float]:
+def choose_probes(
+    ent: np.ndarray,
+    agree: np.ndarray,
+    layers: list[int],
+    n_layers: int,
+    tail_cost: np.ndarray,
+    target: float,
+    keys: Sequence[str] | None = None,
+    confidence: float = 0.95,
+    objective: str = "median",
+) -> tuple[list[int], float]:
     """Probe layers (one or two) and a threshold that maximise the speedup on the training split
     while keeping its agreement with the full answer at the target and the mean cost at or under
     a full answer's (no slower on average); ([], -1) if none pays.
@@ -90,8 +107,18 @@ def choose_probes(ent: np.ndarray, agree: np.ndarray, layers: list[int], n_layer
     return best
 
 
-def probe_plan(train: list[Sample], held: list[Sample], layers: list[int], n_layers: int, costs: dict[str, float],
-               top_k: int, target: float, confidence: float, by_key: bool = True, objective: str = "median") -> dict:
+def probe_plan(
+    train: list[Sample],
+    held: list[Sample],
+    layers: list[int],
+    n_layers: int,
+    costs: dict[str, float],
+    top_k: int,
+    target: float,
+    confidence: float,
+    by_key: bool = True,
+    objective: str = "median",
+) -> dict:
     """SPADE probes for one tail width: layers chosen on the training split, threshold certified on
     the held-out one; `pays` when the cost model says they take less total time than full-depth
     answers on the held-out prompts (the median alone is fragile: it flips where about half exit)."""
@@ -104,10 +131,25 @@ def probe_plan(train: list[Sample], held: list[Sample], layers: list[int], n_lay
         return full, ent, answers
 
     full, ent, answers = table(train, layers)
-    probes, _ = choose_probes(ent, answers == full[:, None], layers, L, tail_costs(costs, layers, L), target,
-                              keys_of(train, by_key), confidence, objective)
-    plan = {"probe_layers": probes, "threshold": -1.0, "pays": False, "costs": dict(costs), "curve": [],
-            "objective": objective}
+    probes, _ = choose_probes(
+        ent,
+        answers == full[:, None],
+        layers,
+        L,
+        tail_costs(costs, layers, L),
+        target,
+        keys_of(train, by_key),
+        confidence,
+        objective,
+    )
+    plan = {
+        "probe_layers": probes,
+        "threshold": -1.0,
+        "pays": False,
+        "costs": dict(costs),
+        "curve": [],
+        "objective": objective,
+    }
     if probes:
         full, ent, answers = table(held, probes)
         curve = exit_curve(full, answers, ent, probes, L, confidence, keys_of(held, by_key))
@@ -115,9 +157,11 @@ def probe_plan(train: list[Sample], held: list[Sample], layers: list[int], n_lay
         plan.update(threshold=tau, curve=curve)
         if tau >= 0:
             first, cost = probe_cost(ent, probes, tau, L, tail_costs(costs, probes, L))
-            plan["costs"].update(heldout_median_speedup_model=round(float(np.median(1 / cost)), 3),
-                                 heldout_exit_rate=round(float((first >= 0).mean()), 3),
-                                 heldout_mean_cost_model=round(float(cost.mean()), 3))
+            plan["costs"].update(
+                heldout_median_speedup_model=round(float(np.median(1 / cost)), 3),
+                heldout_exit_rate=round(float((first >= 0).mean()), 3),
+                heldout_mean_cost_model=round(float(cost.mean()), 3),
+            )
             plan["pays"] = bool(cost.mean() < 1.0)  # faster in total: the median flips around a 50% exit rate
     return plan
 
@@ -127,11 +171,15 @@ def frontier_row(samples: list[Sample], layers: list[int], n_layers: int, plan: 
     full = np.array([s.answer(n_layers - 1) for s in samples])
     agree = np.array([[s.answer(layer) for layer in layers] for s in samples]) == full[:, None]
     oracle = [layers[int(row.argmax())] if row.any() else n_layers - 1 for row in agree]  # first agreeing layer
-    return {"agreement_by_layer": {str(layer): round(float(a), 4) for layer, a in zip(layers, agree.mean(0))},
-            "mean_agreement": round(float(agree.mean()), 4),
-            "oracle_mean_exit_layer": round(float(np.mean(oracle)), 2),
-            "probe_layers": plan["probe_layers"], "probe_threshold": plan["threshold"], "probes_pay": plan["pays"],
-            **plan["costs"]}
+    return {
+        "agreement_by_layer": {str(layer): round(float(a), 4) for layer, a in zip(layers, agree.mean(0))},
+        "mean_agreement": round(float(agree.mean()), 4),
+        "oracle_mean_exit_layer": round(float(np.mean(oracle)), 2),
+        "probe_layers": plan["probe_layers"],
+        "probe_threshold": plan["threshold"],
+        "probes_pay": plan["pays"],
+        **plan["costs"],
+    }
 
 
 def choose_tail(frontier: dict[int, dict]) -> int:

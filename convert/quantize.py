@@ -42,8 +42,9 @@ def quantize(src: str | Path, dst: str | Path, quant: str, threads: int | None =
     try:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0 or not tmp.is_file():
-            raise ModelFileError(f"llama.cpp could not quantize {src} to {quant} (code {rc}); "
-                                 "run with EDGE_SPADE_DEBUG=1 -v for its log")
+            raise ModelFileError(
+                f"llama.cpp could not quantize {src} to {quant} (code {rc}); run with EDGE_SPADE_DEBUG=1 -v for its log"
+            )
         tmp.replace(dst)
     finally:
         tmp.unlink(missing_ok=True)

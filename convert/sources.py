@@ -28,8 +28,16 @@ log = logging.getLogger(__name__)
 Progress = Callable[[Iterable], Iterable]
 
 
-def convert(source: str, out: str | Path, quant: str = "Q4_K_M", *, revision: str = "main",
-            threads: int | None = None, force: bool = False, progress: Progress = lambda x: x) -> Bundle:
+def convert(
+    source: str,
+    out: str | Path,
+    quant: str = "Q4_K_M",
+    *,
+    revision: str = "main",
+    threads: int | None = None,
+    force: bool = False,
+    progress: Progress = lambda x: x,
+) -> Bundle:
     """A bundle at `out` from a Hugging Face folder or repo id, a GGUF file or a bundle."""
     if quant not in QUANT_TYPES:
         raise CheckpointError(f"quantization {quant!r} is not offered; choose one of {', '.join(QUANT_TYPES)}")
@@ -39,19 +47,22 @@ def convert(source: str, out: str | Path, quant: str = "Q4_K_M", *, revision: st
     elif path.is_file():
         gguf_in, record = path, {"kind": "gguf", "path": str(path.resolve())}
     elif path.is_dir():
-        return _from_checkpoint(path, out, quant, {"kind": "hf-folder", "path": str(path.resolve())},
-                                threads, force, progress)
+        return _from_checkpoint(
+            path, out, quant, {"kind": "hf-folder", "path": str(path.resolve())}, threads, force, progress
+        )
     elif _looks_like_repo_id(source):
         folder = snapshot(source, revision)
-        return _from_checkpoint(folder, out, quant, {"kind": "hub", "repo": source, "revision": revision},
-                                threads, force, progress)
+        return _from_checkpoint(
+            folder, out, quant, {"kind": "hub", "repo": source, "revision": revision}, threads, force, progress
+        )
     else:
         raise ModelFileError(f"{source} is neither a file, a folder nor a hub repository id (owner/name)")
     return build_bundle(out, lambda dst: quantize(gguf_in, dst, quant, threads), {**record, "quant": quant}, force)
 
 
-def _from_checkpoint(folder: Path, out: str | Path, quant: str, record: dict, threads: int | None,
-                     force: bool, progress: Progress) -> Bundle:
+def _from_checkpoint(
+    folder: Path, out: str | Path, quant: str, record: dict, threads: int | None, force: bool, progress: Progress
+) -> Bundle:
     def write(dst: Path) -> None:
         if quant in OUT_TYPES:
             convert_checkpoint(folder, dst, quant, progress)
@@ -66,8 +77,9 @@ def _from_checkpoint(folder: Path, out: str | Path, quant: str, record: dict, th
     return build_bundle(out, write, {**record, "quant": quant}, force)
 
 
-def pull(repo: str, filename: str, out: str | Path | None = None, *, revision: str = "main",
-         force: bool = False) -> Path | Bundle:
+def pull(
+    repo: str, filename: str, out: str | Path | None = None, *, revision: str = "main", force: bool = False
+) -> Path | Bundle:
     """One GGUF of a hub repository, verified against the hub's sha256; a bundle when `out` is given."""
     if not filename.endswith(".gguf"):
         raise ModelFileError(f"{filename} is not a .gguf file; for Hugging Face weights use: edge-spade convert {repo}")
@@ -75,8 +87,12 @@ def pull(repo: str, filename: str, out: str | Path | None = None, *, revision: s
     verify_sha256(path, registry.hub_sha256(repo, filename, revision))
     if out is None:
         return path
-    return build_bundle(out, lambda dst: _link_or_copy(path, dst),
-                        {"kind": "hub-gguf", "repo": repo, "file": filename, "revision": revision}, force)
+    return build_bundle(
+        out,
+        lambda dst: _link_or_copy(path, dst),
+        {"kind": "hub-gguf", "repo": repo, "file": filename, "revision": revision},
+        force,
+    )
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

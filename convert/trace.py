@@ -63,8 +63,9 @@ class Sample:
         return self.choice(self.logits[layer])
 
 
-def collect(rt: Runtime, items: Iterable[Item], tail: int = 1, progress: Callable | None = None,
-            top_k: int = FREE_TOP_K) -> list[Sample]:
+def collect(
+    rt: Runtime, items: Iterable[Item], tail: int = 1, progress: Callable | None = None, top_k: int = FREE_TOP_K
+) -> list[Sample]:
     """Trace + SPADE at every layer for each prompt (cached per prompt)."""
     engine = rt.engine
     folder = cache_dir() / "calibration" / engine.head.fingerprint()[:16] / f"tail{tail}"
@@ -87,16 +88,24 @@ def collect(rt: Runtime, items: Iterable[Item], tail: int = 1, progress: Callabl
             tmp = folder / f"{key}.tmp{os.getpid()}.npz"
             np.savez(tmp, **data)
             tmp.replace(path)
-        samples.append(Sample(data["hidden"].astype(np.float32), data["ids"], data["logits"].astype(np.float32),
-                              prompt.groups, item.key or item.id))
+        samples.append(
+            Sample(
+                data["hidden"].astype(np.float32),
+                data["ids"],
+                data["logits"].astype(np.float32),
+                prompt.groups,
+                item.key or item.id,
+            )
+        )
     return samples
 
 
 def _trace_sample(engine, prompt, tail: int, top_k: int) -> dict[str, np.ndarray]:
     trace = engine.trace(prompt.tokens, prompt.ids, tail=tail)
     tokens = [prompt.tokens[r] for r in trace.tail_rows]
-    per_layer = [engine.spade_tail(trace.states[layer], layer, prompt.ids, tokens)
-                 for layer in range(engine.n_layers - 1)] + [trace.full.logits]
+    per_layer = [
+        engine.spade_tail(trace.states[layer], layer, prompt.ids, tokens) for layer in range(engine.n_layers - 1)
+    ] + [trace.full.logits]
     if prompt.ids is not None:
         return {"hidden": trace.last, "ids": prompt.ids[None], "logits": np.stack(per_layer)}
     top = [np.argsort(-logits)[:top_k] for logits in per_layer]

@@ -67,8 +67,10 @@ def open_bundle(folder: str | Path) -> Bundle:
     if not path.is_file():
         raise BundleError(f"bundle {folder.name}: {model['file']} is missing")
     if path.stat().st_size != model.get("size"):
-        raise BundleError(f"bundle {folder.name}: {model['file']} is {path.stat().st_size} bytes, "
-                          f"bundle.json says {model.get('size')}; the model file was replaced or damaged")
+        raise BundleError(
+            f"bundle {folder.name}: {model['file']} is {path.stat().st_size} bytes, "
+            f"bundle.json says {model.get('size')}; the model file was replaced or damaged"
+        )
     try:
         verify_sha256(path, model.get("sha256", ""))
     except ModelFileError:
@@ -77,9 +79,13 @@ def open_bundle(folder: str | Path) -> Bundle:
     for name, digest in recorded.items():
         file = folder / HEADS_DIR / name
         if not file.is_file() or sha256_file(file) != digest:
-            raise BundleError(f"bundle {folder.name}: heads/{name} is missing or differs from bundle.json; "
-                              f"re-run: edge-spade calibrate --model {folder}")
+            raise BundleError(
+                f"bundle {folder.name}: heads/{name} is missing or differs from bundle.json; "
+                f"re-run: edge-spade calibrate --model {folder}"
+            )
     if not recorded and (folder / HEADS_DIR / "heads.json").is_file():
-        raise BundleError(f"bundle {folder.name}: heads/ is not recorded in bundle.json; "
-                          f"re-run: edge-spade calibrate --model {folder}")
+        raise BundleError(
+            f"bundle {folder.name}: heads/ is not recorded in bundle.json; "
+            f"re-run: edge-spade calibrate --model {folder}"
+        )
     return Bundle(folder, meta)

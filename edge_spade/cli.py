@@ -37,12 +37,24 @@ def _parser() -> argparse.ArgumentParser:
     depth.add_argument("--layer", type=int, help="decode at this layer (0-based) instead of full depth")
     depth.add_argument("--full", action="store_true", help="full-depth answer, even when heads allow an early exit")
     p.add_argument("--lens", choices=["spade", "logit"], default="spade", help="decoder used at --layer")
-    p.add_argument("--tail", type=int, default=None,
-                   help="SPADE tail width: prompt rows forwarded besides the start (default 1, or the heads' own)")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="SPADE-EXIT entropy threshold in nats (default: the calibrated one; negative: never exit)")
-    p.add_argument("--signal", choices=SIGNALS, default=None,
-                   help="exit rule: L-SPADE heads at the evaluation layers, or SPADE probes (default: calibrated)")
+    p.add_argument(
+        "--tail",
+        type=int,
+        default=None,
+        help="SPADE tail width: prompt rows forwarded besides the start (default 1, or the heads' own)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="SPADE-EXIT entropy threshold in nats (default: the calibrated one; negative: never exit)",
+    )
+    p.add_argument(
+        "--signal",
+        choices=SIGNALS,
+        default=None,
+        help="exit rule: L-SPADE heads at the evaluation layers, or SPADE probes (default: calibrated)",
+    )
     p.add_argument("--heads", default=None, help="heads folder from `edge-spade calibrate` (default: shipped heads)")
     p.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
     p.add_argument("--threads", type=int, help="CPU threads (default: all this process may use)")
@@ -51,40 +63,75 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("calibrate", help="train L-SPADE heads and pick the exit threshold for a model")
     c.add_argument("--model", help=MODEL_HELP)
-    c.add_argument("--data", action="append", required=True,
-                   help="ARC / BoolQ / HEAD-QA / cloze file (repeatable); only the prompts are used")
+    c.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        help="ARC / BoolQ / HEAD-QA / cloze file (repeatable); only the prompts are used",
+    )
     c.add_argument("--out", help="heads folder to write (heads.json + ONNX); default for a bundle: its heads/")
     c.add_argument("--report", help="calibration report folder (curves, lens baselines); default: <out>-calibration")
     c.add_argument("--limit", type=int, default=None, help="questions per data file")
     c.add_argument("--target-agreement", type=float, default=0.99)
     c.add_argument("--confidence", type=float, default=0.95)
     c.add_argument("--holdout", type=float, default=0.3, help="share of prompts held out to pick the threshold")
-    c.add_argument("--holdout-by", choices=("fact", "prompt"), default="fact",
-                   help="hold out whole cloze facts (all their few-shot variants; default) or single prompts")
+    c.add_argument(
+        "--holdout-by",
+        choices=("fact", "prompt"),
+        default="fact",
+        help="hold out whole cloze facts (all their few-shot variants; default) or single prompts",
+    )
     c.add_argument("--min-layer", type=int, default=1, help="first layer with a head")
     c.add_argument("--rank", type=int, default=64)
     c.add_argument("--steps", type=int, default=300)
-    c.add_argument("--tail", type=int, nargs="+", default=[1],
-                   help="SPADE tail width(s) for choice questions; several: the best on the held-out frontier")
-    c.add_argument("--free-tail", type=int, nargs="+", default=None,
-                   help="SPADE tail width(s) for free answers (default: --tail)")
-    c.add_argument("--variants", type=int, default=3,
-                   help="few-shot prefixes per cloze fact (and per --few-shot count)")
-    c.add_argument("--few-shot", type=int, nargs="+", default=[3], metavar="N",
-                   help="examples in each cloze prompt's prefix; several counts calibrate for all of them")
-    c.add_argument("--objective", choices=("median", "total"), default="median",
-                   help="what SPADE probe layers are chosen to speed up: the median answer or the total time")
-    c.add_argument("--merge", action="store_true",
-                   help="keep the answer kinds this data does not cover from the heads already in --out")
-    c.add_argument("--max-overhead", type=float, default=0.03,
-                   help="most that L-SPADE checks may add to a pass that does not exit (0.03: 3%%)")
+    c.add_argument(
+        "--tail",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="SPADE tail width(s) for choice questions; several: the best on the held-out frontier",
+    )
+    c.add_argument(
+        "--free-tail", type=int, nargs="+", default=None, help="SPADE tail width(s) for free answers (default: --tail)"
+    )
+    c.add_argument(
+        "--variants", type=int, default=3, help="few-shot prefixes per cloze fact (and per --few-shot count)"
+    )
+    c.add_argument(
+        "--few-shot",
+        type=int,
+        nargs="+",
+        default=[3],
+        metavar="N",
+        help="examples in each cloze prompt's prefix; several counts calibrate for all of them",
+    )
+    c.add_argument(
+        "--objective",
+        choices=("median", "total"),
+        default="median",
+        help="what SPADE probe layers are chosen to speed up: the median answer or the total time",
+    )
+    c.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the answer kinds this data does not cover from the heads already in --out",
+    )
+    c.add_argument(
+        "--max-overhead",
+        type=float,
+        default=0.03,
+        help="most that L-SPADE checks may add to a pass that does not exit (0.03: 3%%)",
+    )
     c.add_argument("--threads", type=int)
 
     v = sub.add_parser("convert", help="Hugging Face model or GGUF -> quantized GGUF in a bundle directory")
     v.add_argument("source", help="Hugging Face folder, hub repo id (owner/name), .gguf file or bundle to requantize")
     v.add_argument("--out", required=True, help="bundle directory to create")
-    v.add_argument("--quant", default="Q4_K_M",
-                   help="llama.cpp type: Q8_0, Q6_K, Q5_K_M, Q5_0, Q4_K_M (default), Q4_K_S, Q4_0, F16, BF16, F32")
+    v.add_argument(
+        "--quant",
+        default="Q4_K_M",
+        help="llama.cpp type: Q8_0, Q6_K, Q5_K_M, Q5_0, Q4_K_M (default), Q4_K_S, Q4_0, F16, BF16, F32",
+    )
     v.add_argument("--revision", default="main", help="hub revision (repo id sources)")
     v.add_argument("--threads", type=int, help="quantizer threads")
     v.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
@@ -128,10 +175,23 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if (args.question is None) == (args.file is None):
         raise QuestionError("give a question, or --file with JSON lines (not both)")
     # One question: loading a tail model costs about what loading the model does, more than a probe saves.
-    rt = load_model(args.model, threads=args.threads, gpu_layers=args.gpu_layers, n_ctx=args.ctx, heads=args.heads,
-                    tail_models=args.file is not None)
-    options = dict(layer=args.layer, lens=args.lens, tail=args.tail, template=False if args.raw else None,
-                   full=args.full, threshold=args.threshold, signal=args.signal)
+    rt = load_model(
+        args.model,
+        threads=args.threads,
+        gpu_layers=args.gpu_layers,
+        n_ctx=args.ctx,
+        heads=args.heads,
+        tail_models=args.file is not None,
+    )
+    options = dict(
+        layer=args.layer,
+        lens=args.lens,
+        tail=args.tail,
+        template=False if args.raw else None,
+        full=args.full,
+        threshold=args.threshold,
+        signal=args.signal,
+    )
     if args.file is None:
         answer = rt.ask(args.question, args.choices, **options)
         print(json.dumps(answer.to_dict(), ensure_ascii=False) if args.json else format_answer(answer))
@@ -160,8 +220,14 @@ def ask_lines(rt: Runtime, stream: IO[bytes], options: dict, out: IO[str], json_
             print(f"edge-spade: line {number}: {exc}", file=sys.stderr)
             continue
         record = {"id": item.get("id"), **answer.to_dict()}
-        out.write((json.dumps(record, ensure_ascii=False) if json_out else f"{item.get('id', number)}: "
-                   + format_answer(answer).splitlines()[0]) + "\n")
+        out.write(
+            (
+                json.dumps(record, ensure_ascii=False)
+                if json_out
+                else f"{item.get('id', number)}: " + format_answer(answer).splitlines()[0]
+            )
+            + "\n"
+        )
         out.flush()
     if failed:
         print(f"edge-spade: {failed} line(s) failed", file=sys.stderr)
@@ -204,8 +270,10 @@ def converter(module: str) -> ModuleType:
     except ImportError as exc:
         if exc.name not in CONVERT_EXTRA:
             raise
-        raise EdgeSpadeError(f"this command needs the converter's dependencies ({exc.name} is missing); "
-                             "run: pip install 'edge-spade[convert]'") from None
+        raise EdgeSpadeError(
+            f"this command needs the converter's dependencies ({exc.name} is missing); "
+            "run: pip install 'edge-spade[convert]'"
+        ) from None
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -213,17 +281,35 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     calibrate = converter("calibrate")
     m, out = calibrate.calibrate_model(
-        args.model, args.data, args.out, report=args.report, limit=args.limit, variants=args.variants,
-        few_shot=args.few_shot, threads=args.threads, min_layer=args.min_layer, holdout=args.holdout,
-        holdout_by=args.holdout_by, target_agreement=args.target_agreement, confidence=args.confidence,
-        rank=args.rank, steps=args.steps, tail=args.tail, free_tail=args.free_tail, max_overhead=args.max_overhead,
-        merge=args.merge, objective=args.objective,
-        progress=lambda xs: tqdm(xs, desc=f"calibrate {args.model or 'default model'}", file=sys.stderr,
-                                 disable=args.quiet),
+        args.model,
+        args.data,
+        args.out,
+        report=args.report,
+        limit=args.limit,
+        variants=args.variants,
+        few_shot=args.few_shot,
+        threads=args.threads,
+        min_layer=args.min_layer,
+        holdout=args.holdout,
+        holdout_by=args.holdout_by,
+        target_agreement=args.target_agreement,
+        confidence=args.confidence,
+        rank=args.rank,
+        steps=args.steps,
+        tail=args.tail,
+        free_tail=args.free_tail,
+        max_overhead=args.max_overhead,
+        merge=args.merge,
+        objective=args.objective,
+        progress=lambda xs: tqdm(
+            xs, desc=f"calibrate {args.model or 'default model'}", file=sys.stderr, disable=args.quiet
+        ),
     )
     for kind, head_set in m.sets.items():
-        print(f"{m.model} {kind} heads (layers {head_set.layers[0]}-{head_set.layers[-1]}, tail {head_set.tail}) in "
-              f"{out}; thresholds (nats): " + ", ".join(f"{k} {v:.4g}" for k, v in head_set.thresholds.items()))
+        print(
+            f"{m.model} {kind} heads (layers {head_set.layers[0]}-{head_set.layers[-1]}, tail {head_set.tail}) in "
+            f"{out}; thresholds (nats): " + ", ".join(f"{k} {v:.4g}" for k, v in head_set.thresholds.items())
+        )
     return 0
 
 
@@ -231,19 +317,27 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     b = converter("sources").convert(
-        args.source, args.out, args.quant, revision=args.revision, threads=args.threads, force=args.force,
-        progress=lambda xs: tqdm(xs, desc="convert", unit="tensor", file=sys.stderr, disable=args.quiet))
+        args.source,
+        args.out,
+        args.quant,
+        revision=args.revision,
+        threads=args.threads,
+        force=args.force,
+        progress=lambda xs: tqdm(xs, desc="convert", unit="tensor", file=sys.stderr, disable=args.quiet),
+    )
     model = b.meta["model"]
-    print(f"{b.folder}: {model['architecture']}, {model['n_layers']} layers, {model['quantization']}, "
-          f"{model['size'] / 1e6:.1f} MB\nnext: edge-spade calibrate --model {b.folder} --data ...  "
-          f"or: edge-spade ask \"...\" --model {b.folder}")
+    print(
+        f"{b.folder}: {model['architecture']}, {model['n_layers']} layers, {model['quantization']}, "
+        f"{model['size'] / 1e6:.1f} MB\nnext: edge-spade calibrate --model {b.folder} --data ...  "
+        f'or: edge-spade ask "..." --model {b.folder}'
+    )
     return 0
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
     result = converter("sources").pull(args.repo, args.file, args.out, revision=args.revision, force=args.force)
     path = result.folder if hasattr(result, "folder") else result
-    print(f"{path}\nnext: edge-spade ask \"...\" --model {path}")
+    print(f'{path}\nnext: edge-spade ask "..." --model {path}')
     return 0
 
 

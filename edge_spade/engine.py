@@ -152,8 +152,14 @@ class Engine:
         self.n_ctx = self._main.n_ctx
         self.threads = self._main.threads
         self.head = OutputHead(self.path, self.index)
-        log.debug("loaded %s: %s, %d layers, n_embd %d, %d threads", self.path.name, self.arch.name,
-                  self.n_layers, self.n_embd, self._main.threads)
+        log.debug(
+            "loaded %s: %s, %d layers, n_embd %d, %d threads",
+            self.path.name,
+            self.arch.name,
+            self.n_layers,
+            self.n_embd,
+            self._main.threads,
+        )
 
     # -- lifetime -------------------------------------------------------------------------
 
@@ -256,8 +262,15 @@ class Engine:
         logits = self.spade_tail(capture.rows[node], layer, ids, [tokens[r] for r in rows])
         return Readout(logits, layer, _ms(t0, t1), _ms(t1))
 
-    def spade_tail(self, states: np.ndarray, layer: int, ids: np.ndarray | None,
-                   tokens: Sequence[int] | None = None, side: bool = False, tail_model: bool = True) -> np.ndarray:
+    def spade_tail(
+        self,
+        states: np.ndarray,
+        layer: int,
+        ids: np.ndarray | None,
+        tokens: Sequence[int] | None = None,
+        side: bool = False,
+        tail_model: bool = True,
+    ) -> np.ndarray:
         """Forward `states` (k, n_embd), taken after `layer`, through the layers above it.
 
         The short sequence gets adjacent positions 0..k-1 (llama.cpp needs consecutive
@@ -298,9 +311,14 @@ class Engine:
         """Layers whose SPADE tails run on a tail model (use_tail_models)."""
         return sorted(self._tails)
 
-    def early_exit(self, tokens: Sequence[int], ids: np.ndarray | None,
-                   checks: dict[int, Callable[[np.ndarray], bool]], tail: int = 1,
-                   then_spade: bool = True) -> Readout:
+    def early_exit(
+        self,
+        tokens: Sequence[int],
+        ids: np.ndarray | None,
+        checks: dict[int, Callable[[np.ndarray], bool]],
+        tail: int = 1,
+        then_spade: bool = True,
+    ) -> Readout:
         """One prompt pass that may stop at any layer in `checks`, then answers with SPADE there.
 
         `checks[layer]` sees the tail rows after `layer` (the last row is the answer position)
@@ -313,8 +331,11 @@ class Engine:
         last = self.n_layers - 1
         for layer in checks:
             self._check_layer(layer)
-        taps = {self.arch.layer_node(layer): Tap(read_rows=tuple(rows), decide=check)
-                for layer, check in checks.items() if layer < last}
+        taps = {
+            self.arch.layer_node(layer): Tap(read_rows=tuple(rows), decide=check)
+            for layer, check in checks.items()
+            if layer < last
+        }
         taps.update(self._final_taps(ids))
         t0 = time.perf_counter()
         capture = self._decode(tokens, taps)
@@ -337,8 +358,11 @@ class Engine:
         t0 = time.perf_counter()
         capture = self._decode(tokens, taps)
         full = Readout(self._final_logits(capture, ids), last, _ms(t0))
-        states = np.stack([capture.rows[self.arch.layer_node(i)] for i in range(last)]) if last else \
-            np.zeros((0, len(rows), self.n_embd), np.float32)
+        states = (
+            np.stack([capture.rows[self.arch.layer_node(i)] for i in range(last)])
+            if last
+            else np.zeros((0, len(rows), self.n_embd), np.float32)
+        )
         final_rows = np.concatenate([states[:, -1, :], capture.rows[self.arch.layer_node(last)]])
         return Trace(list(tokens), rows, states, final_rows, full)
 
@@ -348,8 +372,13 @@ class Engine:
         if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.n_layers:
             raise LayerError(f"layer {layer} is outside 0..{self.n_layers - 1} for this {self.n_layers}-layer model")
 
-    def _decode(self, tokens: Sequence[int] | np.ndarray, taps: dict[str, Tap], side: bool = False,
-                context: _Context | None = None):
+    def _decode(
+        self,
+        tokens: Sequence[int] | np.ndarray,
+        taps: dict[str, Tap],
+        side: bool = False,
+        context: _Context | None = None,
+    ):
         """Decode `tokens` (or embeddings, (n, n_embd)) as sequence 0 on an empty cache, logits
         for the last token only.
 
@@ -372,8 +401,11 @@ class Engine:
             rc, capture = context.decode(tokens, taps)
         if rc != 0 and not (rc == 2 and capture.stopped):
             raise DecodeError(f"llama_decode failed with status {rc} on a {n}-token batch")
-        missing = [name for name, tap in taps.items()
-                   if tap.read_rows and name not in capture.rows and capture.stop_node is None]
+        missing = [
+            name
+            for name, tap in taps.items()
+            if tap.read_rows and name not in capture.rows and capture.stop_node is None
+        ]
         if missing:
             raise DecodeError(f"graph node(s) {', '.join(missing)} never appeared in the {self.arch.name} graph")
         if not capture.stopped:

@@ -42,6 +42,7 @@ class OnnxHeads:
 
     def normed(self, hidden: np.ndarray, index: int) -> np.ndarray:
         """(d,) FinalNorm(head_index(hidden))."""
-        out = self.session.run(["normed"], {"hidden": hidden.reshape(1, -1).astype(np.float32),
-                                            "layer": np.array(index, np.int64)})
+        out = self.session.run(
+            ["normed"], {"hidden": hidden.reshape(1, -1).astype(np.float32), "layer": np.array(index, np.int64)}
+        )
         return out[0][0]

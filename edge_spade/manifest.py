@@ -101,11 +101,13 @@ def load_heads(folder: str | Path, engine: Engine) -> tuple[HeadsManifest, dict[
     if manifest.n_embd != engine.n_embd or manifest.n_layers != engine.n_layers:
         raise HeadsMismatchError(
             f"heads in {folder} were made for a {manifest.n_layers}-layer model with n_embd {manifest.n_embd} "
-            f"({manifest.model}), not for {engine.path.name} ({engine.n_layers} layers, n_embd {engine.n_embd})")
+            f"({manifest.model}), not for {engine.path.name} ({engine.n_layers} layers, n_embd {engine.n_embd})"
+        )
     if manifest.output_fingerprint != engine.head.fingerprint():
         raise HeadsMismatchError(
             f"heads in {folder} were calibrated on {manifest.model_file}, whose output matrix differs from "
-            f"{engine.path.name}'s; calibrate for this model (edge-spade calibrate)")
+            f"{engine.path.name}'s; calibrate for this model (edge-spade calibrate)"
+        )
     sessions = {}
     for kind, head_set in manifest.sets.items():
         path = folder / head_set.file

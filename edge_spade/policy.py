@@ -44,8 +44,10 @@ class ExitPolicy:
         signal = signal or head_set.signal
         if signal == "spade":
             if not head_set.probe_layers:
-                raise HeadsMismatchError(f"the {head_set.kind} heads have no SPADE probe layers (calibration found "
-                                         "none that keep the target agreement); use --signal lspade")
+                raise HeadsMismatchError(
+                    f"the {head_set.kind} heads have no SPADE probe layers (calibration found "
+                    "none that keep the target agreement); use --signal lspade"
+                )
             tau = head_set.thresholds.get("spade", -1.0) if threshold is None else threshold
             return cls(tau, tuple(head_set.probe_layers), {}, head_set.top_k or FREE_TOP_K, None, "spade")
         tau = head_set.threshold if threshold is None else threshold
@@ -80,8 +82,9 @@ def judge_logits(prompt: Prompt, logits: np.ndarray, top_k: int | None) -> float
     return entropy(prompt.choice_logits(logits))
 
 
-def probe_checks(engine: Engine, policy: ExitPolicy, prompt: Prompt, seen: ExitTrace,
-                 tail: int) -> dict[int, Callable[[np.ndarray], bool]]:
+def probe_checks(
+    engine: Engine, policy: ExitPolicy, prompt: Prompt, seen: ExitTrace, tail: int
+) -> dict[int, Callable[[np.ndarray], bool]]:
     """Per probe layer: run the SPADE tail on the side context, exit if its own entropy is low."""
     tokens = [prompt.tokens[r] for r in tail_positions(len(prompt.tokens), tail)]
 
@@ -99,8 +102,9 @@ def probe_checks(engine: Engine, policy: ExitPolicy, prompt: Prompt, seen: ExitT
     return {layer: check_at(layer) for layer in policy.eval_layers}
 
 
-def exit_checks(engine: Engine, heads: OnnxHeads, policy: ExitPolicy, prompt: Prompt,
-                seen: ExitTrace) -> dict[int, Callable[[np.ndarray], bool]]:
+def exit_checks(
+    engine: Engine, heads: OnnxHeads, policy: ExitPolicy, prompt: Prompt, seen: ExitTrace
+) -> dict[int, Callable[[np.ndarray], bool]]:
     """Per evaluation layer, the callback-side test: head -> decision logits -> entropy <= threshold."""
     # Free answers: a full-vocabulary head is a whole LM head per layer (Gemma: 262,144 x 640), so the
     # entropy is taken over the calibration's candidate tokens; the answer still comes from SPADE.
@@ -129,8 +133,9 @@ def exit_checks(engine: Engine, heads: OnnxHeads, policy: ExitPolicy, prompt: Pr
     return {layer: check_at(layer) for layer in policy.eval_layers}
 
 
-def spade_exit(engine: Engine, heads: OnnxHeads, policy: ExitPolicy, prompt: Prompt,
-               tail: int = 1, answer_from: str = "spade") -> tuple[Readout, ExitTrace]:
+def spade_exit(
+    engine: Engine, heads: OnnxHeads, policy: ExitPolicy, prompt: Prompt, tail: int = 1, answer_from: str = "spade"
+) -> tuple[Readout, ExitTrace]:
     """Answer `prompt` with SPADE-EXIT: one prompt pass, stopped at the first confident layer.
 
     `answer_from="head"` answers an exit with the head's own logits instead of SPADE's (the

@@ -115,8 +115,9 @@ def _compile(template: str):
     return env.from_string(template)
 
 
-def build_prompt(engine: Engine, question: str, choices: Sequence[str] | None = None,
-                 template: bool | None = None) -> Prompt:
+def build_prompt(
+    engine: Engine, question: str, choices: Sequence[str] | None = None, template: bool | None = None
+) -> Prompt:
     """Format, tokenize and pick the decision set. `template`: None = the model's own if it has one."""
     question, choices = check_question(question, choices)
     if not choices:
@@ -139,8 +140,9 @@ def build_prompt(engine: Engine, question: str, choices: Sequence[str] | None = 
     return Prompt(text, tokens, "yesno" if yes_no else "letters", choices, labels, ids, groups)
 
 
-def decision_set(engine: Engine, labels: Sequence[str], any_case: bool = False
-                 ) -> tuple[np.ndarray, tuple[tuple[int, ...], ...]]:
+def decision_set(
+    engine: Engine, labels: Sequence[str], any_case: bool = False
+) -> tuple[np.ndarray, tuple[tuple[int, ...], ...]]:
     """Single-token spellings of each label (with and without a leading space; for words,
     lower and capitalised too), as decision-set ids and per-label groups. Letters keep
     their case: " a" is an article, not option A."""

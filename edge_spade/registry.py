@@ -90,8 +90,10 @@ def resolve_model(model: str | os.PathLike | None = None) -> ResolvedModel:
     path = Path(text).expanduser()
     if path.is_dir():
         if not is_bundle(path):
-            raise ModelFileError(f"{path} is a directory without bundle.json; give a bundle, a .gguf file "
-                                 "or a model name (see: edge-spade models)")
+            raise ModelFileError(
+                f"{path} is a directory without bundle.json; give a bundle, a .gguf file "
+                "or a model name (see: edge-spade models)"
+            )
         bundle = open_bundle(path)
         return ResolvedModel(bundle.model, bundle.name, heads=bundle.heads_dir)
     if path.is_file():

@@ -119,8 +119,16 @@ class Runtime:
     def can_exit(self, prompt: Prompt) -> bool:
         return self.kind(prompt) in self.heads
 
-    def ask_exit(self, prompt: Prompt, t0: float, *, threshold: float | None = None,
-                 tail: int | None = None, top_k: int = 5, signal: str | None = None) -> Answer:
+    def ask_exit(
+        self,
+        prompt: Prompt,
+        t0: float,
+        *,
+        threshold: float | None = None,
+        tail: int | None = None,
+        top_k: int = 5,
+        signal: str | None = None,
+    ) -> Answer:
         """SPADE-EXIT: one prompt pass stopped at the first layer whose confidence signal is low enough."""
         kind = self.kind(prompt)
         head_set = self.manifest.sets[kind]
@@ -147,8 +155,9 @@ class Runtime:
             raise LayerError(f"unknown lens {lens!r}; use 'spade' or 'logit'")
         return self.engine.spade(prompt.tokens, layer, prompt.ids, tail=tail), "spade"
 
-    def answer(self, prompt: Prompt, readout: Readout, mode: str, t0: float, *, tail: int = 1,
-               top_k: int = 5) -> Answer:
+    def answer(
+        self, prompt: Prompt, readout: Readout, mode: str, t0: float, *, tail: int = 1, top_k: int = 5
+    ) -> Answer:
         """Turn decision-set logits into an Answer."""
         if prompt.kind == "free":
             p = softmax(readout.logits.astype(np.float64))
@@ -167,8 +176,20 @@ class Runtime:
             text, label = prompt.choices[index], prompt.labels[index]
         total = (time.perf_counter() - t0) * 1000.0
         timings = {"total": round(total, 3), "prefill": round(readout.prefill_ms, 3), "tail": round(readout.tail_ms, 3)}
-        return Answer(text, index, label, probs, mode, readout.layer, self.engine.n_layers, len(prompt.tokens),
-                      timings, self.name, token, tail if mode in ("spade", "spade-exit") else 1)
+        return Answer(
+            text,
+            index,
+            label,
+            probs,
+            mode,
+            readout.layer,
+            self.engine.n_layers,
+            len(prompt.tokens),
+            timings,
+            self.name,
+            token,
+            tail if mode in ("spade", "spade-exit") else 1,
+        )
 
     def close(self) -> None:
         self.engine.close()
@@ -192,8 +213,9 @@ def load_model(
     saves loading a tail model (about as long as loading the model) where few questions are asked.
     """
     resolved = resolve_model(model)
-    settings = EngineSettings(n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers, kv_type=kv_type,
-                              tail_models=tail_models)
+    settings = EngineSettings(
+        n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers, kv_type=kv_type, tail_models=tail_models
+    )
     if heads is False:
         heads_dir = None
     elif heads is not None:

@@ -69,7 +69,7 @@ class _Reader:
 
     def string(self) -> str:
         n = self.take("Q")
-        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8")
+        s = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8")
         self.pos += n
         return s
 
@@ -100,7 +100,7 @@ class _Reader:
             key, vtype = self.string(), self.take("I")
             start = self.pos
             self.skip_value(vtype)
-            kvs.append(_Kv(key, vtype, bytes(self.buf[start:self.pos])))
+            kvs.append(_Kv(key, vtype, bytes(self.buf[start : self.pos])))
         infos = []
         for _ in range(n_tensors):
             name = self.string()
@@ -147,12 +147,15 @@ def _sliced_kvs(kvs: list[_Kv], arch: str, n_layers: int, layer: int) -> list[_K
             if itype not in _SIZES:
                 raise ModelFileError(f"cannot slice the per-layer array {kv.key} (item type {itype})")
             size = _SIZES[itype]
-            items = kv.raw[12 + (layer + 1) * size:]
+            items = kv.raw[12 + (layer + 1) * size :]
             kv = _Kv(kv.key, _ARRAY, struct.pack("<IQ", itype, keep) + items)
         out.append(kv)
     pattern_key = f"{arch}.attention.sliding_window_pattern"
-    if arch in _IMPLICIT_SWA and _scalar(kvs, f"{arch}.attention.sliding_window") \
-            and not any(kv.key == pattern_key for kv in kvs):
+    if (
+        arch in _IMPLICIT_SWA
+        and _scalar(kvs, f"{arch}.attention.sliding_window")
+        and not any(kv.key == pattern_key for kv in kvs)
+    ):
         period = _IMPLICIT_SWA[arch]
         local = [(il % period) < period - 1 for il in range(layer + 1, n_layers)]
         out.append(_Kv(pattern_key, _ARRAY, struct.pack("<IQ", _BOOL, keep) + bytes(local)))
@@ -195,8 +198,12 @@ def write_tail_model(src: str | Path, layer: int, out: str | Path) -> Path:
         header += [_pack_string(kv.key) + struct.pack("<I", kv.vtype) + kv.raw for kv in meta]
         offset = 0
         for name, t in kept:
-            header.append(_pack_string(name) + struct.pack("<I", len(t.dims))
-                          + struct.pack(f"<{len(t.dims)}Q", *t.dims) + struct.pack("<IQ", t.qtype, offset))
+            header.append(
+                _pack_string(name)
+                + struct.pack("<I", len(t.dims))
+                + struct.pack(f"<{len(t.dims)}Q", *t.dims)
+                + struct.pack("<IQ", t.qtype, offset)
+            )
             offset += -(-t.nbytes // alignment) * alignment
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
@@ -205,7 +212,7 @@ def write_tail_model(src: str | Path, layer: int, out: str | Path) -> Path:
                 head = b"".join(header)
                 w.write(head + bytes(-len(head) % alignment))
                 for _, t in kept:
-                    w.write(buf[t.offset:t.offset + t.nbytes])
+                    w.write(buf[t.offset : t.offset + t.nbytes])
                     w.write(bytes(-t.nbytes % alignment))
             tmp.replace(out)
         finally:

@@ -44,8 +44,17 @@ def heads_dir(tiny_model, tmp_path_factory):
     rt = load_model(str(tiny_model[0]), n_ctx=EXACT.n_ctx, kv_type="f32", heads=False)
     out = tmp_path_factory.mktemp("heads") / "tiny-heads"
     free = [Item(f"f{i}", f"the {w} of {v} is", None, None) for i, (w, v) in enumerate(zip(WORDS * 3, WORDS[::-1] * 3))]
-    manifest = calibrate(rt, items(40) + free, out, data_names=["generated"], rank=4, steps=40,
-                         target_agreement=0.5, free_tail=[2, 3], top_k=8)
+    manifest = calibrate(
+        rt,
+        items(40) + free,
+        out,
+        data_names=["generated"],
+        rank=4,
+        steps=40,
+        target_agreement=0.5,
+        free_tail=[2, 3],
+        top_k=8,
+    )
     rt.close()
     mp.undo()
     assert set(manifest.sets) == {"choice", "free"}
@@ -90,17 +99,46 @@ def first_layer(heads_dir, kind: str) -> int:
 
 
 def test_heads_drive_spade_exit(heads_dir, tiny_model, capsys):
-    code = main(["ask", "which sky is blue?", "--choices", "sky", "water", "--model", str(tiny_model[0]),
-                 "--heads", str(heads_dir), "--threshold", "inf", "--json"])
+    code = main(
+        [
+            "ask",
+            "which sky is blue?",
+            "--choices",
+            "sky",
+            "water",
+            "--model",
+            str(tiny_model[0]),
+            "--heads",
+            str(heads_dir),
+            "--threshold",
+            "inf",
+            "--json",
+        ]
+    )
     a = json.loads(capsys.readouterr().out)
     first = first_layer(heads_dir, "choice")
     assert code == 0 and a["mode"] == "spade-exit" and a["exit_layer"] == first and list(a["entropy"]) == [str(first)]
-    code = main(["ask", "which sky is blue?", "--choices", "sky", "water", "--model", str(tiny_model[0]),
-                 "--heads", str(heads_dir), "--threshold", "-1", "--json"])
+    code = main(
+        [
+            "ask",
+            "which sky is blue?",
+            "--choices",
+            "sky",
+            "water",
+            "--model",
+            str(tiny_model[0]),
+            "--heads",
+            str(heads_dir),
+            "--threshold",
+            "-1",
+            "--json",
+        ]
+    )
     a = json.loads(capsys.readouterr().out)
     assert code == 0 and a["exit_layer"] is None and a["layer"] == tiny.N_LAYERS - 1 and a["threshold"] == -1
-    code = main(["ask", "the sky of", "--model", str(tiny_model[0]), "--heads", str(heads_dir), "--threshold", "inf",
-                 "--json"])
+    code = main(
+        ["ask", "the sky of", "--model", str(tiny_model[0]), "--heads", str(heads_dir), "--threshold", "inf", "--json"]
+    )
     a = json.loads(capsys.readouterr().out)
     assert code == 0 and a["mode"] == "spade-exit" and a["exit_layer"] == first_layer(heads_dir, "free")
     assert a["tail"] == json.loads((heads_dir / "heads.json").read_text())["sets"]["free"]["tail"]
@@ -127,7 +165,7 @@ def test_tampered_heads_are_refused(heads_dir, tiny_model, tmp_path):
 
 def test_clopper_pearson_by_hand():
     # all successes: the bound solves p^n = alpha
-    assert clopper_pearson_lower(10, 10, 0.95) == pytest.approx(0.05 ** 0.1, abs=1e-9)
+    assert clopper_pearson_lower(10, 10, 0.95) == pytest.approx(0.05**0.1, abs=1e-9)
     assert clopper_pearson_lower(0, 10) == 0.0
     # 9 of 10: P(X >= 9 | p) = 10 p^9 (1-p) + p^10 = 0.05 at p = 0.6058 (solved by hand below)
     p = clopper_pearson_lower(9, 10, 0.95)
@@ -150,15 +188,19 @@ def test_exit_curve_bounds_facts_not_prompts():
     assert by_fact.lower_bound == pytest.approx(clopper_pearson_lower(8, 10))
     # all prompts right: 10 facts bound p^10 = 0.05, weaker than 30 prompts' p^30 = 0.05
     clean = exit_curve(full, full[:, None], entropy, [1], 4, 0.95, keys)[-1]
-    assert clean.lower_bound == pytest.approx(0.05 ** 0.1)
+    assert clean.lower_bound == pytest.approx(0.05**0.1)
     # one prompt per key: the per-prompt bound exactly
     single = exit_curve(full, answers, entropy, [1], 4, 0.95, [str(i) for i in range(30)])[-1]
     assert single.lower_bound == by_prompt.lower_bound
 
 
 def test_threshold_is_the_largest_that_keeps_the_bound():
-    curve = [CurvePoint(0.0, 1.0, 0.99, 17, 0), CurvePoint(0.1, 1.0, 0.991, 12, 0.3),
-             CurvePoint(0.5, 0.99, 0.97, 9, 0.8), CurvePoint(math.inf, 0.9, 0.85, 1, 1)]
+    curve = [
+        CurvePoint(0.0, 1.0, 0.99, 17, 0),
+        CurvePoint(0.1, 1.0, 0.991, 12, 0.3),
+        CurvePoint(0.5, 0.99, 0.97, 9, 0.8),
+        CurvePoint(math.inf, 0.9, 0.85, 1, 1),
+    ]
     assert pick_threshold(curve, 0.99) == 0.1
     assert pick_threshold(curve, 0.999) == -1.0
     assert pick_threshold(curve, 0.99, min_exit_rate=0.5) == -1.0  # too few exits to pay for the checks
@@ -168,8 +210,12 @@ def test_tail_width_choice():
     row = {"mean_agreement": 0.8, "probes_pay": False}
     assert choose_tail({1: {**row, "mean_agreement": 0.7}, 4: row, 8: row}) == 4  # best agreement, smaller on ties
     paying = {"probes_pay": True, "mean_agreement": 0.5}
-    assert choose_tail({1: row, 2: {**paying, "heldout_mean_cost_model": 0.9},
-                        4: {**paying, "heldout_mean_cost_model": 0.8}}) == 4  # probes that pay come first
+    assert (
+        choose_tail(
+            {1: row, 2: {**paying, "heldout_mean_cost_model": 0.9}, 4: {**paying, "heldout_mean_cost_model": 0.8}}
+        )
+        == 4
+    )  # probes that pay come first
 
 
 def test_holdout_keeps_the_variants_of_a_fact_together(tmp_path):
@@ -178,12 +224,18 @@ def test_holdout_keeps_the_variants_of_a_fact_together(tmp_path):
     from edge_spade.convert.datasets import load_items
 
     facts = tmp_path / "facts.jsonl"
-    facts.write_text("".join(json.dumps({"id": f"f{i}", "prompt": f"{i} + 1 =", "answer": f" {i + 1}",
-                                         "category": "addition"}) + "\n" for i in range(20)))
+    facts.write_text(
+        "".join(
+            json.dumps({"id": f"f{i}", "prompt": f"{i} + 1 =", "answer": f" {i + 1}", "category": "addition"}) + "\n"
+            for i in range(20)
+        )
+    )
     items = load_items(facts, variants=3)
     assert len(items) == 60 and len({i.key for i in items}) == 20 and len({i.question for i in items}) > 20
-    samples = [Sample(np.zeros((2, 4), np.float32), np.zeros((1, 2), int), np.zeros((2, 2), np.float32), key=i.key)
-               for i in items]
+    samples = [
+        Sample(np.zeros((2, 4), np.float32), np.zeros((1, 2), int), np.zeros((2, 2), np.float32), key=i.key)
+        for i in items
+    ]
     train, held = split(samples, 0.5, seed=0)
     train_keys, held_keys = {s.key for s in train}, {s.key for s in held}
     assert not train_keys & held_keys and len(train) + len(held) == 60 and 30 <= len(held) <= 33
@@ -201,8 +253,12 @@ def test_several_few_shot_counts_share_the_fact_key(tmp_path):
     from edge_spade.convert.datasets import DatasetError, load_items
 
     facts = tmp_path / "facts.jsonl"
-    facts.write_text("".join(json.dumps({"id": f"f{i}", "prompt": f"{i} + 1 =", "answer": f" {i + 1}",
-                                         "category": "addition"}) + "\n" for i in range(20)))
+    facts.write_text(
+        "".join(
+            json.dumps({"id": f"f{i}", "prompt": f"{i} + 1 =", "answer": f" {i + 1}", "category": "addition"}) + "\n"
+            for i in range(20)
+        )
+    )
     items = load_items(facts, variants=2, few_shot=[3, 8])
     assert len(items) == 80 and len({i.id for i in items}) == 80 and len({i.key for i in items}) == 20
     shots = [i.question.count("\n") for i in items]
@@ -214,8 +270,20 @@ def test_several_few_shot_counts_share_the_fact_key(tmp_path):
 
 def test_exit_signal_can_be_chosen(heads_dir, tiny_model, capsys):
     head_set = json.loads((heads_dir / "heads.json").read_text())["sets"]["choice"]
-    argv = ["ask", "which sky is blue?", "--choices", "sky", "water", "--model", str(tiny_model[0]),
-            "--heads", str(heads_dir), "--threshold", "inf", "--json"]
+    argv = [
+        "ask",
+        "which sky is blue?",
+        "--choices",
+        "sky",
+        "water",
+        "--model",
+        str(tiny_model[0]),
+        "--heads",
+        str(heads_dir),
+        "--threshold",
+        "inf",
+        "--json",
+    ]
     assert main(argv + ["--signal", "lspade"]) == 0
     assert json.loads(capsys.readouterr().out)["exit_layer"] == head_set["eval_layers"][0]
     code = main(argv + ["--signal", "spade"])
@@ -245,8 +313,14 @@ def test_free_heads_learn_the_top_k_over_all_candidates():
     early = rng.integers(0, rare, size=(n, k))  # the rare tokens top layer 0: they are candidates
     samples = [Sample(hidden[i], np.stack([early[i], top[i]]), np.stack([target[i, top[i]]] * 2)) for i in range(n)]
     candidates = np.unique(np.concatenate([top.ravel(), early.ravel()]))
-    rt = SimpleNamespace(engine=SimpleNamespace(n_embd=d, n_layers=2, index=SimpleNamespace(rms_eps=1e-6),
-                                                head=SimpleNamespace(rows=lambda ids: w[ids], norm_weight=g)))
+    rt = SimpleNamespace(
+        engine=SimpleNamespace(
+            n_embd=d,
+            n_layers=2,
+            index=SimpleNamespace(rms_eps=1e-6),
+            head=SimpleNamespace(rows=lambda ids: w[ids], norm_weight=g),
+        )
+    )
 
     def own_top(head) -> float:  # share of samples whose head's top candidate is SPADE's top token
         z = rms_norm(head.adjust(hidden[:, layer]), g, 1e-6) @ w[candidates].T
@@ -312,8 +386,9 @@ def test_merge_keeps_the_kinds_not_recalibrated(heads_dir, tiny_model, tmp_path,
     try:
         with pytest.raises(HeadsMismatchError, match="rank 4"):
             calibrate(rt, free, merged, data_names=["generated"], rank=5, steps=20, top_k=8, merge=True)
-        calibrate(rt, free, merged, data_names=["generated"], rank=4, steps=20, target_agreement=0.5, top_k=8,
-                  merge=True)
+        calibrate(
+            rt, free, merged, data_names=["generated"], rank=4, steps=20, target_agreement=0.5, top_k=8, merge=True
+        )
     finally:
         rt.close()
     after = json.loads((merged / "heads.json").read_text())

@@ -30,8 +30,11 @@ pytestmark = pytest.mark.slow
 
 ARCHS = ["llama", "qwen2", "gemma3"]
 PROMPT = "The capital of France is Paris. Question: is the sky blue? Answer:"
-SPECIAL = {"llama": "<|im_start|>user\nHi there<|im_end|>", "qwen2": "<|im_start|>system\n<|im_end|>",
-           "gemma3": "<start_of_turn>user\nhello<end_of_turn>"}
+SPECIAL = {
+    "llama": "<|im_start|>user\nHi there<|im_end|>",
+    "qwen2": "<|im_start|>system\n<|im_end|>",
+    "gemma3": "<start_of_turn>user\nhello<end_of_turn>",
+}
 
 
 @pytest.fixture(scope="module")
@@ -157,18 +160,29 @@ def test_bad_checkpoints_give_clear_errors_and_leave_nothing(checkpoints, tmp_pa
     weights = "model.safetensors"
     cases = {
         "corrupt": (lambda f: (f / weights).write_bytes(os.urandom(2000)), "not a readable safetensors"),
-        "truncated": (lambda f: (f / weights).write_bytes((f / weights).read_bytes()[:-5000]),
-                      "not a readable safetensors"),
+        "truncated": (
+            lambda f: (f / weights).write_bytes((f / weights).read_bytes()[:-5000]),
+            "not a readable safetensors",
+        ),
         "no-tokenizer": (lambda f: (f / "tokenizer.json").unlink(), "has no tokenizer.json"),
         "no-config": (lambda f: (f / "config.json").unlink(), "has no config.json"),
         "no-weights": (lambda f: (f / weights).unlink(), "has no .safetensors"),
-        "gpt2": (lambda f: (f / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]})),
-                 "cannot convert GPT2LMHeadModel; supported: LlamaForCausalLM"),
-        "activation": (lambda f: (f / "config.json").write_text(
-            (f / "config.json").read_text().replace('"silu"', '"relu"')), "activation 'relu'"),
-        "yarn": (lambda f: (f / "config.json").write_text(json.dumps(
-            {**json.loads((f / "config.json").read_text()), "rope_scaling": {"type": "yarn", "factor": 4}})),
-            "rope_scaling type 'yarn'"),
+        "gpt2": (
+            lambda f: (f / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]})),
+            "cannot convert GPT2LMHeadModel; supported: LlamaForCausalLM",
+        ),
+        "activation": (
+            lambda f: (f / "config.json").write_text((f / "config.json").read_text().replace('"silu"', '"relu"')),
+            "activation 'relu'",
+        ),
+        "yarn": (
+            lambda f: (f / "config.json").write_text(
+                json.dumps(
+                    {**json.loads((f / "config.json").read_text()), "rope_scaling": {"type": "yarn", "factor": 4}}
+                )
+            ),
+            "rope_scaling type 'yarn'",
+        ),
     }
     out = tmp_path / "out"
     out.mkdir()
@@ -229,8 +243,21 @@ def test_calibrate_adds_heads_to_a_bundle(tiny_model, tmp_path, monkeypatch, cap
     monkeypatch.setenv("EDGE_SPADE_CACHE", str(tmp_path / "cache"))
     bundle = convert(str(tiny_model[0]), tmp_path / "tiny", "F32")
     data = arc_file(tmp_path / "arc.jsonl", 30)
-    code = main(["calibrate", "--model", str(bundle.folder), "--data", str(data), "--rank", "4", "--steps", "30",
-                 "--target-agreement", "0.5"])
+    code = main(
+        [
+            "calibrate",
+            "--model",
+            str(bundle.folder),
+            "--data",
+            str(data),
+            "--rank",
+            "4",
+            "--steps",
+            "30",
+            "--target-agreement",
+            "0.5",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     b = open_bundle(bundle.folder)
     assert b.heads_dir == bundle.folder / "heads" and "heads.json" in b.meta["heads"]
@@ -257,14 +284,21 @@ def test_pull_verifies_against_the_hub_sha(monkeypatch, tmp_path, tiny_model, ca
     from edge_spade import registry
 
     calls = []
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
-                        lambda repo_id, filename, revision: calls.append((repo_id, filename)) or str(tiny_model[0]))
+    monkeypatch.setattr(
+        huggingface_hub,
+        "hf_hub_download",
+        lambda repo_id, filename, revision: calls.append((repo_id, filename)) or str(tiny_model[0]),
+    )
     monkeypatch.setattr(registry, "hub_sha256", lambda repo, file, rev: sha256_file(tiny_model[0]))
     assert main(["pull", "someone/Tiny-GGUF", "--file", "tiny.gguf", "--out", str(tmp_path / "p")]) == 0
     assert calls == [("someone/Tiny-GGUF", "tiny.gguf")]
     b = open_bundle(tmp_path / "p")
-    assert b.meta["source"] == {"kind": "hub-gguf", "repo": "someone/Tiny-GGUF", "file": "tiny.gguf",
-                                "revision": "main"}
+    assert b.meta["source"] == {
+        "kind": "hub-gguf",
+        "repo": "someone/Tiny-GGUF",
+        "file": "tiny.gguf",
+        "revision": "main",
+    }
     assert b.model.read_bytes() == tiny_model[0].read_bytes()
     monkeypatch.setattr(registry, "hub_sha256", lambda repo, file, rev: "0" * 64)
     assert main(["pull", "someone/Tiny-GGUF", "--file", "tiny.gguf"]) == 1

@@ -13,11 +13,13 @@ def problem(seed: int = 1):
     rows = rng.standard_normal((M, D)).astype(np.float32)
     g = (1 + 0.1 * rng.standard_normal(D)).astype(np.float32)
     h = rng.standard_normal((N, D)).astype(np.float32)
-    true = LayerHead(0.5 * rng.standard_normal((D, 4)).astype(np.float32),
-                     rng.standard_normal((4, D)).astype(np.float32) / 4,
-                     0.3 * rng.standard_normal(D).astype(np.float32))
+    true = LayerHead(
+        0.5 * rng.standard_normal((D, 4)).astype(np.float32),
+        rng.standard_normal((4, D)).astype(np.float32) / 4,
+        0.3 * rng.standard_normal(D).astype(np.float32),
+    )
     mask = np.ones((N, M), bool)
-    mask[: N // 2, M // 2:] = False  # half the samples have a smaller decision set
+    mask[: N // 2, M // 2 :] = False  # half the samples have a smaller decision set
     return h, head_logits(true, h, rows, g, EPS), mask, rows, g
 
 
@@ -33,6 +35,7 @@ def test_training_recovers_the_target_distribution():
     q = np.exp(masked_log_softmax(head_logits(head, h, rows, g, EPS), mask))
     p = np.exp(masked_log_softmax(target, mask))
     start = np.exp(masked_log_softmax(rms_norm(h, g, EPS) @ rows.T, mask))
+
     def kl(a, b):
         logs = np.log(np.clip(a, 1e-30, None)) - np.log(np.clip(b, 1e-30, None))
         return float(np.where(mask, a * logs, 0).sum() / N)

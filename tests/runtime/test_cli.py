@@ -37,8 +37,9 @@ def test_ask_spade_and_lens_modes(capsys, tiny_path):
     code, out, _ = run(capsys, "ask", "the capital of", "--model", tiny_path, "--layer", "1", "--json")
     a = json.loads(out)
     assert code == 0 and a["mode"] == "spade" and a["layer"] == 1 and a["choice_index"] is None
-    code, out, _ = run(capsys, "ask", "the capital of", "--model", tiny_path, "--layer", "2", "--lens", "logit",
-                       "--json")
+    code, out, _ = run(
+        capsys, "ask", "the capital of", "--model", tiny_path, "--layer", "2", "--lens", "logit", "--json"
+    )
     assert code == 0 and json.loads(out)["mode"] == "logit-lens"
     code, out, _ = run(capsys, "ask", "what?", "--choices", "a b", "c d", "e f", "--model", tiny_path, "--full")
     assert code == 0 and "full depth of 4 layers" in out and "answer: " in out
@@ -46,11 +47,13 @@ def test_ask_spade_and_lens_modes(capsys, tiny_path):
 
 def test_file_mode_reports_bad_lines_and_answers_the_rest(capsys, tmp_path, tiny_path):
     f = tmp_path / "q.jsonl"
-    f.write_bytes(b'{"id": "a", "question": "is water wet?", "choices": ["yes", "no"]}\n'
-                  b'not json\n'
-                  b'{"id": "c", "question": ""}\n'
-                  b'{"id": "d", "question": "caf\xff"}\n'
-                  b'{"id": "e", "question": "the sky is"}\n')
+    f.write_bytes(
+        b'{"id": "a", "question": "is water wet?", "choices": ["yes", "no"]}\n'
+        b"not json\n"
+        b'{"id": "c", "question": ""}\n'
+        b'{"id": "d", "question": "caf\xff"}\n'
+        b'{"id": "e", "question": "the sky is"}\n'
+    )
     code, out, err = run(capsys, "ask", "--file", str(f), "--model", tiny_path, "--json")
     assert code == 1
     answered = [json.loads(line) for line in out.splitlines()]
@@ -59,17 +62,20 @@ def test_file_mode_reports_bad_lines_and_answers_the_rest(capsys, tmp_path, tiny
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["ask", "   "], "question is empty"),
-    (["ask", "x?", "--choices", "yes"], "at least two choices"),
-    (["ask", "x?", "--choices", "Paris", " Paris"], "duplicate choice"),
-    (["ask", "x?", "--choices", "a", ""], "choice is empty"),
-    (["ask", "the sky " * 200, "--ctx", "64"], "but the context holds"),
-    (["ask", "x", "--layer", "9"], "outside 0..3"),
-    (["ask", "x", "--lens", "logit"], "needs a layer"),
-    (["ask", "x", "--tail", "0", "--layer", "1"], "tail width"),
-    (["ask"], "give a question"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["ask", "   "], "question is empty"),
+        (["ask", "x?", "--choices", "yes"], "at least two choices"),
+        (["ask", "x?", "--choices", "Paris", " Paris"], "duplicate choice"),
+        (["ask", "x?", "--choices", "a", ""], "choice is empty"),
+        (["ask", "the sky " * 200, "--ctx", "64"], "but the context holds"),
+        (["ask", "x", "--layer", "9"], "outside 0..3"),
+        (["ask", "x", "--lens", "logit"], "needs a layer"),
+        (["ask", "x", "--tail", "0", "--layer", "1"], "tail width"),
+        (["ask"], "give a question"),
+    ],
+)
 def test_bad_questions(capsys, tiny_path, argv, message):
     code, out, err = run(capsys, *argv, "--model", tiny_path)
     assert code == 1 and message in err and "Traceback" not in err and out == ""
@@ -117,8 +123,23 @@ def test_non_utf8_argument_and_console_script(tiny_path):
     cmd = [sys.executable, "-m", "edge_spade.cli", "ask", b"caf\xe9 \xff?", "--model", tiny_path]
     proc = subprocess.run(cmd, capture_output=True, env={**os.environ, "LC_ALL": "C.UTF-8"})
     assert proc.returncode == 1 and b"not valid UTF-8" in proc.stderr and b"Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "edge_spade.cli", "ask", "is it?", "--choices", "yes", "no",
-                           "--model", tiny_path, "--json"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_spade.cli",
+            "ask",
+            "is it?",
+            "--choices",
+            "yes",
+            "no",
+            "--model",
+            tiny_path,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["answer"] in ("yes", "no")
 

@@ -38,8 +38,10 @@ def test_spade_matches_numpy_at_every_layer(tiny_engine, tiny_model, text):
 def test_wide_tails_match_numpy(tiny_engine, tiny_model, tail):
     tokens = tiny_engine.tokenize(PROMPTS[0])
     for layer in (0, 1, 2):
-        close(tiny_engine.spade(tokens, layer, None, tail=tail).logits,
-              tiny.spade_logits(tiny_model[1], tokens, layer, tail))
+        close(
+            tiny_engine.spade(tokens, layer, None, tail=tail).logits,
+            tiny.spade_logits(tiny_model[1], tokens, layer, tail),
+        )
 
 
 def test_tail_covering_the_prompt_is_the_full_model(tiny_engine, tiny_model):
@@ -52,8 +54,9 @@ def test_tail_covering_the_prompt_is_the_full_model(tiny_engine, tiny_model):
 def test_spade_at_last_layer_is_full(tiny_engine):
     tokens = tiny_engine.tokenize(PROMPTS[0])
     ids = np.arange(20)
-    np.testing.assert_array_equal(tiny_engine.spade(tokens, tiny.N_LAYERS - 1, ids).logits,
-                                  tiny_engine.full(tokens, ids).logits)
+    np.testing.assert_array_equal(
+        tiny_engine.spade(tokens, tiny.N_LAYERS - 1, ids).logits, tiny_engine.full(tokens, ids).logits
+    )
 
 
 def test_logit_lens_is_numpy_head_of_captured_state(tiny_engine, tiny_model):
@@ -65,8 +68,12 @@ def test_logit_lens_is_numpy_head_of_captured_state(tiny_engine, tiny_model):
         want = tiny.head(tiny_model[1], states[layer][-1])
         close(tiny_engine.logit_lens(tokens, layer, None).logits, want)
         # ... and exactly the numpy head applied to the state the engine captured
-        np.testing.assert_allclose(tiny_engine.logit_lens(tokens, layer, None).logits,
-                                   tiny_engine.lens(trace.last[layer], None), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(
+            tiny_engine.logit_lens(tokens, layer, None).logits,
+            tiny_engine.lens(trace.last[layer], None),
+            rtol=0,
+            atol=1e-5,
+        )
 
 
 def test_trace_gives_the_same_spade_as_direct_passes(tiny_engine):
@@ -76,8 +83,12 @@ def test_trace_gives_the_same_spade_as_direct_passes(tiny_engine):
     np.testing.assert_array_equal(trace.full.logits, tiny_engine.full(tokens, ids).logits)
     for layer in range(tiny.N_LAYERS - 1):
         rows_tokens = [tokens[r] for r in trace.tail_rows]
-        np.testing.assert_allclose(tiny_engine.spade_tail(trace.states[layer], layer, ids, rows_tokens),
-                                   tiny_engine.spade(tokens, layer, ids, tail=2).logits, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(
+            tiny_engine.spade_tail(trace.states[layer], layer, ids, rows_tokens),
+            tiny_engine.spade(tokens, layer, ids, tail=2).logits,
+            rtol=0,
+            atol=1e-5,
+        )
 
 
 def test_default_settings_stay_close(tiny_model):
@@ -104,8 +115,10 @@ def test_exception_inside_callback_surfaces(tiny_engine):
     tokens = tiny_engine.tokenize(PROMPTS[0])
     bad = np.zeros((2, tiny.N_EMBD + 1), np.float32)  # wrong width: raises inside the callback
     with pytest.raises(ValueError, match="cannot write rows"):
-        tiny_engine.hooks.run({"l_out-1": Tap(write=bad)}, lambda: tiny_engine._ll.llama_decode(
-            tiny_engine._main.ctx, tiny_engine._main.batch))
+        tiny_engine.hooks.run(
+            {"l_out-1": Tap(write=bad)},
+            lambda: tiny_engine._ll.llama_decode(tiny_engine._main.ctx, tiny_engine._main.batch),
+        )
     # The engine stays usable and exact afterwards.
     want = tiny_engine.full(tokens, None).logits
     with Engine(tiny_engine.path, tiny_engine.settings) as fresh:

@@ -10,9 +10,22 @@ from edge_spade.hooks import PINNED_LLAMA_CPP, GgmlTensor, load_ggml
 def test_layout_matches_the_documented_struct():
     assert ctypes.sizeof(GgmlTensor) == 336
     offsets = {name: getattr(GgmlTensor, name).offset for name, _ in GgmlTensor._fields_}
-    assert offsets == {"type": 0, "buffer": 8, "ne": 16, "nb": 48, "op": 80, "op_params": 84, "flags": 148,
-                       "src": 152, "view_src": 232, "view_offs": 240, "data": 248, "name": 256, "extra": 320,
-                       "padding": 328}
+    assert offsets == {
+        "type": 0,
+        "buffer": 8,
+        "ne": 16,
+        "nb": 48,
+        "op": 80,
+        "op_params": 84,
+        "flags": 148,
+        "src": 152,
+        "view_src": 232,
+        "view_offs": 240,
+        "data": 248,
+        "name": 256,
+        "extra": 320,
+        "padding": 328,
+    }
 
 
 def test_self_check_passes_on_the_pinned_version():

@@ -35,10 +35,12 @@ def test_runtime_modules_import_nothing_from_the_converter():
 
 
 def test_answering_loads_no_converter_dependency(tiny_model):
-    code = (f"import sys; from edge_spade import load_model; rt = load_model({str(tiny_model[0])!r}, n_ctx=64); "
-            "rt.ask('the sky is', ['blue', 'wet']); rt.ask('the sky is'); rt.close(); "
-            f"loaded = sorted(m for m in sys.modules if m.split('.')[0] in {sorted(CONVERT_ONLY)!r} "
-            "or m.startswith('edge_spade.convert')); print(loaded)")
+    code = (
+        f"import sys; from edge_spade import load_model; rt = load_model({str(tiny_model[0])!r}, n_ctx=64); "
+        "rt.ask('the sky is', ['blue', 'wet']); rt.ask('the sky is'); rt.close(); "
+        f"loaded = sorted(m for m in sys.modules if m.split('.')[0] in {sorted(CONVERT_ONLY)!r} "
+        "or m.startswith('edge_spade.convert')); print(loaded)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
@@ -46,9 +48,13 @@ def test_answering_loads_no_converter_dependency(tiny_model):
 
 def test_converter_commands_without_the_extra_say_what_to_install(tmp_path):
     """With onnx unimportable, `calibrate` is one line naming the pip command and exit 1, no traceback."""
-    code = ("import sys; sys.modules['onnx'] = None; from edge_spade.cli import main; "
-            f"sys.exit(main(['calibrate', '--data', 'x.jsonl', '--out', {str(tmp_path / 'h')!r}]))")
+    code = (
+        "import sys; sys.modules['onnx'] = None; from edge_spade.cli import main; "
+        f"sys.exit(main(['calibrate', '--data', 'x.jsonl', '--out', {str(tmp_path / 'h')!r}]))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
-    assert out.stderr.strip() == ("edge-spade: error: this command needs the converter's dependencies (onnx is "
-                                  "missing); run: pip install 'edge-spade[convert]'")
+    assert out.stderr.strip() == (
+        "edge-spade: error: this command needs the converter's dependencies (onnx is "
+        "missing); run: pip install 'edge-spade[convert]'"
+    )

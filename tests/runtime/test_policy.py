@@ -71,6 +71,7 @@ def test_lens_baseline_answers_from_its_own_head(tiny_engine, identity_heads, pr
 
 # -- SPADE probes: the tail itself judges, on the side context, inside the prompt pass ---------------
 
+
 def probe(threshold: float, layers=(1, 2)) -> ExitPolicy:
     return ExitPolicy(threshold, tuple(layers), {}, top_k=8, signal="spade")
 
@@ -79,8 +80,10 @@ def test_side_context_tails_equal_main_context_tails(tiny_engine, prompt):
     trace = tiny_engine.trace(prompt.tokens, None, tail=3)
     tokens = [prompt.tokens[r] for r in trace.tail_rows]
     for layer in (0, 2):
-        np.testing.assert_array_equal(tiny_engine.spade_tail(trace.states[layer], layer, None, tokens, side=True),
-                                      tiny_engine.spade_tail(trace.states[layer], layer, None, tokens))
+        np.testing.assert_array_equal(
+            tiny_engine.spade_tail(trace.states[layer], layer, None, tokens, side=True),
+            tiny_engine.spade_tail(trace.states[layer], layer, None, tokens),
+        )
 
 
 @pytest.mark.parametrize("kind", ["choice", "free"])
@@ -88,8 +91,9 @@ def test_probe_exits_answer_with_spade_k_at_the_probe_layer(tiny_engine, prompt,
     monkeypatch.setenv("EDGE_SPADE_CACHE", str(tmp_path))  # probes write tail models of this temporary model
     p = prompt if kind == "choice" else build_prompt(tiny_engine, "the capital of france is", None)
     spade = {layer: tiny_engine.spade(p.tokens, layer, p.ids, tail=3).logits for layer in (1, 2)}
-    judged = {layer: entropy(p.choice_logits(lg)) if p.ids is not None else topk_entropy(lg, 8)
-              for layer, lg in spade.items()}
+    judged = {
+        layer: entropy(p.choice_logits(lg)) if p.ids is not None else topk_entropy(lg, 8) for layer, lg in spade.items()
+    }
     # infinite: the first probe; between the two entropies: the more confident layer; negative: full depth
     readout, seen = spade_exit(tiny_engine, None, probe(math.inf), p, tail=3)
     assert readout.layer == 1 and list(seen.entropies) == [1]

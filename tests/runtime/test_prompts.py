@@ -35,10 +35,16 @@ def test_free_answers_keep_the_text_and_use_the_vocabulary(tiny_engine):
     assert p.tokens[0] == 1  # BOS, as the model asks
 
 
-@pytest.mark.parametrize("question, choices, message", [
-    ("", None, "empty"), ("q", ["a"], "at least two"), ("q", ["a", "a "], "duplicate"),
-    ("q\udcff", None, "not valid UTF-8"), ("q", [str(i) for i in range(27)], "at most 26"),
-])
+@pytest.mark.parametrize(
+    "question, choices, message",
+    [
+        ("", None, "empty"),
+        ("q", ["a"], "at least two"),
+        ("q", ["a", "a "], "duplicate"),
+        ("q\udcff", None, "not valid UTF-8"),
+        ("q", [str(i) for i in range(27)], "at most 26"),
+    ],
+)
 def test_rejected_questions(question, choices, message):
     with pytest.raises(QuestionError, match=message):
         check_question(question, choices)
@@ -50,8 +56,10 @@ def test_template_requested_without_one(tiny_engine):
 
 
 def test_render_chat_chatml():
-    tmpl = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tmpl = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     assert render_chat(tmpl, "hi", "", "") == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 

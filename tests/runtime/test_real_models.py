@@ -7,22 +7,36 @@ import pytest
 
 # Our own cloze prompts (not the shared benchmark data, which users do not have).
 CLOZE = [
-    "The capital of Japan is", "The capital of Italy is", "The capital of Germany is", "The capital of Canada is",
-    "Two plus two equals", "Monday, Tuesday,", "one, two, three, four,", "The opposite of hot is",
-    "The opposite of up is", "The opposite of black is", "The plural of mouse is", "The sun rises in the",
-    "Water freezes at zero degrees", "The largest planet in our solar system is",
-    "Romeo and Juliet was written by William", "The Eiffel Tower is in the city of",
+    "The capital of Japan is",
+    "The capital of Italy is",
+    "The capital of Germany is",
+    "The capital of Canada is",
+    "Two plus two equals",
+    "Monday, Tuesday,",
+    "one, two, three, four,",
+    "The opposite of hot is",
+    "The opposite of up is",
+    "The opposite of black is",
+    "The plural of mouse is",
+    "The sun rises in the",
+    "Water freezes at zero degrees",
+    "The largest planet in our solar system is",
+    "Romeo and Juliet was written by William",
+    "The Eiffel Tower is in the city of",
 ]
 
 
-@pytest.mark.parametrize("fixture, prompt, expected", [
-    ("gemma", "The capital of Japan is", " Tokyo"),
-    ("gemma", "The opposite of hot is", " cold"),
-    ("gemma", "Romeo and Juliet was written by William", " Shakespeare"),
-    ("smollm", "The capital of Italy is", " Rome"),
-    ("smollm", "The plural of mouse is", " mice"),
-    ("smollm", "The opposite of up is", " down"),
-])
+@pytest.mark.parametrize(
+    "fixture, prompt, expected",
+    [
+        ("gemma", "The capital of Japan is", " Tokyo"),
+        ("gemma", "The opposite of hot is", " cold"),
+        ("gemma", "Romeo and Juliet was written by William", " Shakespeare"),
+        ("smollm", "The capital of Italy is", " Rome"),
+        ("smollm", "The plural of mouse is", " mice"),
+        ("smollm", "The opposite of up is", " down"),
+    ],
+)
 def test_known_free_answers(request, fixture, prompt, expected):
     rt = request.getfixturevalue(fixture)
     first, second = rt.ask(prompt, full=True), rt.ask(prompt, full=True)
@@ -91,11 +105,14 @@ def test_shipped_heads_fit_and_stay_small(request, fixture):
 
 
 @pytest.mark.parametrize("fixture", ["gemma", "smollm"])
-@pytest.mark.parametrize("question, choices", [
-    ("Which gas do plants absorb from the air?", ["oxygen", "carbon dioxide", "helium"]),
-    ("Is water wet?", ["yes", "no"]),
-    ("The capital of Italy is", None),
-])
+@pytest.mark.parametrize(
+    "question, choices",
+    [
+        ("Which gas do plants absorb from the air?", ["oxygen", "carbon dioxide", "helium"]),
+        ("Is water wet?", ["yes", "no"]),
+        ("The capital of Italy is", None),
+    ],
+)
 def test_spade_exit_extremes(request, fixture, question, choices):
     rt = request.getfixturevalue(fixture)
     full = rt.ask(question, choices, full=True)

@@ -56,8 +56,9 @@ def test_hub_source_downloads_and_checks_the_lfs_sha(monkeypatch, tiny_model):
     """The download is replaced at our own boundary; verification is real."""
     entry = registry.load_registry()["qwen2.5-0.5b-instruct"]
     calls = []
-    monkeypatch.setattr(registry, "download_from_hub",
-                        lambda repo, file, rev: calls.append((repo, file)) or tiny_model[0])
+    monkeypatch.setattr(
+        registry, "download_from_hub", lambda repo, file, rev: calls.append((repo, file)) or tiny_model[0]
+    )
     monkeypatch.setattr(registry, "hub_sha256", lambda repo, file, rev: sha256_file(tiny_model[0]))
     assert registry.fetch(entry) == tiny_model[0]
     assert calls == [("Qwen/Qwen2.5-0.5B-Instruct-GGUF", "qwen2.5-0.5b-instruct-q4_k_m.gguf")]
@@ -68,8 +69,13 @@ def test_hub_source_downloads_and_checks_the_lfs_sha(monkeypatch, tiny_model):
 
 def test_offline_hub_gives_a_clear_error(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "EDGE_SPADE_CACHE": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "edge_spade.cli", "ask", "hi", "--model", "llama3.2-1b-instruct"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_spade.cli", "ask", "hi", "--model", "llama3.2-1b-instruct"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert "not in the local Hugging Face cache" in proc.stderr and "Traceback" not in proc.stderr
 

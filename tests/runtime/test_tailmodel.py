@@ -23,8 +23,12 @@ def tails_agree(engine: Engine, tokens: list[int], layers, widths) -> None:
     """Whole-model tails first, then the same tails on tail models: bit for bit, vocabulary and decision set."""
     trace = engine.trace(tokens, None, tail=max(widths))
     rows = {k: np.concatenate([trace.states[:, :1], trace.states[:, -k:]], axis=1) for k in widths}
-    want = {(layer, k, ids is None): engine.spade_tail(rows[k][layer], layer, ids)
-            for layer in layers for k in widths for ids in (None, CHOICES)}
+    want = {
+        (layer, k, ids is None): engine.spade_tail(rows[k][layer], layer, ids)
+        for layer in layers
+        for k in widths
+        for ids in (None, CHOICES)
+    }
     engine.use_tail_models(layers)
     assert sorted(engine._tails) == sorted(layers)
     for (layer, k, vocab), logits in want.items():

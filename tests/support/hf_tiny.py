@@ -44,12 +44,14 @@ TRICKY = [
 
 SPLITS = {
     "llama3": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-              r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+",
     "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-             r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+",
 }
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def byte_level_tokenizer(style: str) -> tuple[Tokenizer, dict]:
@@ -57,18 +59,25 @@ def byte_level_tokenizer(style: str) -> tuple[Tokenizer, dict]:
     tok = Tokenizer(models.BPE(ignore_merges=style == "llama3"))
     if style == "smollm":
         tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
     else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(SPLITS[style]), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(SPLITS[style]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=420,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS, trainer)
-    config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": False,
-              "chat_template": CHATML}
+    config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": False, "chat_template": CHATML}
     return tok, config
 
 
@@ -88,30 +97,69 @@ def spm_tokenizer() -> tuple[Tokenizer, dict]:
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
     turns = ["<start_of_turn>", "<end_of_turn>"]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials + turns])
-    config = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
-              "add_bos_token": True}
+    config = {
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "add_bos_token": True,
+    }
     return tok, config
 
 
 ARCH_CONFIG = {
-    "llama": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-              "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                               "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
-              "tie_word_embeddings": False, "rope_theta": 10000.0},
-    "qwen2": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
-              "tie_word_embeddings": True, "rope_theta": 1000000.0},
-    "gemma3": {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
-               "hidden_activation": "gelu_pytorch_tanh", "head_dim": 64, "query_pre_attn_scalar": 64,
-               "sliding_window": 6, "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
-               "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "tie_word_embeddings": True,
-               "final_logit_softcapping": None, "attn_logit_softcapping": None},
+    "llama": {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        "tie_word_embeddings": False,
+        "rope_theta": 10000.0,
+    },
+    "qwen2": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_act": "silu",
+        "tie_word_embeddings": True,
+        "rope_theta": 1000000.0,
+    },
+    "gemma3": {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "hidden_activation": "gelu_pytorch_tanh",
+        "head_dim": 64,
+        "query_pre_attn_scalar": 64,
+        "sliding_window": 6,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+        "rope_theta": 1000000.0,
+        "rope_local_base_freq": 10000.0,
+        "tie_word_embeddings": True,
+        "final_logit_softcapping": None,
+        "attn_logit_softcapping": None,
+    },
 }
 DTYPES = {"llama": np.float32, "qwen2": np.float16, "gemma3": ml_dtypes.bfloat16}
 
 
-def write_checkpoint(folder: Path, arch: str, *, seed: int = 0, hidden: int = 128, layers: int = 3,
-                     heads: int = 4, kv_heads: int = 2, ff: int = 256, shards: int = 1,
-                     tokenizer: str | None = None) -> dict:
+def write_checkpoint(
+    folder: Path,
+    arch: str,
+    *,
+    seed: int = 0,
+    hidden: int = 128,
+    layers: int = 3,
+    heads: int = 4,
+    kv_heads: int = 2,
+    ff: int = 256,
+    shards: int = 1,
+    tokenizer: str | None = None,
+) -> dict:
     """config.json, tokenizer files and random weights in safetensors (f32 / f16 / bf16 by arch).
 
     `tokenizer`: "spm", "llama3", "qwen2" or "smollm" (default: the architecture's own kind)."""
@@ -121,11 +169,19 @@ def write_checkpoint(folder: Path, arch: str, *, seed: int = 0, hidden: int = 12
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
     n_vocab = tok.get_vocab_size() + 3  # padded embedding rows, as many real models have
-    cfg = {**ARCH_CONFIG[arch], "hidden_size": hidden, "intermediate_size": ff, "num_hidden_layers": layers,
-           "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": n_vocab,
-           "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
-           "bos_token_id": tok.token_to_id(tok_config["bos_token"]),
-           "eos_token_id": tok.token_to_id(tok_config["eos_token"])}
+    cfg = {
+        **ARCH_CONFIG[arch],
+        "hidden_size": hidden,
+        "intermediate_size": ff,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": n_vocab,
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-6,
+        "bos_token_id": tok.token_to_id(tok_config["bos_token"]),
+        "eos_token_id": tok.token_to_id(tok_config["eos_token"]),
+    }
     if arch == "gemma3":
         cfg["layer_types"] = (cfg["layer_types"] * layers)[:layers]
     (folder / "config.json").write_text(json.dumps(cfg, indent=1))
@@ -143,20 +199,27 @@ def write_checkpoint(folder: Path, arch: str, *, seed: int = 0, hidden: int = 12
         w["lm_head.weight"] = mat(n_vocab, hidden) * 4
     for i in range(layers):
         p = f"model.layers.{i}."
-        w |= {p + "input_layernorm.weight": norm(hidden), p + "post_attention_layernorm.weight": norm(hidden),
-              p + "self_attn.q_proj.weight": mat(heads * head_dim, hidden),
-              p + "self_attn.k_proj.weight": mat(kv_heads * head_dim, hidden),
-              p + "self_attn.v_proj.weight": mat(kv_heads * head_dim, hidden),
-              p + "self_attn.o_proj.weight": mat(hidden, heads * head_dim),
-              p + "mlp.gate_proj.weight": mat(ff, hidden), p + "mlp.up_proj.weight": mat(ff, hidden),
-              p + "mlp.down_proj.weight": mat(hidden, ff)}
+        w |= {
+            p + "input_layernorm.weight": norm(hidden),
+            p + "post_attention_layernorm.weight": norm(hidden),
+            p + "self_attn.q_proj.weight": mat(heads * head_dim, hidden),
+            p + "self_attn.k_proj.weight": mat(kv_heads * head_dim, hidden),
+            p + "self_attn.v_proj.weight": mat(kv_heads * head_dim, hidden),
+            p + "self_attn.o_proj.weight": mat(hidden, heads * head_dim),
+            p + "mlp.gate_proj.weight": mat(ff, hidden),
+            p + "mlp.up_proj.weight": mat(ff, hidden),
+            p + "mlp.down_proj.weight": mat(hidden, ff),
+        }
         if arch == "qwen2":
             for n, rows in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
                 w[p + f"self_attn.{n}_proj.bias"] = 0.5 * rng.standard_normal(rows * head_dim)
         if arch == "gemma3":
-            w |= {p + "pre_feedforward_layernorm.weight": norm(hidden),
-                  p + "post_feedforward_layernorm.weight": norm(hidden),
-                  p + "self_attn.q_norm.weight": norm(head_dim), p + "self_attn.k_norm.weight": norm(head_dim)}
+            w |= {
+                p + "pre_feedforward_layernorm.weight": norm(hidden),
+                p + "post_feedforward_layernorm.weight": norm(hidden),
+                p + "self_attn.q_norm.weight": norm(head_dim),
+                p + "self_attn.k_norm.weight": norm(head_dim),
+            }
     w = {k: v.astype(DTYPES[arch]) for k, v in w.items()}
     names = sorted(w)
     groups = [names[i::shards] for i in range(shards)]

@@ -16,8 +16,31 @@ N_LAYERS, N_EMBD, N_HEAD, N_HEAD_KV, N_FF, N_CTX = 4, 64, 4, 2, 128, 256
 HEAD_DIM = N_EMBD // N_HEAD
 ROPE_BASE, RMS_EPS = 10000.0, 1e-5
 
-WORDS = ["the", "is", "of", "a", "capital", "france", "paris", "answer", "question", "yes", "no", "Yes", "No",
-         "A", "B", "C", "D", "sky", "blue", "water", "wet", "Question", "Answer"]
+WORDS = [
+    "the",
+    "is",
+    "of",
+    "a",
+    "capital",
+    "france",
+    "paris",
+    "answer",
+    "question",
+    "yes",
+    "no",
+    "Yes",
+    "No",
+    "A",
+    "B",
+    "C",
+    "D",
+    "sky",
+    "blue",
+    "water",
+    "wet",
+    "Question",
+    "Answer",
+]
 
 
 def vocabulary() -> tuple[list[str], list[float], list[int]]:
@@ -57,17 +80,19 @@ def make_weights(n_vocab: int, seed: int = 0) -> TinyWeights:
 
     layers = []
     for _ in range(N_LAYERS):
-        layers.append({
-            "attn_norm": (1 + 0.1 * rng.standard_normal(N_EMBD)).astype(np.float32),
-            "attn_q": mat(N_HEAD * HEAD_DIM, N_EMBD),
-            "attn_k": mat(N_HEAD_KV * HEAD_DIM, N_EMBD),
-            "attn_v": mat(N_HEAD_KV * HEAD_DIM, N_EMBD),
-            "attn_output": mat(N_EMBD, N_HEAD * HEAD_DIM),
-            "ffn_norm": (1 + 0.1 * rng.standard_normal(N_EMBD)).astype(np.float32),
-            "ffn_gate": mat(N_FF, N_EMBD),
-            "ffn_up": mat(N_FF, N_EMBD),
-            "ffn_down": mat(N_EMBD, N_FF),
-        })
+        layers.append(
+            {
+                "attn_norm": (1 + 0.1 * rng.standard_normal(N_EMBD)).astype(np.float32),
+                "attn_q": mat(N_HEAD * HEAD_DIM, N_EMBD),
+                "attn_k": mat(N_HEAD_KV * HEAD_DIM, N_EMBD),
+                "attn_v": mat(N_HEAD_KV * HEAD_DIM, N_EMBD),
+                "attn_output": mat(N_EMBD, N_HEAD * HEAD_DIM),
+                "ffn_norm": (1 + 0.1 * rng.standard_normal(N_EMBD)).astype(np.float32),
+                "ffn_gate": mat(N_FF, N_EMBD),
+                "ffn_up": mat(N_FF, N_EMBD),
+                "ffn_down": mat(N_EMBD, N_FF),
+            }
+        )
     return TinyWeights(
         embd=rng.standard_normal((n_vocab, N_EMBD)).astype(np.float32),
         layers=layers,
@@ -181,6 +206,6 @@ def spade_logits(w: TinyWeights, tokens: list[int], layer: int, tail: int = 1) -
     rows = sorted({0, *range(max(0, len(tokens) - tail), len(tokens))})
     h = hidden_states(w, tokens)[layer][rows]
     pos = np.arange(len(rows), dtype=np.float64)
-    for p in w.layers[layer + 1:]:
+    for p in w.layers[layer + 1 :]:
         h = layer_forward(h, {k: v.astype(np.float64) for k, v in p.items()}, pos)
     return head(w, h[-1])
