@@ -71,6 +71,16 @@ def model_record(rt) -> dict:
     }
 
 
+_STARTED_AT = None  # (commit, date) when the benchmark process started: what it ran, not what is there at the end
+
+
+def started() -> tuple[str | None, str]:
+    global _STARTED_AT
+    if _STARTED_AT is None:
+        _STARTED_AT = (git_commit(), datetime.now(UTC).isoformat(timespec="seconds"))
+    return _STARTED_AT
+
+
 def provenance(models: list[dict] | None = None) -> dict:
     """What made a result: code version and commit, model and heads hashes, machine, threads, command."""
     from importlib.metadata import version
@@ -123,3 +133,6 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+started()  # on import, before any work: the commit and time the run started from

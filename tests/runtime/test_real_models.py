@@ -100,6 +100,9 @@ def test_spade_agreement_rises_with_depth_and_beats_logit_lens(request, fixture)
 def test_shipped_heads_fit_and_stay_small(request, fixture):
     rt = request.getfixturevalue(fixture)
     assert set(rt.heads) == {"choice", "free"}  # loading checked the fingerprint and file hashes
+    # models/ ships what the runtime loads: the manifest and the L-SPADE heads, no baselines or curves
+    shipped = {p.name for p in rt.heads_dir.iterdir()}
+    assert shipped == {"heads.json"} | {head_set.file for head_set in rt.manifest.sets.values()}
     size = sum(p.stat().st_size for p in rt.heads_dir.iterdir())  # budget: about 10 MB per model
     assert size < 10 * 2**20, f"heads of {rt.name} take {size / 2**20:.1f} MiB"
 
