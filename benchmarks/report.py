@@ -1,97 +1,165 @@
-"""Markdown tables from benchmark JSON files (for the README).
+"""benchmarks/RESULTS.md and the README's results table, generated from the result JSON files.
 
-python -m benchmarks.report results/layerwise-*.json results/exit-*.json results/speed.json
+    python -m benchmarks.report            # rewrite RESULTS.md and the README table from benchmarks/results/*.json
+    python -m benchmarks.report --check    # exit 1 if either is out of date (a test runs this)
+
+Only results with provenance are used; the text is made from the numbers, so it cannot drift
+from them. Each exit result contributes its shipped rule (`spade-exit`), the cost of checks that
+never exit (`never-exit`) and the oracle (every prompt at its earliest agreeing layer).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
+README = ROOT / "README.md"
+START, END = "<!-- results:start (python -m benchmarks.report) -->", "<!-- results:end -->"
 
-def layerwise(r: dict) -> str:
-    full = r["full"]
-    methods = [m for m in r["layers"][0] if m != "layer"]
-    out = [
-        f"**{r['model']}**, {r['data']}, n={r['n']}: full-model accuracy {full['acc']:.3f}, answers "
-        f"{full['answer_counts']}, constant-answer agreement {full['constant_agreement']:.3f}",
-        "",
+
+def load_results(folder: Path = RESULTS) -> list[tuple[Path, dict]]:
+    """Exit results with provenance, in a stable order (model, then file name)."""
+    out = []
+    for path in sorted(folder.glob("exit-*.json")):
+        result = json.loads(path.read_text())
+        if "provenance" not in result:
+            raise SystemExit(f"{path.relative_to(ROOT)} has no provenance: rerun it, or delete it")
+        out.append((path, result))
+    return sorted(out, key=lambda pr: (pr[1]["model"], pr[0].name))
+
+
+def prompts(row: dict) -> str:
+    name = Path(row["data"]).stem
+    if name == "facts":
+        return f"cloze facts, {row['few_shot']}-shot"
+    return {"ARC-Easy-Test": "ARC-Easy test", "dev": "BoolQ dev"}.get(name, name)
+
+
+def rule(row: dict) -> str:
+    if row["threshold"] < 0:
+        return "full depth (no exit certified)"
+    where = "probe" if row["signal"] == "spade" else "L-SPADE"
+    layers = ", ".join(map(str, row["eval_layers"]))
+    return f"{where} K={row['tail_k']} at layer {layers}, {row['threshold']:.3g} nats"
+
+
+def shipped_rows(result: dict) -> list[tuple[dict, dict | None]]:
+    """(the shipped rule's row, the never-exit row) per data set."""
+    rows = result["rows"]
+    out = []
+    for row in rows:
+        if row["method"] == "spade-exit":
+            never = next((r for r in rows if r["method"] == "never-exit" and r["data"] == row["data"]), None)
+            out.append((row, never))
+    return out
+
+
+def summary_table(results: list[tuple[Path, dict]]) -> str:
+    lines = [
+        "| model | prompts | n | agreement (kappa) | constant answer | exits | median speedup | total speedup |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    head = ["layer"] + [f"{m} {x}" for m in methods for x in ("acc", "agree", "kappa", "top-1")]
-    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in r["layers"]:
-        cells = [str(row["layer"])] + [
-            f"{row[m][k]:.2f}" for m in methods for k in ("acc", "agree", "kappa", "top1_agree")
-        ]
-        out.append("| " + " | ".join(cells) + " |")
-    return "\n".join(out)
+    for _, result in results:
+        for row, _ in shipped_rows(result):
+            lines.append(
+                f"| {result['model']} | {prompts(row)} | {row['n']} | {row['agreement']:.3f} ({row['kappa']:.3f}) | "
+                f"{row['constant_agreement']:.3f} | {row['exit_rate']:.0%} | {row['speedup_median']:.2f}x | "
+                f"{row['speedup_total']:.2f}x |"
+            )
+    return "\n".join(lines)
 
 
-def tails(r: dict, every: int | None = None) -> str:
-    """Compact per-K view: agreement (kappa) with the full model by layer, one row per decoder."""
-    full = r["full"]
-    step = every or (1 if r["n_layers"] <= 18 else 2)
-    rows = [row for row in r["layers"] if row["layer"] % step == 0 or row["layer"] == r["n_layers"] - 1]
-    methods = [m for m in r["layers"][0] if m != "layer"]
-    out = [
-        f"**{r['model']}**, {Path(r['data']).name}, n={r['n']}: full accuracy {full['acc']:.2f}, "
-        f"constant-answer agreement {full['constant_agreement']:.2f}; cells: agreement (kappa)",
+def detail(path: Path, result: dict) -> str:
+    p = result["provenance"]
+    model = p["models"][0] if p.get("models") else {}
+    lines = [
+        f"### {result['model']}: {', '.join(dict.fromkeys(prompts(r) for r, _ in shipped_rows(result)))}",
         "",
-        "| decoder | " + " | ".join(f"L{row['layer']}" for row in rows) + " |",
-        "|---|" + "---|" * len(rows),
-    ]
-    for m in methods:
-        name = {"spade": "SPADE K=1", "logit_lens": "logit lens"}.get(m, m.replace("spade_k", "SPADE K="))
-        out.append(f"| {name} | " + " | ".join(f"{row[m]['agree']:.2f} ({row[m]['kappa']:.2f})" for row in rows) + " |")
-    return "\n".join(out)
-
-
-def exit_rows(r: dict) -> str:
-    out = [
-        f"**{r['model']}**: time with hooks and heads but no exit = x{r['overhead_no_exit']:.3f} of full depth",
+        f"`{p['command']}`",
         "",
-        "| data | method | K | threshold | n | acc | agree | kappa | const. agree | mean exit layer | exits | "
-        "median speedup | total speedup | oracle speedup | oracle exit layer |",
-        "|" + "---|" * 15,
+        "| prompts | rule | n | prompt tokens | agreement | kappa | constant answer | accuracy (full) | exits | "
+        "mean exit layer | median speedup | total speedup | never-exit cost | oracle median |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for x in r["rows"]:
-        out.append(
-            f"| {Path(x['data']).name} | {x['method']} | {x.get('tail_k', 1)} | {x['threshold']:.3g} | "
-            f"{x['n']} | {x['accuracy']:.3f} | {x['agreement']:.3f} | {x['kappa']:.3f} | "
-            f"{x['constant_agreement']:.3f} | {x['mean_exit_layer']:.2f} | "
-            f"{x.get('exit_rate', float('nan')):.2f} | "
-            f"{x['speedup_median']:.2f} | {x.get('speedup_total', float('nan')):.2f} | "
-            f"{x['oracle_speedup']:.2f} | {x['oracle_mean_exit_layer']:.2f} |"
+    for row, never in shipped_rows(result):
+        cost = f"x{1 / never['speedup_median']:.3f}" if never and row["threshold"] >= 0 else "-"
+        lines.append(
+            f"| {prompts(row)} | {rule(row)} | {row['n']} | {row['prompt_tokens_median']:.0f} | "
+            f"{row['agreement']:.3f} | {row['kappa']:.3f} | {row['constant_agreement']:.3f} | "
+            f"{row['accuracy']:.3f} ({row['full_accuracy']:.3f}) | {row['exit_rate']:.0%} | "
+            f"{row['mean_exit_layer']:.2f} | {row['speedup_median']:.2f}x | {row['speedup_total']:.2f}x | {cost} | "
+            f"{row['oracle_speedup']:.2f}x |"
         )
-    return "\n".join(out)
-
-
-def speed(r: dict) -> str:
-    out = [
-        f"{r['data']}, n={r['n']}",
+    lines += [
         "",
-        "| model | mode | median ms | median speedup | prompt tokens |",
-        "|---|---|---|---|---|",
+        f"{path.name} (+ PNG): edge-spade {p['edge_spade']}, commit `{(p['commit'] or 'none')[:12]}`, "
+        f"model sha256 `{model.get('model_sha256', '?')[:12]}`, heads.json sha256 "
+        f"`{(model.get('heads_sha256') or 'none')[:12]}`, {model.get('threads', '?')} threads, {p['cpu']} "
+        f"({p['cpus']} CPUs), started {p['started']}.",
     ]
-    for x in r["rows"]:
-        out.append(
-            f"| {x['model']} | {x['mode']} | {x['median_ms']:.1f} | {x['median_speedup']:.2f} | "
-            f"{x['median_prompt_tokens']:.0f} |"
-        )
-    return "\n".join(out)
+    return "\n".join(lines)
 
 
-def main(paths: list[str]) -> int:
-    for path in paths:
-        r = json.loads(Path(path).read_text())
-        if "layers" in r:
-            print(tails(r) if len(r.get("tails", [1])) > 2 else layerwise(r))
-        else:
-            print(exit_rows(r) if "overhead_no_exit" in r else speed(r))
-        print()
+def results_md(results: list[tuple[Path, dict]]) -> str:
+    parts = [
+        "# Results",
+        "",
+        "Generated by `python -m benchmarks.report` from `benchmarks/results/*.json`; do not edit by hand.",
+        "",
+        "The shipped exit rules of both default models, measured by `benchmarks/exit.py`: every",
+        "configuration runs question by question, interleaved with the full-depth answer, in one",
+        "process with the same threads. Speedups are full-depth time over the rule's time: the median",
+        "of per-question ratios, and the ratio of summed times (total). Agreement is with the full",
+        "model's own answer; kappa and the agreement of always giving the most common answer stand",
+        "beside it. *Never-exit cost*: the time of a pass that runs the rule's checks but never exits,",
+        "over the full-depth time. *Oracle*: every prompt answered by SPADE at its earliest agreeing",
+        "layer, the most any exit rule at that tail width could give.",
+        "",
+        "These sets (../shared/data) are the project's benchmark sets, not held-out test data: they",
+        "have been looked at while choosing rules. Absolute times vary between machines and runs;",
+        "the ratios were measured on the machine in each file's provenance.",
+        "",
+        "## Summary",
+        "",
+        summary_table(results),
+        "",
+        "## Per result file",
+        "",
+    ]
+    for path, result in results:
+        parts += [detail(path, result), ""]
+    return "\n".join(parts)
+
+
+def readme_with_table(readme: str, table: str) -> str:
+    head, start, rest = readme.partition(START)
+    _, end, tail = rest.partition(END)
+    if not start or not end:
+        raise SystemExit(f"README.md lacks the markers {START} ... {END}")
+    return f"{head}{START}\n{table}\n{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="exit 1 if RESULTS.md or the README table is out of date")
+    args = p.parse_args(argv)
+    results = load_results()
+    wanted = {RESULTS_MD: results_md(results), README: readme_with_table(README.read_text(), summary_table(results))}
+    stale = [path for path, text in wanted.items() if not path.exists() or path.read_text() != text]
+    if args.check:
+        for path in stale:
+            print(f"{path.relative_to(ROOT)} is out of date: run python -m benchmarks.report", file=sys.stderr)
+        return 1 if stale else 0
+    for path in stale:
+        path.write_text(wanted[path])
+        print(f"wrote {path.relative_to(ROOT)}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())
