@@ -85,11 +85,12 @@ def provenance(models: list[dict] | None = None) -> dict:
     """What made a result: code version and commit, model and heads hashes, machine, threads, command."""
     from importlib.metadata import version
 
+    commit, date = started()
     return {
         "edge_spade": version("edge-spade"),
-        "commit": git_commit(),
+        "commit": commit,
         "command": command_line(),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "date": date,
         "cpu": cpu_model(),
         "cpus": os.cpu_count(),
         "platform": platform.platform(),

@@ -83,7 +83,7 @@ def detail(path: Path, result: dict) -> str:
         f"`{p['command']}`",
         "",
         "| prompts | rule | n | prompt tokens | agreement | kappa | constant answer | accuracy (full) | exits | "
-        "mean exit layer | median speedup | total speedup | never-exit cost | oracle median |",
+        "mean exit layer | median speedup | total speedup | L-SPADE checks, no exit | oracle median |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row, never in shipped_rows(result):
@@ -100,7 +100,7 @@ def detail(path: Path, result: dict) -> str:
         f"{path.name} (+ PNG): edge-spade {p['edge_spade']}, commit `{(p['commit'] or 'none')[:12]}`, "
         f"model sha256 `{model.get('model_sha256', '?')[:12]}`, heads.json sha256 "
         f"`{(model.get('heads_sha256') or 'none')[:12]}`, {model.get('threads', '?')} threads, {p['cpu']} "
-        f"({p['cpus']} CPUs), started {p['started']}.",
+        f"({p['cpus']} CPUs), dated {p['date']}.",
     ]
     return "\n".join(lines)
 
@@ -116,9 +116,10 @@ def results_md(results: list[tuple[Path, dict]]) -> str:
         "process with the same threads. Speedups are full-depth time over the rule's time: the median",
         "of per-question ratios, and the ratio of summed times (total). Agreement is with the full",
         "model's own answer; kappa and the agreement of always giving the most common answer stand",
-        "beside it. *Never-exit cost*: the time of a pass that runs the rule's checks but never exits,",
-        "over the full-depth time. *Oracle*: every prompt answered by SPADE at its earliest agreeing",
-        "layer, the most any exit rule at that tail width could give.",
+        "beside it. *L-SPADE checks, no exit*: the time of a pass that runs the L-SPADE checks at the",
+        "set's evaluation layers but never exits, over the full-depth time (a probe that does not exit",
+        "costs its tail). *Oracle*: every prompt answered by SPADE at its earliest agreeing layer, the",
+        "most any exit rule at that tail width could give.",
         "",
         "These sets (../shared/data) are the project's benchmark sets, not held-out test data: they",
         "have been looked at while choosing rules. Absolute times vary between machines and runs;",

@@ -58,3 +58,12 @@ def test_converter_commands_without_the_extra_say_what_to_install(tmp_path):
         "edge-spade: error: this command needs the converter's dependencies (onnx is "
         "missing); run: pip install 'edge-spade[convert]'"
     )
+
+
+def test_results_md_and_the_readme_table_are_generated_from_the_result_files():
+    """benchmarks/RESULTS.md and the README's table are what `python -m benchmarks.report` makes of the
+    committed result JSON (every one with provenance): the text cannot drift from the data."""
+    from benchmarks import report
+
+    assert report.load_results(), "no result files"
+    assert report.main(["--check"]) == 0, "run: python -m benchmarks.report"
