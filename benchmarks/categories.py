@@ -22,11 +22,10 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_spade.convert.datasets import load_items
-from edge_spade.convert.trace import collect
-
 from benchmarks.common import data_path, progress, save_json
 from edge_spade import load_model
+from edge_spade.convert.datasets import load_items
+from edge_spade.convert.trace import collect
 from edge_spade.heads import FREE_TOP_K
 
 log = logging.getLogger("benchmarks.categories")

@@ -128,10 +128,10 @@ def timed_convert(source: Path, out: Path, quant: str) -> dict:
 
 
 def quant_table(workdir: Path) -> list[dict]:
-    from edge_spade.convert.sources import convert
     from tokenizers import Tokenizer
 
     from edge_spade import Engine, EngineSettings
+    from edge_spade.convert.sources import convert
 
     settings = EngineSettings(n_ctx=256, kv_type="f32", flash_attn=False)
     rows = []

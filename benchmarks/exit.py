@@ -28,15 +28,14 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import CALIBRATION, data_path, progress, pyplot, save_json
+from benchmarks.metrics import accuracy, agreement, cohen_kappa, constant_agreement
+from edge_spade import load_model
 from edge_spade.convert.datasets import load_items
 from edge_spade.convert.heads_files import REPORT_JSON, default_report_dir
 from edge_spade.convert.heads_train import LayerHead
 from edge_spade.convert.onnx_export import export_onnx
 from edge_spade.convert.trace import collect
-
-from benchmarks.common import CALIBRATION, data_path, progress, pyplot, save_json
-from benchmarks.metrics import accuracy, agreement, cohen_kappa, constant_agreement
-from edge_spade import load_model
 from edge_spade.heads import FREE_TOP_K, OnnxHeads
 from edge_spade.policy import ExitPolicy, spade_exit
 

@@ -20,11 +20,10 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_spade.convert.datasets import load_items
-
 from benchmarks.common import data_path, progress, pyplot, save_json
 from benchmarks.metrics import accuracy, agreement, cohen_kappa, constant_agreement
 from edge_spade import load_model
+from edge_spade.convert.datasets import load_items
 
 log = logging.getLogger("benchmarks.layerwise")
 

@@ -19,10 +19,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_spade.convert.datasets import load_items
-
 from benchmarks.common import data_path, progress, save_json
 from edge_spade import load_model
+from edge_spade.convert.datasets import load_items
 
 
 def run(models: list[str], data: str, limit: int, fractions: list[float], threads: int | None, repeat: int) -> dict:

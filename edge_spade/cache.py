@@ -64,7 +64,10 @@ def verify_sha256(path: Path, expected: str) -> None:
     if actual != expected:
         raise ModelFileError(f"{path} has sha256 {actual}, expected {expected}; delete it and fetch it again")
     markers[str(path)] = stamp
-    marker_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = marker_file.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(markers, indent=1))
-    tmp.replace(marker_file)
+    try:
+        marker_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(markers, indent=1))
+        tmp.replace(marker_file)
+    except OSError as exc:  # a read-only or full cache: verified now, hashed again next time
+        log.warning("cannot remember that %s was verified (%s)", path.name, exc)

@@ -56,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
         help="exit rule: L-SPADE heads at the evaluation layers, or SPADE probes (default: calibrated)",
     )
     p.add_argument("--heads", default=None, help="heads folder from `edge-spade calibrate` (default: shipped heads)")
+    p.add_argument(
+        "--no-guard",
+        action="store_true",
+        help="check wherever the plans say, even where checks have lost time so far (benchmarks)",
+    )
     p.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
     p.add_argument("--threads", type=int, help="CPU threads (default: all this process may use)")
     p.add_argument("--gpu-layers", type=int, default=0, help="layers offloaded to Metal/GPU backends")
@@ -167,13 +172,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"edge-spade: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # answers already printed stay printed: each line is flushed as it comes
+        print("edge-spade: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `edge-spade ask --file ... | head -1`: the reader has gone, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
     if (args.question is None) == (args.file is None):
         raise QuestionError("give a question, or --file with JSON lines (not both)")
+    stream = None
+    if args.file is not None and args.file != "-":  # before loading the model: a typo should not cost a load
+        try:
+            stream = open(args.file, "rb")  # closed below, after the answers
+        except OSError as exc:
+            raise QuestionError(f"cannot read --file {args.file}: {exc.strerror}") from None
     # One question: loading a tail model costs about what loading the model does, more than a probe saves.
     rt = load_model(
         args.model,
@@ -182,6 +197,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         n_ctx=args.ctx,
         heads=args.heads,
         tail_models=args.file is not None,
+        speed_guard=not args.no_guard,
     )
     options = dict(
         layer=args.layer,
@@ -196,8 +212,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         answer = rt.ask(args.question, args.choices, **options)
         print(json.dumps(answer.to_dict(), ensure_ascii=False) if args.json else format_answer(answer))
         return 0
-    stream = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
-    with stream:
+    with stream or sys.stdin.buffer as stream:
         return ask_lines(rt, stream, options, sys.stdout, json_out=args.json)
 
 
@@ -245,6 +260,9 @@ def format_answer(a: Answer) -> str:
         lines.append(f"  {shown[key]:<{width}}  {p:6.3f}{' *' if key == a.answer else ''}")
     if a.mode == "full":
         where = "full depth"
+    elif a.mode == "spade-exit" and a.guard in ("plan", "does not pay"):
+        why = "its plan does not check" if a.guard == "plan" else "the guard found its checks do not pay here"
+        where = f"spade-exit, no checks ({a.plan}: {why}): full depth"
     elif a.mode == "spade-exit" and a.exit_layer is None:
         where = f"spade-exit, no exit (threshold {a.threshold:g} nats): full depth"
     elif a.mode == "spade-exit":

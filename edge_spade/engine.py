@@ -32,9 +32,9 @@ from typing import Literal
 import numpy as np
 
 from .archs import Arch, lookup_arch
-from .errors import DecodeError, LayerError, ModelFileError, PromptTooLongError, QuestionError
+from .errors import DecodeError, LayerError, ModelFileError, PromptTooLongError, QuestionError, SettingsError
 from .hooks import LayerHooks, Tap, load_ggml
-from .tailmodel import TailModelError, tail_model_path
+from .tailmodel import TailModelError, discard_tail_model, tail_model_path
 from .weights import OutputHead, read_index
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,19 @@ class EngineSettings:
     # SPADE probes run their tails on tail models (only the layers above): loading one costs about what
     # loading the model does (the vocabulary dominates both), repaid after a few answers
     tail_models: bool = True
+
+    def __post_init__(self) -> None:
+        def bad(what: str, value) -> SettingsError:
+            return SettingsError(f"{what} must be {value}")
+
+        if isinstance(self.n_ctx, bool) or not isinstance(self.n_ctx, int) or not 8 <= self.n_ctx <= 1 << 20:
+            raise bad(f"the context size (--ctx) {self.n_ctx!r}", "an integer from 8 to 1048576")
+        if self.n_threads is not None and (not isinstance(self.n_threads, int) or not 1 <= self.n_threads <= 1024):
+            raise bad(f"the thread count (--threads) {self.n_threads!r}", "an integer from 1 to 1024 (or unset)")
+        if isinstance(self.n_gpu_layers, bool) or not isinstance(self.n_gpu_layers, int) or self.n_gpu_layers < -1:
+            raise bad(f"the GPU layer count (--gpu-layers) {self.n_gpu_layers!r}", "0 or more (-1: all)")
+        if self.kv_type not in ("f16", "f32"):
+            raise bad(f"the KV cache type {self.kv_type!r}", "'f16' or 'f32'")
 
 
 @dataclass
@@ -305,6 +318,20 @@ class Engine:
                     self._tails[layer] = _TailModel(self, layer)
                 except TailModelError as exc:
                     log.info("%s; tails from layer %d run on the whole model", exc, layer)
+                except (ModelFileError, OSError) as exc:  # a cache that cannot be written, or a damaged file
+                    log.warning(
+                        "no tail model above layer %d (%s); its tails run on the whole model (same answers, slower)",
+                        layer,
+                        exc,
+                    )
+                    discard_tail_model(self.path, layer)
+
+    def new_context_ms(self) -> float:
+        """What making (and freeing) one more context of this engine's size costs, in ms: the price
+        of the first SPADE probe in a process, which makes the second context probes run on."""
+        t0 = time.perf_counter()
+        _Context(self, self.settings.n_ctx).close()
+        return _ms(t0)
 
     @property
     def tail_model_layers(self) -> list[int]:
@@ -446,7 +473,8 @@ class _Context:
         if not self.ctx:
             raise ModelFileError(f"llama.cpp could not create a context of {n_ctx} tokens for {engine.path}")
         self.mem = ll.llama_get_memory(self.ctx)
-        self.n_ctx = ll.llama_n_ctx(self.ctx)
+        # llama.cpp may pad the context beyond what was asked; a batch still holds at most n_batch tokens
+        self.n_ctx = min(ll.llama_n_ctx(self.ctx), n_ctx)
         self.n_embd = engine.n_embd if embd else 0
         self.batch = ll.llama_batch_init(self.n_ctx, self.n_embd, 1)
 

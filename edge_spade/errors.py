@@ -43,6 +43,14 @@ class RuntimeMismatchError(EdgeSpadeError):
     """The installed llama-cpp-python is not the version whose structs we mirror."""
 
 
+class SettingsError(EdgeSpadeError):
+    """A setting out of range: context size, threads, GPU layers, threshold, top-k."""
+
+
+class ModelClosedError(EdgeSpadeError):
+    """A question to a Runtime after close()."""
+
+
 class DecodeError(EdgeSpadeError):
     """llama_decode failed for a reason other than our own stop request."""
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,10 +169,26 @@ class LayerHooks:
         self._capture = Capture()
         self._stop = False
         self._error = None
+        interrupted = []
+
+        def on_sigint(_signum, _frame) -> None:  # runs inside our callbacks: flag, stop, raise afterwards
+            interrupted.append(True)
+            self._stop = True
+
+        # Ctrl-C during a pass: Python raises KeyboardInterrupt in whatever Python code runs next, and
+        # inside a ctypes callback ctypes prints and drops it. A handler that only stops the pass
+        # (the abort callback runs after every node) and a raise afterwards make it work.
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, on_sigint) if main else None
         try:
             rc = decode()
         finally:
             self._taps = {}
+            if main:
+                signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+        if interrupted:
+            self._error = None
+            raise KeyboardInterrupt
         if self._error is not None:
             error, self._error = self._error, None
             raise error

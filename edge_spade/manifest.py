@@ -45,6 +45,20 @@ class HeadSet:
     signal: str = "lspade"  # the default exit: "lspade" (head at every layer) or "spade" (SPADE probes)
     probe_layers: list[int] = field(default_factory=list)  # layers probed by the "spade" signal
     costs: dict = field(default_factory=dict)  # measured ms: full answer, one tail (the probe cost model)
+    # Per prompt-length range (ascending "max_tokens", the last None): whether checks pay, with tail
+    # models ("check") and with whole-model probe tails ("check_whole_model"); none: always check.
+    plans: list = field(default_factory=list)
+
+    def plan_for(self, n_tokens: int, tail_models: bool = True) -> tuple[str, bool]:
+        """(the plan's name, whether it checks) for a prompt of `n_tokens`."""
+        lo = 1
+        for plan in self.plans:
+            hi = plan["max_tokens"]
+            if hi is None or n_tokens <= hi:
+                name = f"{self.kind}:{lo}-{hi}" if hi is not None else f"{self.kind}:{lo}+"
+                return name, bool(plan["check"] if tail_models else plan["check_whole_model"])
+            lo = hi + 1
+        return f"{self.kind}:all", True
 
     def head_index(self) -> dict[int, int]:
         return {layer: i for i, layer in enumerate(self.layers)}

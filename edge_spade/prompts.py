@@ -58,6 +58,10 @@ def check_question(question: str, choices: Sequence[str] | None) -> tuple[str, t
     """Validate and normalise; raises QuestionError with what is wrong."""
     if not isinstance(question, str) or not question.strip():
         raise QuestionError("the question is empty")
+    if isinstance(choices, str):
+        raise QuestionError(f"choices must be a list of strings, not the string {choices!r}")
+    if choices is not None and not all(isinstance(c, str) for c in choices):
+        raise QuestionError("every choice must be a string")
     for text in (question, *(choices or ())):
         try:
             text.encode("utf-8")
@@ -121,7 +125,7 @@ def build_prompt(
     """Format, tokenize and pick the decision set. `template`: None = the model's own if it has one."""
     question, choices = check_question(question, choices)
     if not choices:
-        tokens = engine.tokenize(question)
+        tokens = engine.tokenize(question, parse_special=False)  # user text is plain text, never control tokens
         return Prompt(question, tokens, "free", (), (), None, ())
     yes_no = is_yes_no(choices)
     labels = choices if yes_no else tuple(string.ascii_uppercase[: len(choices)])
@@ -130,14 +134,34 @@ def build_prompt(
         raise QuestionError("this model has no chat template; drop --template")
     user = format_question(question, choices, labels, chat=chat_template is not None)
     if chat_template is not None:
-        text = render_chat(chat_template, user, engine.bos_text, engine.eos_text)
-        # The template writes BOS itself when the model wants one.
-        tokens = engine.tokenize(text, add_special=engine.adds_bos and not text.startswith(engine.bos_text or "\0"))
+        text, tokens = tokenize_chat(engine, chat_template, user)
     else:
         text = user
-        tokens = engine.tokenize(text)
+        tokens = engine.tokenize(text, parse_special=False)
     ids, groups = decision_set(engine, labels, any_case=yes_no)
     return Prompt(text, tokens, "yesno" if yes_no else "letters", choices, labels, ids, groups)
+
+
+_USER = "\ue000edge-spade-user-turn\ue001"  # private-use characters: no template or question writes them
+
+
+def tokenize_chat(engine: Engine, template: str, user: str) -> tuple[str, list[int]]:
+    """The chat prompt's text and tokens, in which only the template's own markers are control tokens.
+
+    User text that spells a control token (`<|im_end|>`, `<bos>`) would otherwise become one and
+    could forge turns. Such text is tokenized apart, as plain text, between the template's parts;
+    other text is tokenized whole, exactly as before (the split can move a merge at its edges).
+    """
+    text = render_chat(template, user, engine.bos_text, engine.eos_text)
+    add_bos = engine.adds_bos and not text.startswith(engine.bos_text or "\0")  # the template may write BOS
+    if engine.tokenize(user, add_special=False) == engine.tokenize(user, add_special=False, parse_special=False):
+        return text, engine.tokenize(text, add_special=add_bos)
+    parts = render_chat(template, _USER, engine.bos_text, engine.eos_text).split(_USER)
+    if len(parts) != 2:
+        raise QuestionError("the question spells a control token and the model's chat template cannot keep it apart")
+    head, tail = parts
+    tokens = engine.tokenize(head, add_special=add_bos) + engine.tokenize(user, add_special=False, parse_special=False)
+    return text, tokens + engine.tokenize(tail, add_special=False)
 
 
 def decision_set(

@@ -12,19 +12,22 @@ decision-set logits into an Answer that carries its own measurements.
 from __future__ import annotations
 
 import logging
+import math
+import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 from .engine import Engine, EngineSettings, Readout
-from .errors import LayerError
+from .errors import LayerError, ModelClosedError, SettingsError
+from .guard import GuardDecision, SpeedGuard
 from .heads import OnnxHeads
 from .manifest import load_heads
-from .policy import ExitPolicy, spade_exit
+from .policy import ExitPolicy, ExitTrace, spade_exit
 from .prompts import Prompt, build_prompt
 from .registry import resolve_model, shipped_heads
 
@@ -52,6 +55,8 @@ class Answer:
     exit_layer: int | None = None  # spade-exit: the layer it stopped at (None: no exit, full answer)
     entropy: dict[int, float] | None = None  # spade-exit: head entropy (nats) at each evaluated layer
     threshold: float | None = None  # spade-exit: the threshold in force
+    plan: str | None = None  # spade-exit: the prompt-length plan that applied ("free:33-64")
+    guard: str | None = None  # spade-exit: why checks ran or not (see guard.SpeedGuard.decide; "plan": not here)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,19 +67,42 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return z / z.sum()
 
 
+def top_probs(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k most likely token ids (ties: the lower id first, as argmax) and their probabilities.
+
+    A partition finds the k and one log-sum-exp normalises them: sorting or normalising a
+    262,144-token distribution in float64 costs more than the rest of the answer around the pass.
+    """
+    k = min(k, logits.shape[0])
+    top = np.argpartition(logits, -k)[-k:]
+    top = top[np.lexsort((top, -logits[top]))]
+    m = float(np.max(logits))
+    log_z = m + np.log(np.exp(logits - m).sum(dtype=np.float64))
+    return top, np.exp(logits[top].astype(np.float64) - log_z)
+
+
 class Runtime:
-    """A loaded model ready for questions; create once, ask many times (not thread-safe).
+    """A loaded model ready for questions; create once, ask many times, from any thread.
 
     With calibrated heads for the question's kind (choice or free answer), questions are
-    answered by SPADE-EXIT unless a layer or the full model is asked for.
+    answered by SPADE-EXIT unless a layer or the full model is asked for. The default rule runs
+    its checks only where its plan for the prompt's length says they pay, and where the speed
+    guard has not seen them lose time on this machine. One llama context answers one question at
+    a time: concurrent `ask` calls wait for each other (a lock); for parallel answers, load one
+    Runtime per thread.
     """
 
-    def __init__(self, engine: Engine, name: str, heads_dir: Path | None = None) -> None:
+    def __init__(
+        self, engine: Engine, name: str, heads_dir: Path | None = None, guard: SpeedGuard | None = None
+    ) -> None:
         self.engine = engine
         self.name = name
         self.heads_dir = heads_dir
         self.manifest = None
         self.heads: dict[str, OnnxHeads] = {}  # answer kind ("choice", "free") -> heads
+        self.guard = guard if guard is not None else SpeedGuard()
+        self._lock = threading.Lock()
+        self._closed = False
         if heads_dir is not None:
             self.manifest, self.heads = load_heads(heads_dir, engine)
 
@@ -103,14 +131,23 @@ class Runtime:
 
         `signal` picks the exit rule (L-SPADE heads at the evaluation layers, or SPADE probes at the
         calibrated probe layers); None: the one calibration chose for this kind of question.
+        Plans by prompt length and the speed guard apply to that default rule only: a threshold or
+        signal given here is run as asked.
         """
-        t0 = time.perf_counter()
-        prompt = self.prompt(question, choices, template)
-        if self.can_exit(prompt) and layer is None and lens == "spade" and not full:
-            return self.ask_exit(prompt, t0, threshold=threshold, tail=tail, top_k=top_k, signal=signal)
-        k = 1 if tail is None else tail
-        readout, mode = self.readout(prompt, layer=None if full else layer, lens=lens, tail=k)
-        return self.answer(prompt, readout, mode, t0, tail=k, top_k=top_k)
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+            raise SettingsError(f"top_k must be a positive integer, got {top_k!r}")
+        if threshold is not None and (not isinstance(threshold, (int, float)) or math.isnan(threshold)):
+            raise SettingsError(f"the threshold must be a number of nats (negative: never exit), got {threshold!r}")
+        with self._lock:
+            if self._closed:
+                raise ModelClosedError(f"{self.name} was closed; load the model again to ask it")
+            t0 = time.perf_counter()
+            prompt = self.prompt(question, choices, template)
+            if self.can_exit(prompt) and layer is None and lens == "spade" and not full:
+                return self.ask_exit(prompt, t0, threshold=threshold, tail=tail, top_k=top_k, signal=signal)
+            k = 1 if tail is None else tail
+            readout, mode = self.readout(prompt, layer=None if full else layer, lens=lens, tail=k)
+            return self.answer(prompt, readout, mode, t0, tail=k, top_k=top_k)
 
     @staticmethod
     def kind(prompt: Prompt) -> str:
@@ -129,20 +166,51 @@ class Runtime:
         top_k: int = 5,
         signal: str | None = None,
     ) -> Answer:
-        """SPADE-EXIT: one prompt pass stopped at the first layer whose confidence signal is low enough."""
+        """SPADE-EXIT: one prompt pass stopped at the first layer whose confidence signal is low enough.
+
+        The default rule (no `threshold`, no `signal`) first asks its plan for this prompt length
+        and the speed guard whether checking pays; if not, the answer is the plain full-depth pass.
+        """
         kind = self.kind(prompt)
         head_set = self.manifest.sets[kind]
         policy = ExitPolicy.from_head_set(head_set, threshold, signal)
-        tau = policy.threshold
         k = head_set.tail if tail is None else tail
+        plan, decision = None, None
+        if threshold is None and signal is None:
+            plan, planned = head_set.plan_for(len(prompt.tokens), self.engine.settings.tail_models)
+            decision = self.guard.decide(plan) if planned else GuardDecision(False, "plan")
+            if not decision.check:
+                policy = replace(policy, threshold=-1.0)  # no hooks at all: the plain full-depth pass
         readout, seen = spade_exit(self.engine, self.heads[kind], policy, prompt, tail=k)
         answer = self.answer(prompt, readout, "spade-exit", t0, tail=k, top_k=top_k)
         exited = readout.layer < self.engine.n_layers - 1
         answer.exit_layer = readout.layer if exited else None
         answer.entropy = {layer: round(h, 5) for layer, h in seen.entropies.items()}
-        answer.threshold = tau
+        answer.threshold = policy.threshold
         answer.timings_ms["heads"] = round(seen.check_ms, 3)
+        if decision is not None:
+            answer.plan, answer.guard = plan, decision.reason
+            self._record(plan, decision, prompt, readout, seen, exited)
         return answer
+
+    def _record(
+        self, plan: str, decision: GuardDecision, prompt: Prompt, readout: Readout, seen: ExitTrace, exited: bool
+    ) -> None:
+        """Tell the guard what this answer's passes cost: a full-depth pass, or checks that exited or not."""
+        n = len(prompt.tokens)
+        if not decision.check:
+            if decision.reason != "plan":
+                self.guard.record_full(plan, n, readout.prefill_ms)
+            return
+        self.guard.record_checked(
+            plan,
+            n,
+            readout.prefill_ms + readout.tail_ms,
+            seen.check_ms,
+            exited,
+            prefix_ms=readout.prefill_ms - seen.check_ms,
+            fraction=(readout.layer + 1) / self.engine.n_layers,
+        )
 
     def readout(self, prompt: Prompt, *, layer: int | None, lens: Lens = "spade", tail: int = 1) -> tuple[Readout, str]:
         if layer is None:
@@ -160,12 +228,11 @@ class Runtime:
     ) -> Answer:
         """Turn decision-set logits into an Answer."""
         if prompt.kind == "free":
-            p = softmax(readout.logits.astype(np.float64))
-            top = np.argsort(-p)[:top_k]
+            top, p_top = top_probs(readout.logits, top_k)
             token = int(top[0])
             probs: dict[str, float] = {}
-            for i in top:
-                probs.setdefault(self.engine.token_text(int(i)), float(p[i]))
+            for i, p_i in zip(top, p_top):
+                probs.setdefault(self.engine.token_text(int(i)), float(p_i))
             text, index, label = self.engine.token_text(token), None, None
         else:
             p = softmax(prompt.choice_logits(readout.logits))
@@ -192,7 +259,10 @@ class Runtime:
         )
 
     def close(self) -> None:
-        self.engine.close()
+        """Free the model and its contexts; later questions raise ModelClosedError."""
+        with self._lock:
+            self._closed = True
+            self.engine.close()
 
 
 def load_model(
@@ -204,6 +274,7 @@ def load_model(
     kv_type: Literal["f16", "f32"] = "f16",
     heads: str | Path | None | Literal[False] = None,
     tail_models: bool = True,
+    speed_guard: bool = True,
 ) -> Runtime:
     """A registry name, a bundle folder or a GGUF path (None: the default model), loaded and ready.
 
@@ -211,6 +282,8 @@ def load_model(
     shipped for a registry model (if any); False loads none (full depth and fixed-layer modes only).
     `tail_models=False`: SPADE probes run their tails on the whole model (same answers), which
     saves loading a tail model (about as long as loading the model) where few questions are asked.
+    `speed_guard=False`: the default rule checks wherever its plans say, whatever it has cost so
+    far (reproducible benchmarks); see guard.SpeedGuard.
     """
     resolved = resolve_model(model)
     settings = EngineSettings(
@@ -224,7 +297,7 @@ def load_model(
         heads_dir = resolved.heads or (shipped_heads(resolved.name) if resolved.entry else None)
     engine = Engine(resolved.path, settings)
     try:
-        return Runtime(engine, resolved.name, heads_dir)
+        return Runtime(engine, resolved.name, heads_dir, SpeedGuard(enabled=speed_guard))
     except Exception:
         engine.close()
         raise

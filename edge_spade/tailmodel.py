@@ -220,10 +220,22 @@ def write_tail_model(src: str | Path, layer: int, out: str | Path) -> Path:
     return out
 
 
+def _cached_path(src: Path, layer: int) -> Path:
+    return cache_dir() / "tails" / file_key(src) / f"above-{layer}.gguf"
+
+
+def discard_tail_model(src: str | Path, layer: int) -> None:
+    """Delete a cached tail model that failed to load, so that the next use writes it afresh."""
+    try:
+        _cached_path(Path(src).resolve(), layer).unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def tail_model_path(src: str | Path, layer: int) -> Path:
     """The cached tail model of `src` above `layer`, written on first use (seconds, once)."""
     src = Path(src).resolve()
-    path = cache_dir() / "tails" / file_key(src) / f"above-{layer}.gguf"
+    path = _cached_path(src, layer)
     if not path.exists():
         log.info("writing the tail model of %s above layer %d (first use)", src.name, layer)
         write_tail_model(src, layer, path)

@@ -118,10 +118,15 @@ def read_index(path: str | Path) -> GgufIndex:
             log.warning("ignoring a damaged index cache entry %s", cached)
     log.info("indexing %s (first use of this file; later runs read the cache)", path.name)
     index = _parse(path)
-    cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"version": INDEX_VERSION, **asdict(index)}))
-    tmp.replace(cached)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"version": INDEX_VERSION, **asdict(index)}))
+        tmp.replace(cached)
+    except OSError as exc:  # a read-only or full cache: the index is only a shortcut
+        log.warning("cannot cache the index of %s (%s); the next run parses the file again", path.name, exc)
+        if tmp.parent.exists():
+            tmp.unlink(missing_ok=True)
     return index
 
 

@@ -39,6 +39,16 @@ def tiny_engine(tiny_model) -> Engine:
 
 
 @pytest.fixture(scope="session")
+def tiny_heads(tiny_model, tmp_path_factory) -> Path:
+    """Heads calibrated for the tiny model by the converter (both answer kinds)."""
+    from tests.support.heads import calibrate_tiny
+
+    return calibrate_tiny(
+        tiny_model[0], tmp_path_factory.mktemp("heads") / "tiny-heads", tmp_path_factory.mktemp("calibration-cache")
+    )
+
+
+@pytest.fixture(scope="session")
 def gemma():
     rt = load_model("gemma3-270m")
     yield rt

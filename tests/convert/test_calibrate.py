@@ -8,6 +8,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+
+from edge_spade import load_model
+from edge_spade.cli import main
 from edge_spade.convert.calibrate import calibrate
 from edge_spade.convert.certify import CurvePoint, clopper_pearson_lower, exit_curve, pick_threshold, split
 from edge_spade.convert.datasets import Item
@@ -15,9 +18,6 @@ from edge_spade.convert.heads_files import REPORT_JSON, default_report_dir
 from edge_spade.convert.heads_train import LayerHead, rms_norm, train_heads
 from edge_spade.convert.plan import choose_tail, thin_layers
 from edge_spade.convert.trace import Sample
-
-from edge_spade import load_model
-from edge_spade.cli import main
 from edge_spade.manifest import HeadsMismatchError
 from tests.support import tiny
 

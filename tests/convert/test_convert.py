@@ -14,15 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edge_spade.convert.bundle_writer import record_heads
-from edge_spade.convert.hf_to_gguf import convert_checkpoint
-from edge_spade.convert.sources import convert
 from tokenizers import Tokenizer
 
 from edge_spade import Engine, load_model
 from edge_spade.bundle import open_bundle
 from edge_spade.cache import sha256_file
 from edge_spade.cli import main
+from edge_spade.convert.bundle_writer import record_heads
+from edge_spade.convert.hf_to_gguf import convert_checkpoint
+from edge_spade.convert.sources import convert
 from edge_spade.errors import BundleError, CheckpointError, UnsupportedArchitectureError
 from tests.support import EXACT, hf_tiny
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from edge_spade.convert.heads_train import LayerHead, head_logits, masked_log_softmax, rms_norm, train_head
 
 D, M, N, EPS = 16, 12, 400, 1e-5
@@ -47,7 +48,6 @@ def test_training_recovers_the_target_distribution():
 
 def test_onnx_heads_reproduce_numpy_heads():
     from edge_spade.convert.onnx_export import export_onnx
-
     from edge_spade.heads import OnnxHeads
 
     h, target, mask, rows, g = problem()

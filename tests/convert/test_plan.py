@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from edge_spade.convert.costs import probe_cost, tail_costs
 from edge_spade.convert.plan import choose_probes
 

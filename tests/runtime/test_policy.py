@@ -6,9 +6,9 @@ import math
 
 import numpy as np
 import pytest
+
 from edge_spade.convert.heads_train import LayerHead
 from edge_spade.convert.onnx_export import export_onnx
-
 from edge_spade.heads import OnnxHeads, entropy, topk_entropy
 from edge_spade.policy import ExitPolicy, spade_exit
 from edge_spade.prompts import build_prompt

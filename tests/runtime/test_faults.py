@@ -1,0 +1,128 @@
+"""Faults and abuse, with real processes and signals: each gives its one-line error and exit code
+(or a clean exception in the API), never a crash, a hang or a traceback; nothing answered is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from edge_spade import EngineSettings, load_model
+from edge_spade.cli import main
+from edge_spade.errors import QuestionError, SettingsError
+from tests.support.heads import with_probe
+
+pytestmark = pytest.mark.faults
+
+
+def cli(*argv: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "edge_spade.cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def many_questions(tmp_path_factory):
+    path = tmp_path_factory.mktemp("faults") / "many.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "question": "the sky is"}) + "\n" for i in range(200_000)))
+    return path
+
+
+def test_ctrl_c_during_a_batch_stops_at_once_keeping_every_answer(tiny_model, many_questions):
+    p = cli("ask", "--file", str(many_questions), "--json", "--model", str(tiny_model[0]), "--ctx", "64")
+    first = p.stdout.readline()
+    assert json.loads(first)["id"] == 0
+    p.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    out, err = p.communicate(timeout=30)
+    assert time.monotonic() - t0 < 5 and p.returncode == 130
+    assert err.strip().splitlines()[-1] == "edge-spade: interrupted" and "Traceback" not in err
+    lines = out.splitlines()
+    assert all(json.loads(line)["answer"] for line in lines)  # every printed answer is whole
+    assert len(lines) < 200_000 - 1
+
+
+def test_a_reader_that_goes_away_is_no_error(tiny_model, many_questions):
+    p = cli("ask", "--file", str(many_questions), "--json", "--model", str(tiny_model[0]), "--ctx", "64")
+    p.stdout.readline()
+    p.stdout.close()  # `| head -1`
+    assert p.wait(timeout=30) == 141
+    assert "Traceback" not in p.stderr.read()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--ctx", "4"], "the context size (--ctx) 4 must be an integer from 8 to 1048576"),
+        (["--threads", "0"], "the thread count (--threads) 0 must be an integer from 1 to 1024 (or unset)"),
+        (["--threads", "-1"], "the thread count (--threads) -1 must be an integer from 1 to 1024 (or unset)"),
+        (["--gpu-layers", "-5"], "the GPU layer count (--gpu-layers) -5 must be 0 or more (-1: all)"),
+        (["--threshold", "nan"], "the threshold must be a number of nats (negative: never exit), got nan"),
+        (["--file", "/nonexistent/q.jsonl"], "cannot read --file /nonexistent/q.jsonl: No such file or directory"),
+        (["--file", "/"], "cannot read --file /: Is a directory"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(capsys, tiny_model, argv, message):
+    question = [] if "--file" in argv else ["the sky is"]
+    assert main(["ask", *question, "--model", str(tiny_model[0]), *argv]) == 1
+    assert capsys.readouterr().err == f"edge-spade: error: {message}\n"
+
+
+def test_a_tiny_context_refuses_long_prompts_instead_of_aborting(capsys, tiny_model):
+    """--ctx 10 once let a 20-token prompt through to llama.cpp, which aborted the process."""
+    assert (
+        main(
+            ["ask", "the capital of france is paris and the sky is blue", "--model", str(tiny_model[0]), "--ctx", "10"]
+        )
+        == 1
+    )
+    assert "but the context holds 10" in capsys.readouterr().err
+
+
+def test_bad_values_in_the_api_are_clean_exceptions(tiny_model):
+    with pytest.raises(SettingsError):
+        EngineSettings(n_ctx=0)
+    rt = load_model(str(tiny_model[0]), n_ctx=64)
+    try:
+        with pytest.raises(QuestionError, match="not the string 'yes'"):
+            rt.ask("is the sky blue?", "yes")
+        with pytest.raises(QuestionError, match="every choice must be a string"):
+            rt.ask("is the sky blue?", ["yes", 1])
+        with pytest.raises(SettingsError, match="threshold"):
+            rt.ask("the sky", threshold=float("nan"))
+    finally:
+        rt.close()
+
+
+def test_the_interrupt_handler_is_put_back(tiny_model):
+    before = signal.getsignal(signal.SIGINT)
+    rt = load_model(str(tiny_model[0]), n_ctx=64)
+    rt.ask("the sky is")
+    rt.close()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_an_unusable_cache_degrades_instead_of_failing(tiny_model, tiny_heads, tmp_path):
+    """The cache is a shortcut: with EDGE_SPADE_CACHE under a regular file (nothing can be written
+    there, even as root) questions are still answered, tail models included, with a warning."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = {**os.environ, "EDGE_SPADE_CACHE": str(blocker / "cache")}
+    lines = tmp_path / "q.jsonl"
+    lines.write_text('{"question": "the sky is"}\n{"question": "the water is"}\n')
+    heads = with_probe(tiny_heads, tmp_path / "heads")
+    argv = ["ask", "--file", str(lines), "--json", "--model", str(tiny_model[0]), "--heads", str(heads)]
+    p = cli(*argv, "--ctx", "64", "--no-guard", env=env)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert [json.loads(line)["exit_layer"] for line in out.splitlines()] == [1, 1]
+    assert "cannot cache the index" in err and "no tail model above layer 1" in err and "Traceback" not in err
