@@ -27,10 +27,11 @@ from edge_spade.manifest import HEADS_FORMAT, HeadSet, HeadsManifest
 from edge_spade.runtime import Runtime
 
 from .certify import exit_curve, keys_of, pick_threshold, split
-from .costs import measure_check_ms, measure_costs
+from .costs import measure_check_ms, measure_costs, tail_costs
 from .datasets import Item
 from .heads_files import default_report_dir, kept_heads, kept_reports, write_heads, write_report
 from .heads_train import LayerHead, judge, train_heads
+from .length_plans import measure_full_by_length, plans_by_length
 from .onnx_export import ONNX_OPSET, export_onnx
 from .plan import choose_tail, free_candidates, frontier_row, probe_plan, thin_layers
 from .trace import Sample, collect
@@ -102,6 +103,7 @@ def calibrate_set(
         curves[name] = exit_curve(full, answers[:, cols], ent[:, cols], eval_layers, L, confidence, held_keys)
         thresholds[name] = pick_threshold(curves[name], target_agreement)
         if name == "lspade":
+            lspade_held_ent = ent[:, cols]
             layer_stats = [
                 {
                     "layer": layer,
@@ -155,6 +157,9 @@ def calibrate_set(
         probe_layers=plan.get("probe_layers", []),
         costs=costs,
     )
+    if "length_fit" in plan:
+        head_set.plans = default_rule_plans(head_set, held, lspade_held_ent, L, plan["length_fit"])
+        head_set.costs["length_fit"] = plan["length_fit"]
     tuned_file = f"tuned-{kind}.onnx"
     report = {
         "tuned_file": tuned_file,
@@ -170,6 +175,33 @@ def calibrate_set(
         report,
         {tuned_file: export_onnx(tuned, norm, eps)},
     )
+
+
+def default_rule_plans(
+    head_set: HeadSet, held: list[Sample], lspade_ent: np.ndarray, n_layers: int, fit: dict[str, float]
+) -> list[dict]:
+    """Plans per prompt length for the set's default rule, from its exits on the held-out prompts.
+
+    Probes: each costs its tail (on a tail model, or on the whole model in a one-question process)
+    and its exit is the answer. L-SPADE: each check costs `check_ms` and an exit adds a SPADE tail
+    on the whole model. A rule that never exits needs no plan (it runs no hooks).
+    """
+    costs = head_set.costs
+    if head_set.signal == "spade":
+        layers, tau = head_set.probe_layers, head_set.thresholds["spade"]
+        ent = np.array([[s.entropy(layer, head_set.top_k or FREE_TOP_K) for layer in layers] for s in held])
+        check = list(tail_costs(costs, layers, n_layers) * costs["full_ms"])
+        check_whole, after, after_whole = [costs["tail_ms"]] * len(layers), [0.0] * len(layers), [0.0] * len(layers)
+    else:
+        layers, tau, ent = head_set.eval_layers, head_set.threshold, lspade_ent
+        check = check_whole = [costs.get("check_ms", 0.0)] * len(layers)
+        after = after_whole = [costs["tail_ms"]] * len(layers)
+    if tau < 0 or not layers:
+        return []
+    exits = ent <= tau
+    first = np.where(exits.any(axis=1), exits.argmax(axis=1), -1)
+    shares = [(j, float((first == j).mean())) for j in range(len(layers)) if (first == j).any()]
+    return plans_by_length(fit, shares, layers, n_layers, check, after, check_whole, after_whole)
 
 
 def calibrate(
@@ -254,6 +286,8 @@ def calibrate(
             rt, kind_items, free_candidates(train) if kind == "free" else None, rank
         )
         plans[k]["costs"].update(check_ms=check_ms, check_full_ms=check_full_ms)
+        first = rt.prompt(kind_items[0].question, kind_items[0].choices)
+        plans[k]["length_fit"] = measure_full_by_length(rt, first.tokens, first.ids)
         log.info(
             "%s answers: one L-SPADE check costs %.2f ms inside the pass (full answer %.1f ms)",
             kind,

@@ -44,7 +44,15 @@ def load_items(
     if text.lstrip().startswith("{") and '"exams"' in text[:2000]:
         items = _headqa(json.loads(text), path.stem)
     else:
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as exc:
+                    raise DatasetError(f"{path}, line {number}: not JSON ({exc})") from None
+        if any(not isinstance(r, dict) for r in rows):
+            raise DatasetError(f"{path}: every line must be a JSON object")
         if not rows:
             raise DatasetError(f"{path} holds no items")
         first = rows[0]
@@ -52,6 +60,8 @@ def load_items(
             items = [_arc(r, path.stem) for r in rows]
         elif "passage" in first and isinstance(first.get("answer"), bool):
             items = [_boolq(i, r) for i, r in enumerate(rows)]
+        elif isinstance(first.get("question"), str):
+            items = [_ask_line(i, r, path) for i, r in enumerate(rows)]
         elif {"prompt", "answer"} <= set(first):
             counts = [few_shot] if isinstance(few_shot, int) else list(few_shot)
             if not counts or min(counts) < 0:
@@ -59,12 +69,26 @@ def load_items(
             items = [
                 item
                 for n, shots in enumerate(counts)
-                for v in range(variants)
+                for v in range(variants if shots else 1)  # without a prefix every variant is the same prompt
                 for item in _cloze(rows, shots, seed + v, f"-{shots}shot" * (n > 0) + f"-v{v}" * (v > 0))
             ]
         else:
-            raise DatasetError(f"{path}: not ARC, BoolQ, HEAD-QA or cloze facts (keys: {sorted(first)})")
+            raise DatasetError(
+                f"{path}: not `ask --file` lines, ARC, BoolQ, HEAD-QA or cloze facts (keys: {sorted(first)})"
+            )
     return items[:limit] if limit else items
+
+
+def _ask_line(i: int, row: dict, path: Path) -> Item:
+    """One `edge-spade ask --file` line, {"id"?, "question", "choices"?, "key"?}: a user's own questions,
+    used as they are asked (no prefix). Lines that share a `key` are held out together."""
+    choices = row.get("choices")
+    if not isinstance(row.get("question"), str) or (
+        choices is not None and not (isinstance(choices, list) and all(isinstance(c, str) for c in choices))
+    ):
+        raise DatasetError(f'{path}, line {i + 1}: expected {{"question": str, "choices"?: [str, ...]}}')
+    ident = str(row.get("id", f"{path.stem}-{i}"))
+    return Item(ident, row["question"], tuple(choices) if choices else None, None, path.stem, str(row.get("key", "")))
 
 
 def _arc(row: dict, group: str) -> Item:

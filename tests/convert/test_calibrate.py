@@ -20,45 +20,14 @@ from edge_spade.convert.plan import choose_tail, thin_layers
 from edge_spade.convert.trace import Sample
 from edge_spade.manifest import HeadsMismatchError
 from tests.support import tiny
+from tests.support.heads import WORDS
 
 pytestmark = pytest.mark.slow
 
-WORDS = ["sky", "water", "paris", "blue", "france", "capital", "answer", "question"]
-
-
-def items(n: int) -> list[Item]:
-    out = []
-    for i in range(n):
-        a, b, c = WORDS[i % 8], WORDS[(i * 3 + 1) % 8], WORDS[(i * 5 + 2) % 8]
-        choices = tuple(dict.fromkeys([a, b, c, "the"]))
-        out.append(Item(f"q{i}", f"which {a} is the {b} of {c}?", choices, 0))
-    return out
-
 
 @pytest.fixture(scope="module")
-def heads_dir(tiny_model, tmp_path_factory):
-    from tests.support import EXACT
-
-    mp = pytest.MonkeyPatch()
-    mp.setenv("EDGE_SPADE_CACHE", str(tmp_path_factory.mktemp("cache")))  # calibration traces stay private
-    rt = load_model(str(tiny_model[0]), n_ctx=EXACT.n_ctx, kv_type="f32", heads=False)
-    out = tmp_path_factory.mktemp("heads") / "tiny-heads"
-    free = [Item(f"f{i}", f"the {w} of {v} is", None, None) for i, (w, v) in enumerate(zip(WORDS * 3, WORDS[::-1] * 3))]
-    manifest = calibrate(
-        rt,
-        items(40) + free,
-        out,
-        data_names=["generated"],
-        rank=4,
-        steps=40,
-        target_agreement=0.5,
-        free_tail=[2, 3],
-        top_k=8,
-    )
-    rt.close()
-    mp.undo()
-    assert set(manifest.sets) == {"choice", "free"}
-    return out
+def heads_dir(tiny_heads):
+    return tiny_heads
 
 
 def test_calibration_writes_a_complete_heads_folder(heads_dir, tiny_model):
