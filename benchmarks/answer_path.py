@@ -1,0 +1,149 @@
+"""Where an answer's time goes, and how it compares with llama-cpp-python on the same tokens.
+
+    python -m benchmarks.answer_path --model gemma3-270m --out benchmarks/results/answer-path-gemma3-270m.json
+
+For each prompt (cloze facts at 0, 3 and 8 shots, and ARC-Easy choice questions), interleaved
+in one process with the same threads: llama-cpp-python's `Llama.eval` on our prompt's tokens and
+the argmax of its last logits (what a user would run instead); our full-depth answer
+(`Runtime.ask(full=True)`) and our default answer (`Runtime.ask()`, the speed guard off for
+reproducible figures); and the parts of a full-depth free answer: building the prompt, the pass
+with its logits, the top-k with probabilities (as shipped, and the former float64 softmax plus
+argsort of the whole vocabulary, for the before/after), the token texts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import data_path, progress, save_json
+from edge_spade import load_model
+from edge_spade.convert.datasets import load_items
+from edge_spade.runtime import softmax, top_probs
+
+log = logging.getLogger("benchmarks.answer_path")
+SETS = [("cloze/facts.jsonl", 0), ("cloze/facts.jsonl", 3), ("cloze/facts.jsonl", 8), ("arc/ARC-Easy-Test.jsonl", 0)]
+
+
+def ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000
+
+
+def run_set(rt, llm, data: str, shots: int, limit: int) -> dict:
+    items = load_items(data_path(data), limit=limit, few_shot=shots)
+    engine = rt.engine
+    t: dict[str, list[float]] = {
+        k: [] for k in ("llama_cpp", "full", "default", "prompt", "pass", "topk", "topk_before", "texts")
+    }
+    agree, exits, tokens = [], [], []
+    for i, item in enumerate(progress(items, len(items), f"{Path(data).stem} {shots}-shot")):
+        prompt = rt.prompt(item.question, item.choices)
+        t0 = time.perf_counter()
+        llm.reset()
+        llm.eval(prompt.tokens)
+        theirs = int(
+            np.argmax(llm.scores[llm.n_tokens - 1] if prompt.ids is None else llm.scores[llm.n_tokens - 1][prompt.ids])
+        )
+        t_llama = ms(t0)
+        t0 = time.perf_counter()
+        full = rt.ask(item.question, item.choices, full=True)
+        t_full = ms(t0)
+        t0 = time.perf_counter()
+        default = rt.ask(item.question, item.choices)
+        t_default = ms(t0)
+        t0 = time.perf_counter()
+        p = rt.prompt(item.question, item.choices)
+        t_prompt = ms(t0)
+        t0 = time.perf_counter()
+        readout = engine.full(p.tokens, p.ids)
+        t_pass = ms(t0)
+        if p.ids is None:
+            t0 = time.perf_counter()
+            top, _ = top_probs(readout.logits, 5)
+            t_topk = ms(t0)
+            t0 = time.perf_counter()
+            np.argsort(-softmax(readout.logits.astype(np.float64)))[:5]
+            t_before = ms(t0)
+            t0 = time.perf_counter()
+            [engine.token_text(int(j)) for j in top]
+            t_texts = ms(t0)
+        else:
+            t_topk = t_before = t_texts = 0.0
+        if i == 0:
+            continue  # warm-up: graphs, rows, caches
+        for key, value in zip(t, (t_llama, t_full, t_default, t_prompt, t_pass, t_topk, t_before, t_texts)):
+            t[key].append(value)
+        if prompt.ids is None:  # the same next token as llama-cpp-python's argmax
+            agree.append(theirs == full.token)
+        exits.append(default.exit_layer is not None)
+        tokens.append(len(prompt.tokens))
+    return {
+        "data": data,
+        "few_shot": shots,
+        "n": len(tokens),
+        "kind": "free" if items[0].choices is None else "choice",
+        "prompt_tokens_median": float(np.median(tokens)),
+        "median_ms": {k: round(statistics.median(v), 3) for k, v in t.items()},
+        "total_ms": {k: round(sum(v), 1) for k, v in t.items()},
+        "full_vs_llama_cpp_median": round(statistics.median(np.array(t["llama_cpp"]) / np.array(t["full"])), 3),
+        "default_vs_llama_cpp_median": round(statistics.median(np.array(t["llama_cpp"]) / np.array(t["default"])), 3),
+        "full_vs_llama_cpp_total": round(sum(t["llama_cpp"]) / sum(t["full"]), 3),
+        "default_vs_llama_cpp_total": round(sum(t["llama_cpp"]) / sum(t["default"]), 3),
+        "default_vs_full_total": round(sum(t["full"]) / sum(t["default"]), 3),
+        "exit_rate": round(float(np.mean(exits)), 3),
+        "free_answer_agrees_with_llama_cpp": round(float(np.mean(agree)), 3) if agree else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--limit", type=int, default=40)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    from llama_cpp import Llama
+
+    rt = load_model(args.model, threads=args.threads, speed_guard=False)
+    llm = Llama(
+        str(rt.engine.path),
+        n_ctx=1024,
+        n_batch=1024,
+        n_ubatch=1024,
+        n_threads=rt.engine.threads,
+        n_threads_batch=rt.engine.threads,
+        verbose=False,
+    )
+    rows = [run_set(rt, llm, data, shots, args.limit) for data, shots in SETS]
+    result = {"model": rt.name, "threads": rt.engine.threads, "rows": rows}
+    print(
+        f"{'set':<28}{'tokens':>7}{'llama-cpp':>10}{'full':>8}{'default':>8}{'pass':>8}{'topk':>7}{'before':>8}"
+        f"{'full/llc':>9}{'dflt/llc':>9}{'exits':>6}   (median ms; ratios: totals, >1 = ours faster)"
+    )
+    for r in rows:
+        m = r["median_ms"]
+        name = f"{Path(r['data']).stem} {r['few_shot']}-shot"
+        print(
+            f"{name:<28}{r['prompt_tokens_median']:>7.0f}"
+            f"{m['llama_cpp']:>10.1f}{m['full']:>8.1f}{m['default']:>8.1f}{m['pass']:>8.1f}{m['topk']:>7.2f}"
+            f"{m['topk_before']:>8.2f}{r['full_vs_llama_cpp_total']:>9.2f}{r['default_vs_llama_cpp_total']:>9.2f}"
+            f"{r['exit_rate']:>6.2f}"
+        )
+    if args.out:
+        save_json(result, args.out, [rt])
+    rt.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
