@@ -122,9 +122,13 @@ def run_dataset(
     tails: list[int],
     probe_sweep: list[float],
     few_shot: int = 3,
+    only: list[str] | None = None,
+    oracle: bool = True,
 ) -> tuple[list[dict], list[float]]:
     engine, m = rt.engine, rt.manifest
-    items = load_items(data_path(data), limit=limit, few_shot=few_shot)
+    items = load_items(data_path(data), few_shot=few_shot)
+    if limit and limit < len(items):  # evenly spaced: files in category order keep every category
+        items = [items[int(i)] for i in np.linspace(0, len(items) - 1, limit)]
     kind = "choice" if items[0].choices else "free"
     if kind not in m.sets:
         log.warning("no %s heads for %s: skipping %s", kind, rt.name, data)
@@ -134,6 +138,9 @@ def run_dataset(
     configs = configurations(
         rt, kind, report, tuned, default_sweep(report["sets"][kind]) if sweep is None else sweep, tails, probe_sweep
     )
+    if only:
+        configs = {name: c for name, c in configs.items() if name in {*only, "never-exit"}}
+    tails = tails if oracle else []
     answers = {name: [] for name in configs}
     exit_layers = {name: [] for name in configs}
     oracle_names = [f"oracle/K{k}" for k in tails]
@@ -190,8 +197,12 @@ def run_dataset(
                 "exit_rate": float(np.mean(np.array(exit_layers[name]) < engine.n_layers - 1)),
                 "speedup_median": float(np.median(full_t / t)),
                 "speedup_total": float(full_t.sum() / t.sum()),
-                "oracle_speedup": float(np.median(full_t / np.array(times[f"oracle/K{k}"]))),
-                "oracle_mean_exit_layer": float(np.mean(oracle_layers[k])),
+                "time_median_ms": float(np.median(t) * 1000),
+                "full_median_ms": float(np.median(full_t) * 1000),
+                "time_total_s": float(t.sum()),
+                "full_total_s": float(full_t.sum()),
+                "oracle_speedup": float(np.median(full_t / np.array(times[f"oracle/K{k}"]))) if k in tails else None,
+                "oracle_mean_exit_layer": float(np.mean(oracle_layers[k])) if k in tails else None,
             }
         )
     overhead = list(np.array(times["never-exit"]) / full_t)
@@ -231,6 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--few-shot", type=int, default=3, help="cloze facts: solved examples before each fact")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="CONFIG",
+        help="run only these configurations (and never-exit), e.g. spade-exit spade-probe",
+    )
+    p.add_argument("--no-oracle", action="store_true", help="skip the oracle (it traces every prompt at every layer)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -240,7 +259,19 @@ def main(argv: list[str] | None = None) -> int:
     report, tuned = load_report(rt, args.report)
     rows, overhead, by_data = [], [], {}
     for data in args.data:
-        r, o = run_dataset(rt, data, args.limit, args.sweep, report, tuned, args.tail, args.probe_sweep, args.few_shot)
+        r, o = run_dataset(
+            rt,
+            data,
+            args.limit,
+            args.sweep,
+            report,
+            tuned,
+            args.tail,
+            args.probe_sweep,
+            args.few_shot,
+            args.only,
+            not args.no_oracle,
+        )
         rows += r
         overhead += o
         if o:
@@ -264,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['data']:<26}{r['method']:<26}{r['tail_k']:>3}{r['threshold']:>7.3g}{r['n']:>5}"
             f"{r['accuracy']:>7.3f}{r['agreement']:>7.3f}{r['kappa']:>7.3f}{r['constant_agreement']:>7.3f}"
             f"{r['mean_exit_layer']:>7.2f}{r['exit_rate']:>6.2f}{r['speedup_median']:>8.2f}"
-            f"{r['speedup_total']:>7.2f}{r['oracle_speedup']:>8.2f}"
+            f"{r['speedup_total']:>7.2f}{r['oracle_speedup'] or float('nan'):>8.2f}"
         )
     if args.out:
         out = save_json(result, args.out, [rt])

@@ -37,6 +37,8 @@ def prompts(row: dict) -> str:
     name = Path(row["data"]).stem
     if name == "facts":
         return f"cloze facts, {row['few_shot']}-shot"
+    if name == "cloze-broad-test":
+        return f"unseen test facts, {row['few_shot']}-shot"
     return {"ARC-Easy-Test": "ARC-Easy test", "dev": "BoolQ dev"}.get(name, name)
 
 
@@ -93,7 +95,7 @@ def detail(path: Path, result: dict) -> str:
             f"{row['agreement']:.3f} | {row['kappa']:.3f} | {row['constant_agreement']:.3f} | "
             f"{row['accuracy']:.3f} ({row['full_accuracy']:.3f}) | {row['exit_rate']:.0%} | "
             f"{row['mean_exit_layer']:.2f} | {row['speedup_median']:.2f}x | {row['speedup_total']:.2f}x | {cost} | "
-            f"{row['oracle_speedup']:.2f}x |"
+            + (f"{row['oracle_speedup']:.2f}x |" if row.get("oracle_speedup") else "- |")
         )
     lines += [
         "",
