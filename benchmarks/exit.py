@@ -2,8 +2,9 @@
 
     python -m benchmarks.exit --model gemma3-270m --limit 100 --out benchmarks/results/exit-gemma3-270m.json
 
-For each question every configuration runs in turn in one process with the same threads
-(round robin, so load drift hits all alike): the full-depth answer; `spade-exit`, the default
+For each question every configuration runs once in one process with the same threads, after an
+untimed full-depth pass, in an order rotated from question to question (so load drift and cache
+effects hit all alike): the full-depth answer; `spade-exit`, the default
 rule as the runtime runs it (its plan for the prompt's length decides whether it checks; the
 speed guard is off, for reproducible figures); the same rule without plans (`spade-probe` or
 `lspade-exit`); L-SPADE at a sweep of thresholds; a never-exiting threshold (the cost of hooks
@@ -147,31 +148,37 @@ def run_dataset(
     times = {name: [] for name in [*configs, "full", *oracle_names]}
     full_answers, gold = [], []
     oracle_layers = {k: [] for k in tails}
-    for item in progress(items, len(items), f"exit {rt.name} {Path(data).stem}"):
+    for i, item in enumerate(progress(items, len(items), f"exit {rt.name} {Path(data).stem}")):
         prompt = rt.prompt(item.question, item.choices)
-        t0 = time.perf_counter()
-        full = engine.full(prompt.tokens, prompt.ids)
-        times["full"].append(time.perf_counter() - t0)
-        full_answer = prompt.decide(full.logits)
+        full_answer = prompt.decide(engine.full(prompt.tokens, prompt.ids).logits)  # untimed: also a warm-up
         full_answers.append(full_answer)
         gold.append(item.gold if item.choices else _first_token(engine, item.gold))
-        for k in tails:  # SPADE-K at every layer (cached): the earliest layer that agrees, timed
+        runs = {"full": lambda p=prompt: engine.full(p.tokens, p.ids)}
+        for k in tails:  # SPADE-K at every layer (cached): the earliest layer that agrees
             sample = collect(rt, [item], tail=k, top_k=head_set.top_k or FREE_TOP_K)[0]
             oracle = next(layer for layer in range(engine.n_layers) if sample.answer(layer) == full_answer)
             oracle_layers[k].append(oracle)
             engine.use_tail_models([oracle])  # as probes run: only the layers above (written once, untimed)
-            t0 = time.perf_counter()
-            engine.spade(prompt.tokens, oracle, prompt.ids, tail=k)
-            times[f"oracle/K{k}"].append(time.perf_counter() - t0)
+            runs[f"oracle/K{k}"] = lambda p=prompt, layer=oracle, k=k: engine.spade(p.tokens, layer, p.ids, tail=k)
         planned = head_set.plan_for(len(prompt.tokens), engine.settings.tail_models)[1]
         for name, (heads, policy, source, k) in configs.items():
             if name == "spade-exit" and not planned:  # the default rule, as the runtime runs it (guard off)
                 policy = replace(policy, threshold=-1.0)
+            runs[name] = lambda p=prompt, h=heads, pol=policy, src=source, k=k: spade_exit(
+                engine, h, pol, p, tail=k, answer_from=src
+            )[0]
+        if i == 0:  # warm-up: graphs, the probes' context and tail models are made before any timing
+            for run in runs.values():
+                run()
+        order = list(runs)
+        order = order[i % len(order) :] + order[: i % len(order)]  # rotated: no configuration always runs first
+        for name in order:
             t0 = time.perf_counter()
-            readout, _ = spade_exit(engine, heads, policy, prompt, tail=k, answer_from=source)
+            readout = runs[name]()
             times[name].append(time.perf_counter() - t0)
-            answers[name].append(prompt.decide(readout.logits))
-            exit_layers[name].append(readout.layer)
+            if name in configs:
+                answers[name].append(prompt.decide(readout.logits))
+                exit_layers[name].append(readout.layer)
     full_t = np.array(times["full"])
     prompt_tokens = float(np.median([len(rt.prompt(i.question, i.choices).tokens) for i in items]))
     rows = []
