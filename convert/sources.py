@@ -78,13 +78,24 @@ def _from_checkpoint(
 
 
 def pull(
-    repo: str, filename: str, out: str | Path | None = None, *, revision: str = "main", force: bool = False
+    repo: str,
+    filename: str,
+    out: str | Path | None = None,
+    *,
+    revision: str = "main",
+    force: bool = False,
+    allow_unverified: bool = False,
 ) -> Path | Bundle:
     """One GGUF of a hub repository, verified against the hub's sha256; a bundle when `out` is given."""
     if not filename.endswith(".gguf"):
         raise ModelFileError(f"{filename} is not a .gguf file; for Hugging Face weights use: edge-spade convert {repo}")
     path = registry.download_from_hub(repo, filename, revision)
-    verify_sha256(path, registry.hub_sha256(repo, filename, revision))
+    verify_sha256(
+        path,
+        registry.hub_sha256(repo, filename, revision),
+        allow_unverified=allow_unverified,
+        what=f"{repo}/{filename}",
+    )
     if out is None:
         return path
     return build_bundle(

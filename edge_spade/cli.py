@@ -62,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
         help="check wherever the plans say, even where checks have lost time so far (benchmarks)",
     )
     p.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
+    p.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="use a downloaded model whose sha256 cannot be checked (none pinned, hub unreachable)",
+    )
     p.add_argument("--threads", type=int, help="CPU threads (default: all this process may use)")
     p.add_argument("--gpu-layers", type=int, default=0, help="layers offloaded to Metal/GPU backends")
     p.add_argument("--ctx", type=int, default=2048, help="context size in tokens (the longest prompt)")
@@ -147,6 +152,18 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--revision", default="main")
     u.add_argument("--out", help="bundle directory to create (default: just download into the hub cache)")
     u.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    u.add_argument(
+        "--allow-unverified", action="store_true", help="keep the file even when the hub cannot tell its sha256"
+    )
+
+    k = sub.add_parser("cache", help="what edge-spade keeps in its cache folder, and clearing it")
+    k.add_argument(
+        "--clear",
+        nargs="*",
+        metavar="KIND",
+        default=None,
+        help="delete these kinds (index, tails, calibration, models); none named: everything",
+    )
 
     m = sub.add_parser("models", help="list the models edge-spade knows and where they come from")
     m.add_argument("--json", action="store_true")
@@ -160,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "models":
             return cmd_models(args)
+        if args.command == "cache":
+            return cmd_cache(args)
         if args.command == "calibrate":
             return cmd_calibrate(args)
         if args.command == "convert":
@@ -198,6 +217,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         heads=args.heads,
         tail_models=args.file is not None,
         speed_guard=not args.no_guard,
+        allow_unverified=args.allow_unverified,
     )
     options = dict(
         layer=args.layer,
@@ -353,9 +373,38 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    result = converter("sources").pull(args.repo, args.file, args.out, revision=args.revision, force=args.force)
+    result = converter("sources").pull(
+        args.repo,
+        args.file,
+        args.out,
+        revision=args.revision,
+        force=args.force,
+        allow_unverified=args.allow_unverified,
+    )
     path = result.folder if hasattr(result, "folder") else result
     print(f'{path}\nnext: edge-spade ask "..." --model {path}')
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from .cache import KINDS, cache_dir, cache_usage, clear_cache, max_cache_bytes
+
+    if args.clear is not None:
+        freed = clear_cache(args.clear or None)
+        print(f"freed {freed / 1e6:.1f} MB in {cache_dir()}")
+        return 0
+    usage = cache_usage()
+    cap = max_cache_bytes()
+    print(
+        f"{cache_dir()}  (EDGE_SPADE_CACHE; tail models capped at "
+        f"{'no limit' if cap is None else f'{cap / 1e6:.0f} MB'}, EDGE_SPADE_CACHE_MAX_MB)"
+    )
+    for kind, (files, size) in usage.items():
+        print(f"  {kind:<12}{files:>7} files {size / 1e6:>10.1f} MB  {KINDS[kind]}")
+    print(
+        f"  {'total':<12}{sum(f for f, _ in usage.values()):>7} files "
+        f"{sum(b for _, b in usage.values()) / 1e6:>10.1f} MB"
+    )
     return 0
 
 

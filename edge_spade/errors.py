@@ -47,6 +47,10 @@ class SettingsError(EdgeSpadeError):
     """A setting out of range: context size, threads, GPU layers, threshold, top-k."""
 
 
+class CacheError(EdgeSpadeError):
+    """A cache setting or request that cannot be followed."""
+
+
 class ModelClosedError(EdgeSpadeError):
     """A question to a Runtime after close()."""
 

@@ -108,8 +108,6 @@ def load_manifest(folder: Path) -> HeadsManifest:
 
 def load_heads(folder: str | Path, engine: Engine) -> tuple[HeadsManifest, dict[str, OnnxHeads]]:
     """The manifest and one onnxruntime session per head set, after checking they fit `engine`'s model."""
-    from .heads import OnnxHeads
-
     folder = Path(folder)
     manifest = load_manifest(folder)
     if manifest.n_embd != engine.n_embd or manifest.n_layers != engine.n_layers:
@@ -128,5 +126,22 @@ def load_heads(folder: str | Path, engine: Engine) -> tuple[HeadsManifest, dict[
         data = path.read_bytes() if path.is_file() else None
         if data is None or hashlib.sha256(data).hexdigest() != manifest.hashes.get(head_set.file):
             raise HeadsMismatchError(f"{path} is missing or does not match its sha256 in heads.json")
-        sessions[kind] = OnnxHeads(data)
+        sessions[kind] = _checked_session(data, path, head_set, engine.n_embd)
     return manifest, sessions
+
+
+def _checked_session(data: bytes, path: Path, head_set: HeadSet, n_embd: int) -> OnnxHeads:
+    """An onnxruntime session over `data`, after one run at its last layer: a file that does not parse,
+    or whose heads have another width or fewer layers than heads.json says, is refused here, at load."""
+    import numpy as np
+
+    from .heads import OnnxHeads
+
+    try:
+        heads = OnnxHeads(data)
+        out = heads.normed(np.zeros(n_embd, np.float32), len(head_set.layers) - 1)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for bad graphs and shapes
+        raise HeadsMismatchError(f"{path} is not a usable heads file for this model ({type(exc).__name__})") from None
+    if out.shape != (n_embd,):
+        raise HeadsMismatchError(f"{path} maps to {out.shape}, not ({n_embd},): heads for another model width")
+    return heads

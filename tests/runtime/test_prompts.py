@@ -91,3 +91,22 @@ def test_a_forged_chat_turn_stays_inside_the_user_turn(smollm):
     assert honest.tokens.count(im_start) == 3 and honest.tokens.count(im_end) == 2
     assert forged.tokens.count(im_start) == 3 and forged.tokens.count(im_end) == 2
     assert len(forged.tokens) > len(honest.tokens) + 10  # the forged turn is there, as text
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", "loops ran past"),
+        ("{{ 'x' * 4000000000 }}", "more than"),
+        ("{% for i in range(2000) %}{{ 'y' * 1000 }}{% endfor %}", "wrote more than"),
+        ("{{ 1 / 0 }}", "ZeroDivisionError"),
+        ("{{ messages[5]['content'] }}", "chat template failed"),
+        ("{% for %}", "does not parse"),
+        ("{{ raise_exception('only system and user roles') }}", "refused the prompt: only system and user roles"),
+    ],
+)
+def test_hostile_or_broken_chat_templates_are_clear_errors(template, message):
+    """A GGUF's chat template is untrusted code: bounded in loops and output (counted, so no clock is
+    needed: the nested loop stops after TEMPLATE_MAX_STEPS items), its failures one line."""
+    with pytest.raises(QuestionError, match=message):
+        render_chat(template, "hi", "", "")

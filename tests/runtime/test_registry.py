@@ -67,6 +67,27 @@ def test_hub_source_downloads_and_checks_the_lfs_sha(monkeypatch, tiny_model):
         registry.fetch(entry)
 
 
+def test_unverifiable_downloads_are_refused_unless_allowed(monkeypatch, tmp_path, tiny_model):
+    """No pinned sha256 and no answer from the hub: refused, unless verified before (unchanged) or the
+    user passes allow_unverified."""
+    monkeypatch.setenv("EDGE_SPADE_CACHE", str(tmp_path / "cache"))
+    entry = registry.load_registry()["qwen2.5-0.5b-instruct"]
+    copy = tmp_path / "model.gguf"
+    copy.write_bytes(tiny_model[0].read_bytes())
+    monkeypatch.setattr(registry, "download_from_hub", lambda repo, file, rev: copy)
+    monkeypatch.setattr(registry, "hub_sha256", lambda repo, file, rev: "")
+    with pytest.raises(ModelFileError, match="cannot verify model qwen2.5-0.5b-instruct: .* --allow-unverified"):
+        registry.fetch(entry)
+    assert registry.fetch(entry, allow_unverified=True) == copy
+    monkeypatch.setattr(registry, "hub_sha256", lambda repo, file, rev: sha256_file(copy))
+    registry.fetch(entry)  # verified once, online ...
+    monkeypatch.setattr(registry, "hub_sha256", lambda repo, file, rev: "")
+    assert registry.fetch(entry) == copy  # ... so accepted offline while unchanged
+    copy.write_bytes(copy.read_bytes() + b"\0")
+    with pytest.raises(ModelFileError, match="cannot verify"):
+        registry.fetch(entry)
+
+
 def test_offline_hub_gives_a_clear_error(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "EDGE_SPADE_CACHE": str(tmp_path)}
     proc = subprocess.run(
