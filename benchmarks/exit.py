@@ -128,8 +128,8 @@ def run_dataset(
 ) -> tuple[list[dict], list[float]]:
     engine, m = rt.engine, rt.manifest
     items = load_items(data_path(data), few_shot=few_shot)
-    if limit and limit < len(items):  # evenly spaced: files in category order keep every category
-        items = [items[int(i)] for i in np.linspace(0, len(items) - 1, limit)]
+    if limit and limit < len(items):
+        items = spread_sample(items, limit)
     kind = "choice" if items[0].choices else "free"
     if kind not in m.sets:
         log.warning("no %s heads for %s: skipping %s", kind, rt.name, data)
@@ -199,6 +199,7 @@ def run_dataset(
                 "agreement": agreement(answers[name], full_answers),
                 "kappa": cohen_kappa(answers[name], full_answers),
                 "constant_agreement": constant_agreement(full_answers),
+                "nonconstant_agreement": nonconstant_agreement(answers[name], full_answers),
                 "full_accuracy": accuracy(full_answers, gold),
                 "mean_exit_layer": float(np.mean(exit_layers[name])),
                 "exit_rate": float(np.mean(np.array(exit_layers[name]) < engine.n_layers - 1)),
@@ -214,6 +215,26 @@ def run_dataset(
         )
     overhead = list(np.array(times["never-exit"]) / full_t)
     return rows, overhead
+
+
+def spread_sample(items: list, n: int) -> list:
+    """`n` items, as many from each group (cloze category, data set) as the groups allow, evenly
+    spaced within each: a file where one category dominates (arithmetic) does not dominate the sample."""
+    groups: dict[str, list] = {}
+    for item in items:
+        groups.setdefault(item.group, []).append(item)
+    quota, left = {}, n
+    for g in sorted(groups, key=lambda g: len(groups[g])):  # small groups first: what they cannot use goes on
+        quota[g] = min(len(groups[g]), left // (len(groups) - len(quota)))
+        left -= quota[g]
+    return [groups[g][int(i)] for g in groups for i in np.linspace(0, len(groups[g]) - 1, quota[g]) if quota[g]]
+
+
+def nonconstant_agreement(answers: list, full: list) -> float | None:
+    """Agreement on the prompts whose full answer is not the most common one (a constant answer gets 0 here)."""
+    common = max(set(full), key=full.count) if full else None
+    pairs = [(a, f) for a, f in zip(answers, full) if f != common]
+    return sum(a == f for a, f in pairs) / len(pairs) if pairs else None
 
 
 def _first_token(engine, text: str) -> int | None:

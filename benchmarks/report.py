@@ -78,33 +78,96 @@ def summary_table(results: list[tuple[Path, dict]]) -> str:
 
 def detail(path: Path, result: dict) -> str:
     p = result["provenance"]
-    model = p["models"][0] if p.get("models") else {}
     lines = [
         f"### {result['model']}: {', '.join(dict.fromkeys(prompts(r) for r, _ in shipped_rows(result)))}",
         "",
         f"`{p['command']}`",
         "",
-        "| prompts | rule | n | prompt tokens | agreement | kappa | constant answer | accuracy (full) | exits | "
+        "| prompts | rule | n | prompt tokens | agreement | kappa | constant answer | agreement off it | "
+        "accuracy (full) | exits | "
         "mean exit layer | median speedup | total speedup | L-SPADE checks, no exit | oracle median |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row, never in shipped_rows(result):
         cost = f"x{1 / never['speedup_median']:.3f}" if never and row["threshold"] >= 0 else "-"
         lines.append(
             f"| {prompts(row)} | {rule(row)} | {row['n']} | {row['prompt_tokens_median']:.0f} | "
             f"{row['agreement']:.3f} | {row['kappa']:.3f} | {row['constant_agreement']:.3f} | "
+            f"{_num(row.get('nonconstant_agreement'))} | "
             f"{row['accuracy']:.3f} ({row['full_accuracy']:.3f}) | {row['exit_rate']:.0%} | "
             f"{row['mean_exit_layer']:.2f} | {row['speedup_median']:.2f}x | {row['speedup_total']:.2f}x | {cost} | "
             + (f"{row['oracle_speedup']:.2f}x |" if row.get("oracle_speedup") else "- |")
         )
-    lines += [
-        "",
-        f"{path.name} (+ PNG): edge-spade {p['edge_spade']}, commit `{(p['commit'] or 'none')[:12]}`, "
+    lines += ["", _provenance_line(path, p)]
+    return "\n".join(lines)
+
+
+def answer_path_md(folder: Path = RESULTS) -> list[str]:
+    """Our answers against llama-cpp-python on the same tokens, and where an answer's time goes."""
+    parts = []
+    for path in sorted(folder.glob("answer-path-*.json")):
+        r = json.loads(path.read_text())
+        p = r["provenance"]
+        parts += [
+            f"### {r['model']}: against llama-cpp-python, and the answer path",
+            "",
+            f"`{p['command']}`",
+            "",
+            "Median ms per answer; ratios are summed llama-cpp-python time over ours (above 1: ours is faster).",
+            "`Llama.eval` on our prompt's tokens and the argmax of its last logits is what a user would run",
+            "instead. *Top-k* is the shipped top-5 with probabilities; *before*, the former float64 softmax",
+            "and full sort of the vocabulary, timed on the same logits.",
+            "",
+            "| prompts | tokens | llama-cpp-python | ours, full depth | ours, default | the pass | top-k | before |"
+            " full vs llama-cpp | default vs llama-cpp | default vs full | exits |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in r["rows"]:
+            m = row["median_ms"]
+            name = f"{Path(row['data']).stem} {row['few_shot']}-shot" if row["kind"] == "free" else "ARC-Easy test"
+            parts.append(
+                f"| {name} | {row['prompt_tokens_median']:.0f} | {m['llama_cpp']:.1f} | {m['full']:.1f} | "
+                f"{m['default']:.1f} | {m['pass']:.1f} | {m['topk']:.2f} | {m['topk_before']:.2f} | "
+                f"{row['full_vs_llama_cpp_total']:.2f}x | {row['default_vs_llama_cpp_total']:.2f}x | "
+                f"{row['default_vs_full_total']:.2f}x | {row['exit_rate']:.0%} |"
+            )
+        parts += ["", _provenance_line(path, p), ""]
+    for path in sorted(folder.glob("one-question-*.json")):
+        r = json.loads(path.read_text())
+        p = r["provenance"]
+        parts += [
+            f"### {r['model']}: one question per process",
+            "",
+            f"`{p['command']}`",
+            "",
+            f"Whole `edge-spade ask` processes, the default against `--full`, alternating, medians of {r['repeat']}.",
+            "",
+            "| question | wall ms, --full | wall ms, default | answer ms, --full | answer ms, default | plan | "
+            "same answer |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in r["rows"]:
+            parts.append(
+                f"| {row['question']} | {row['wall_ms_full']:.0f} | {row['wall_ms_default']:.0f} | "
+                f"{row['answer_ms_full']:.1f} | {row['answer_ms_default']:.1f} | {row['plan'] or '-'} "
+                f"({row['guard'] or 'no checks'}) | {'yes' if row['same_answer'] else 'no'} |"
+            )
+        parts += ["", _provenance_line(path, p), ""]
+    return parts
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _provenance_line(path: Path, p: dict) -> str:
+    model = p["models"][0] if p.get("models") else {}
+    return (
+        f"{path.name}: edge-spade {p['edge_spade']}, commit `{(p['commit'] or 'none')[:12]}`, "
         f"model sha256 `{model.get('model_sha256', '?')[:12]}`, heads.json sha256 "
         f"`{(model.get('heads_sha256') or 'none')[:12]}`, {model.get('threads', '?')} threads, {p['cpu']} "
-        f"({p['cpus']} CPUs), dated {p['date']}.",
-    ]
-    return "\n".join(lines)
+        f"({p['cpus']} CPUs), dated {p['date']}."
+    )
 
 
 def results_md(results: list[tuple[Path, dict]]) -> str:
@@ -118,13 +181,17 @@ def results_md(results: list[tuple[Path, dict]]) -> str:
         "process with the same threads. Speedups are full-depth time over the rule's time: the median",
         "of per-question ratios, and the ratio of summed times (total). Agreement is with the full",
         "model's own answer; kappa and the agreement of always giving the most common answer stand",
-        "beside it. *L-SPADE checks, no exit*: the time of a pass that runs the L-SPADE checks at the",
-        "set's evaluation layers but never exits, over the full-depth time (a probe that does not exit",
-        "costs its tail). *Oracle*: every prompt answered by SPADE at its earliest agreeing layer, the",
-        "most any exit rule at that tail width could give.",
+        "beside it, and so does the agreement on the prompts whose full answer is not the most common",
+        "one (*agreement off it*; Gemma's first token of every number is a space, so arithmetic facts all",
+        "share one answer). *L-SPADE checks, no exit*: the time of a pass that runs the L-SPADE checks at",
+        "the set's evaluation layers but never exits, over the full-depth time (a probe that does not",
+        "exit costs its tail). *Oracle*: every prompt answered by SPADE at its earliest agreeing layer,",
+        "the most any exit rule at that tail width could give.",
         "",
-        "These sets (../shared/data) are the project's benchmark sets, not held-out test data: they",
-        "have been looked at while choosing rules. Absolute times vary between machines and runs;",
+        "*Cloze facts*, ARC and BoolQ (../shared/data) are the project's benchmark sets: they have been",
+        "looked at while choosing rules. *Unseen test facts* are the test split of our broad corpus",
+        "(convert/cloze/cloze-broad-test.jsonl), which no calibration, threshold or plan has seen; the",
+        "shipped heads were calibrated before it existed. Absolute times vary between machines and runs;",
         "the ratios were measured on the machine in each file's provenance.",
         "",
         "## Summary",
@@ -136,7 +203,8 @@ def results_md(results: list[tuple[Path, dict]]) -> str:
     ]
     for path, result in results:
         parts += [detail(path, result), ""]
-    return "\n".join(parts)
+    parts += ["## The answer path and llama-cpp-python", "", *answer_path_md()]
+    return "\n".join(parts).rstrip() + "\n"
 
 
 def readme_with_table(readme: str, table: str) -> str:

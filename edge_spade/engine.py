@@ -187,6 +187,8 @@ class Engine:
         if self._model:
             self._ll.llama_model_free(self._model)
             self._model = None
+        if getattr(self, "head", None) is not None:
+            self.head.release()  # dequantized rows and matrix: memory back on close, not at garbage collection
 
     def __enter__(self) -> Engine:
         return self

@@ -98,6 +98,10 @@ def resolve_model(model: str | os.PathLike | None = None, *, allow_unverified: b
         return ResolvedModel(bundle.model, bundle.name, heads=bundle.heads_dir)
     if path.is_file():
         return ResolvedModel(path.resolve(), path.name)
+    if path.exists():
+        raise ModelFileError(
+            f"{path} is not a regular file (a device or a pipe?); give a .gguf file, a bundle or a model name"
+        )
     registry = load_registry()
     if text in registry:
         return ResolvedModel(fetch(registry[text], allow_unverified=allow_unverified), text, registry[text])

@@ -192,6 +192,12 @@ class OutputHead:
             self._row_sets[key] = out
         return out
 
+    def release(self) -> None:
+        """Drop what was dequantized (the file stays mapped: reading rows again re-dequantizes them)."""
+        self._rows.clear()
+        self._row_sets.clear()
+        self._matrix = None
+
     def matrix(self) -> np.ndarray:
         """(n_vocab, n_embd), dequantized once (float32: 4 bytes per weight)."""
         if self._matrix is None:

@@ -184,3 +184,11 @@ def test_the_cache_command_lists_bounds_and_clears(tiny_model, tmp_path, monkeyp
     assert main(["cache", "--clear", "tails"]) == 0 and not (cache_dir() / "tails").exists()
     assert main(["cache", "--clear", "nonsense"]) == 1
     assert "unknown cache kind(s) nonsense" in capsys.readouterr().err
+
+
+def test_a_device_as_the_model_is_refused_by_name(capsys):
+    assert main(["ask", "the sky is", "--model", "/dev/zero"]) == 1
+    assert capsys.readouterr().err == (
+        "edge-spade: error: /dev/zero is not a regular file (a device or a pipe?); give a .gguf file, a bundle or "
+        "a model name\n"
+    )
