@@ -327,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.out:
         out = save_json(result, args.out, [rt])
-        plot(result, out.with_suffix(".png"))
+        if not args.only:  # the plot draws the sweeps: nothing to draw without them
+            plot(result, out.with_suffix(".png"))
     return 0
 
 

@@ -153,6 +153,27 @@ def answer_path_md(folder: Path = RESULTS) -> list[str]:
                 f"({row['guard'] or 'no checks'}) | {'yes' if row['same_answer'] else 'no'} |"
             )
         parts += ["", _provenance_line(path, p), ""]
+    for path in sorted(folder.glob("memory-*.json")):
+        r = json.loads(path.read_text())
+        p = r["provenance"]
+        parts += [
+            f"### {r['model']}: peak memory",
+            "",
+            f"`{p['command']}`",
+            "",
+            "Peak RSS of one process per mode (the kernel's ru_maxrss), against llama-cpp-python's `Llama`",
+            "evaluating the same prompt.",
+            "",
+            "| mode | peak RSS (MB) | vs llama-cpp-python | after close() (MB) |",
+            "|---|---|---|---|",
+        ]
+        for row in r["rows"]:
+            after = row.get("rss_after_close_mb")
+            parts.append(
+                f"| {row['mode']} | {row['peak_rss_mb']:.0f} | x{row['vs_llama_cpp']:.2f} | "
+                f"{'-' if after is None else f'{after:.0f}'} |"
+            )
+        parts += ["", _provenance_line(path, p), ""]
     return parts
 
 
@@ -203,7 +224,7 @@ def results_md(results: list[tuple[Path, dict]]) -> str:
     ]
     for path, result in results:
         parts += [detail(path, result), ""]
-    parts += ["## The answer path and llama-cpp-python", "", *answer_path_md()]
+    parts += ["## The answer path, one question per process, memory", "", *answer_path_md()]
     return "\n".join(parts).rstrip() + "\n"
 
 
