@@ -200,8 +200,19 @@ def default_rule_plans(
         return []
     exits = ent <= tau
     first = np.where(exits.any(axis=1), exits.argmax(axis=1), -1)
-    shares = [(j, float((first == j).mean())) for j in range(len(layers)) if (first == j).any()]
-    return plans_by_length(fit, shares, layers, n_layers, check, after, check_whole, after_whole)
+    lengths = np.array([s.n_tokens for s in held])
+
+    def shares(mask: np.ndarray) -> list[tuple[int, float]]:
+        return [(j, float((first[mask] == j).mean())) for j in range(len(layers)) if (first[mask] == j).any()]
+
+    def exits_for(lo: int, hi: int | None) -> tuple[list[tuple[int, float]], int]:
+        mask = (lengths >= lo) & (lengths <= (hi if hi is not None else np.inf))
+        return (shares(mask), int(mask.sum())) if mask.any() else ([], 0)
+
+    every = np.ones(len(held), bool)
+    return plans_by_length(
+        fit, shares(every), layers, n_layers, check, after, check_whole, after_whole, exits_for=exits_for
+    )
 
 
 def calibrate(

@@ -14,7 +14,7 @@ with probe tails run on the whole model from a context made for the first probe 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from edge_spade.runtime import Runtime
 
 # Upper ends of the prompt-length ranges (tokens); the last range is open.
 LENGTH_EDGES = (16, 32, 64, 128, 256, 512)
+MIN_PROMPTS_PER_RANGE = 30  # fewer held-out prompts in a range: the exit share of all of them
 
 
 def measure_full_by_length(
@@ -91,24 +92,31 @@ def plans_by_length(
     after_exit_ms_whole: Sequence[float],
     margin: float = 0.02,
     edges: Sequence[int] = LENGTH_EDGES,
+    exits_for: Callable[[int, int | None], tuple[Sequence[tuple[int, float]], int]] | None = None,
 ) -> list[dict]:
     """One plan per prompt-length range: check or not, with tail models and without.
 
     A range checks when the modelled expected time, at the range's shortest prompt, is at most
     (1 - margin) of the full-depth time: the guard in the runtime judges the rest as answers come.
+    `exits_for(lo, hi)`: the exits of the held-out prompts in that range and how many there were
+    (when too few, `exits`, those of all the held-out prompts).
     """
     plans, lo = [], 1
     for hi in [*edges, None]:
+        range_exits, n_seen = exits_for(lo, hi) if exits_for else (exits, 0)
+        here = range_exits if n_seen >= MIN_PROMPTS_PER_RANGE else exits
         full = fit["full_ms_at_0"] + fit["full_ms_per_token"] * lo
-        cut = expected_cost(full, exits, layers, n_layers, check_ms, after_exit_ms)
+        cut = expected_cost(full, here, layers, n_layers, check_ms, after_exit_ms)
         whole = expected_cost(
-            full, exits, layers, n_layers, check_ms_whole, after_exit_ms_whole, first_ms=fit["context_ms"]
+            full, here, layers, n_layers, check_ms_whole, after_exit_ms_whole, first_ms=fit["context_ms"]
         )
         plans.append(
             {
                 "max_tokens": hi,
                 "check": bool(cut <= (1 - margin) * full),
                 "check_whole_model": bool(whole <= (1 - margin) * full),
+                "exit_share": round(sum(share for _, share in here), 3),
+                "heldout_prompts": n_seen if n_seen >= MIN_PROMPTS_PER_RANGE else None,
                 "speedup_model": round(full / cut, 3),
                 "speedup_model_whole": round(full / whole, 3),
             }

@@ -39,6 +39,7 @@ class Sample:
     logits: np.ndarray  # (n_layers, m or k)
     groups: tuple[tuple[int, ...], ...] = ()
     key: str = ""  # prompts with one key (variants of one fact) land on the same side of a split
+    n_tokens: int = 0  # the prompt's length (plans by prompt length use the held-out exits per range)
 
     @property
     def free(self) -> bool:
@@ -95,6 +96,7 @@ def collect(
                 data["logits"].astype(np.float32),
                 prompt.groups,
                 item.key or item.id,
+                len(prompt.tokens),
             )
         )
     return samples

@@ -81,3 +81,23 @@ def test_calibrate_on_ask_file_lines_through_the_cli(tmp_path, tiny_model, monke
     assert bool(free["plans"]) == certified  # a rule that never exits runs no hooks and needs no plan
     if certified:
         assert free["plans"][-1]["max_tokens"] is None
+
+
+def test_ranges_with_enough_held_out_prompts_use_their_own_exit_share():
+    """Short prompts that rarely exit do not check even when long ones, which often exit, do; a range
+    with too few held-out prompts falls back to the share over all of them."""
+    from edge_spade.convert.length_plans import MIN_PROMPTS_PER_RANGE
+
+    fit = {"full_ms_at_0": 0.0, "full_ms_per_token": 2.0, "context_ms": 30.0}
+    seen = {(17, 32): ([(0, 0.05)], MIN_PROMPTS_PER_RANGE), (33, 64): ([(0, 0.9)], MIN_PROMPTS_PER_RANGE)}
+
+    def exits_for(lo, hi):
+        return seen.get((lo, hi), ([(0, 0.0)], 3))
+
+    plans = plans_by_length(
+        fit, [(0, 0.5)], [4], 18, [15.0], [0.0], [60.0], [0.0], edges=(16, 32, 64), exits_for=exits_for
+    )
+    assert [p["exit_share"] for p in plans] == [0.5, 0.05, 0.9, 0.5]
+    assert [p["heldout_prompts"] for p in plans] == [None, MIN_PROMPTS_PER_RANGE, MIN_PROMPTS_PER_RANGE, None]
+    # 17 tokens, 34 ms at full depth, 5% exit: no; 33 tokens, 66 ms, 90% exit: yes
+    assert [p["check"] for p in plans][1:3] == [False, True]
