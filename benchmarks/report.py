@@ -102,83 +102,138 @@ def detail(path: Path, result: dict) -> str:
     return "\n".join(lines)
 
 
+def _section(path: Path, title: str, intro: list[str], columns: list[str], rows: list[list[str]]) -> list[str]:
+    """One result file as Markdown: title, the command that made it, what it measures, a table, provenance."""
+    r = json.loads(path.read_text())
+    p = r["provenance"]
+    return [
+        f"### {r['model']}: {title}",
+        "",
+        f"`{p['command']}`",
+        "",
+        *intro,
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+        *("| " + " | ".join(cells) + " |" for cells in rows),
+        "",
+        _provenance_line(path, p),
+        "",
+    ]
+
+
+def _answer_path_rows(r: dict) -> list[list[str]]:
+    rows = []
+    for row in r["rows"]:
+        m = row["median_ms"]
+        name = f"{Path(row['data']).stem} {row['few_shot']}-shot" if row["kind"] == "free" else "ARC-Easy test"
+        rows.append(
+            [
+                name,
+                f"{row['prompt_tokens_median']:.0f}",
+                *(f"{m[k]:.1f}" for k in ("llama_cpp", "full", "default", "pass")),
+                f"{m['topk']:.2f}",
+                f"{m['topk_before']:.2f}",
+                *(
+                    f"{row[k]:.2f}x"
+                    for k in ("full_vs_llama_cpp_total", "default_vs_llama_cpp_total", "default_vs_full_total")
+                ),
+                f"{row['exit_rate']:.0%}",
+            ]
+        )
+    return rows
+
+
+def _one_question_rows(r: dict) -> list[list[str]]:
+    return [
+        [
+            row["question"],
+            f"{row['wall_ms_full']:.0f}",
+            f"{row['wall_ms_default']:.0f}",
+            f"{row['answer_ms_full']:.1f}",
+            f"{row['answer_ms_default']:.1f}",
+            f"{row['plan'] or '-'} ({row['guard'] or 'no checks'})",
+            "yes" if row["same_answer"] else "no",
+        ]
+        for row in r["rows"]
+    ]
+
+
+def _memory_rows(r: dict) -> list[list[str]]:
+    return [
+        [
+            row["mode"],
+            f"{row['peak_rss_mb']:.0f}",
+            f"x{row['vs_llama_cpp']:.2f}",
+            _num(row.get("rss_after_close_mb"), 0),
+        ]
+        for row in r["rows"]
+    ]
+
+
 def answer_path_md(folder: Path = RESULTS) -> list[str]:
-    """Our answers against llama-cpp-python on the same tokens, and where an answer's time goes."""
+    """Our answers against llama-cpp-python on the same tokens, where an answer's time goes, one question
+    per process, and peak memory."""
     parts = []
     for path in sorted(folder.glob("answer-path-*.json")):
-        r = json.loads(path.read_text())
-        p = r["provenance"]
-        parts += [
-            f"### {r['model']}: against llama-cpp-python, and the answer path",
-            "",
-            f"`{p['command']}`",
-            "",
-            "Median ms per answer; ratios are summed llama-cpp-python time over ours (above 1: ours is faster).",
-            "`Llama.eval` on our prompt's tokens and the argmax of its last logits is what a user would run",
-            "instead. *Top-k* is the shipped top-5 with probabilities; *before*, the former float64 softmax",
-            "and full sort of the vocabulary, timed on the same logits.",
-            "",
-            "| prompts | tokens | llama-cpp-python | ours, full depth | ours, default | the pass | top-k | before |"
-            " full vs llama-cpp | default vs llama-cpp | default vs full | exits |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for row in r["rows"]:
-            m = row["median_ms"]
-            name = f"{Path(row['data']).stem} {row['few_shot']}-shot" if row["kind"] == "free" else "ARC-Easy test"
-            parts.append(
-                f"| {name} | {row['prompt_tokens_median']:.0f} | {m['llama_cpp']:.1f} | {m['full']:.1f} | "
-                f"{m['default']:.1f} | {m['pass']:.1f} | {m['topk']:.2f} | {m['topk_before']:.2f} | "
-                f"{row['full_vs_llama_cpp_total']:.2f}x | {row['default_vs_llama_cpp_total']:.2f}x | "
-                f"{row['default_vs_full_total']:.2f}x | {row['exit_rate']:.0%} |"
-            )
-        parts += ["", _provenance_line(path, p), ""]
+        parts += _section(
+            path,
+            "against llama-cpp-python, and the answer path",
+            [
+                "Median ms per answer; ratios are summed llama-cpp-python time over ours (above 1: ours is faster).",
+                "`Llama.eval` on our prompt's tokens and the argmax of its last logits is what a user would run",
+                "instead. *Top-k* is the shipped top-5 with probabilities; *before*, the former float64 softmax",
+                "and full sort of the vocabulary, timed on the same logits.",
+            ],
+            [
+                "prompts",
+                "tokens",
+                "llama-cpp-python",
+                "ours, full depth",
+                "ours, default",
+                "the pass",
+                "top-k",
+                "before",
+                "full vs llama-cpp",
+                "default vs llama-cpp",
+                "default vs full",
+                "exits",
+            ],
+            _answer_path_rows(json.loads(path.read_text())),
+        )
     for path in sorted(folder.glob("one-question-*.json")):
         r = json.loads(path.read_text())
-        p = r["provenance"]
-        parts += [
-            f"### {r['model']}: one question per process",
-            "",
-            f"`{p['command']}`",
-            "",
-            f"Whole `edge-spade ask` processes, the default against `--full`, alternating, medians of {r['repeat']}.",
-            "",
-            "| question | wall ms, --full | wall ms, default | answer ms, --full | answer ms, default | plan | "
-            "same answer |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for row in r["rows"]:
-            parts.append(
-                f"| {row['question']} | {row['wall_ms_full']:.0f} | {row['wall_ms_default']:.0f} | "
-                f"{row['answer_ms_full']:.1f} | {row['answer_ms_default']:.1f} | {row['plan'] or '-'} "
-                f"({row['guard'] or 'no checks'}) | {'yes' if row['same_answer'] else 'no'} |"
-            )
-        parts += ["", _provenance_line(path, p), ""]
+        parts += _section(
+            path,
+            "one question per process",
+            [f"Whole `edge-spade ask` processes, the default against `--full`, alternating, medians of {r['repeat']}."],
+            [
+                "question",
+                "wall ms, --full",
+                "wall ms, default",
+                "answer ms, --full",
+                "answer ms, default",
+                "plan",
+                "same answer",
+            ],
+            _one_question_rows(r),
+        )
     for path in sorted(folder.glob("memory-*.json")):
-        r = json.loads(path.read_text())
-        p = r["provenance"]
-        parts += [
-            f"### {r['model']}: peak memory",
-            "",
-            f"`{p['command']}`",
-            "",
-            "Peak RSS of one process per mode (the kernel's ru_maxrss), against llama-cpp-python's `Llama`",
-            "evaluating the same prompt.",
-            "",
-            "| mode | peak RSS (MB) | vs llama-cpp-python | after close() (MB) |",
-            "|---|---|---|---|",
-        ]
-        for row in r["rows"]:
-            after = row.get("rss_after_close_mb")
-            parts.append(
-                f"| {row['mode']} | {row['peak_rss_mb']:.0f} | x{row['vs_llama_cpp']:.2f} | "
-                f"{'-' if after is None else f'{after:.0f}'} |"
-            )
-        parts += ["", _provenance_line(path, p), ""]
+        parts += _section(
+            path,
+            "peak memory",
+            [
+                "Peak RSS of one process per mode (the kernel's ru_maxrss), against llama-cpp-python's `Llama`",
+                "evaluating the same prompt.",
+            ],
+            ["mode", "peak RSS (MB)", "vs llama-cpp-python", "after close() (MB)"],
+            _memory_rows(json.loads(path.read_text())),
+        )
     return parts
 
 
-def _num(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3f}"
+def _num(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def _provenance_line(path: Path, p: dict) -> str:
