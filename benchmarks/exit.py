@@ -160,10 +160,12 @@ def run_dataset(
             oracle_layers[k].append(oracle)
             engine.use_tail_models([oracle])  # as probes run: only the layers above (written once, untimed)
             runs[f"oracle/K{k}"] = lambda p=prompt, layer=oracle, k=k: engine.spade(p.tokens, layer, p.ids, tail=k)
-        planned = head_set.plan_for(len(prompt.tokens), engine.settings.tail_models)[1]
+        _, planned, own = head_set.plan_for(len(prompt.tokens), engine.settings.tail_models)
         for name, (heads, policy, source, k) in configs.items():
-            if name == "spade-exit" and not planned:  # the default rule, as the runtime runs it (guard off)
-                policy = replace(policy, threshold=-1.0)
+            if name == "spade-exit":  # the default rule, as the runtime runs it (guard off)
+                policy = replace(
+                    policy, threshold=-1.0 if not planned else own if own is not None else policy.threshold
+                )
             runs[name] = lambda p=prompt, h=heads, pol=policy, src=source, k=k: spade_exit(
                 engine, h, pol, p, tail=k, answer_from=src
             )[0]

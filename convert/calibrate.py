@@ -31,7 +31,7 @@ from .costs import measure_check_ms, measure_costs, tail_costs
 from .datasets import Item
 from .heads_files import default_report_dir, kept_heads, kept_reports, write_heads, write_report
 from .heads_train import LayerHead, judge, train_heads
-from .length_plans import measure_full_by_length, plans_by_length
+from .length_plans import MIN_PROMPTS_PER_RANGE, measure_full_by_length, plans_by_length
 from .onnx_export import ONNX_OPSET, export_onnx
 from .plan import choose_tail, free_candidates, frontier_row, probe_plan, thin_layers
 from .trace import Sample, collect
@@ -158,7 +158,7 @@ def calibrate_set(
         costs=costs,
     )
     if "length_fit" in plan:
-        head_set.plans = default_rule_plans(head_set, held, lspade_held_ent, L, plan["length_fit"])
+        head_set.plans = default_rule_plans(head_set, held, lspade_held_ent, L, plan["length_fit"], by_key)
         head_set.costs["length_fit"] = plan["length_fit"]
     tuned_file = f"tuned-{kind}.onnx"
     report = {
@@ -178,13 +178,22 @@ def calibrate_set(
 
 
 def default_rule_plans(
-    head_set: HeadSet, held: list[Sample], lspade_ent: np.ndarray, n_layers: int, fit: dict[str, float]
+    head_set: HeadSet,
+    held: list[Sample],
+    lspade_ent: np.ndarray,
+    n_layers: int,
+    fit: dict[str, float],
+    by_key: bool = True,
 ) -> list[dict]:
     """Plans per prompt length for the set's default rule, from its exits on the held-out prompts.
 
     Probes: each costs its tail (on a tail model, or on the whole model in a one-question process)
     and its exit is the answer. L-SPADE: each check costs `check_ms` and an exit adds a SPADE tail
     on the whole model. A rule that never exits needs no plan (it runs no hooks).
+
+    A range holding enough held-out prompts gets a threshold of its own, certified on those prompts
+    alone (the same bound, over their facts): the promise then holds per prompt length, not only on
+    average over lengths. A range that cannot certify any exit does not check.
     """
     costs = head_set.costs
     if head_set.signal == "spade":
@@ -198,20 +207,38 @@ def default_rule_plans(
         after = after_whole = [costs["tail_ms"]] * len(layers)
     if tau < 0 or not layers:
         return []
-    exits = ent <= tau
-    first = np.where(exits.any(axis=1), exits.argmax(axis=1), -1)
+    full = np.array([s.answer(n_layers - 1) for s in held])
+    answers = np.array([[s.answer(layer) for layer in layers] for s in held])
     lengths = np.array([s.n_tokens for s in held])
+    keys = keys_of(held, by_key)
+    target, confidence = head_set.calibration["target_agreement"], head_set.calibration["confidence"]
 
-    def shares(mask: np.ndarray) -> list[tuple[int, float]]:
-        return [(j, float((first[mask] == j).mean())) for j in range(len(layers)) if (first[mask] == j).any()]
+    def shares(mask: np.ndarray, threshold: float) -> list[tuple[int, float]]:
+        if threshold < 0:
+            return []
+        exits = ent[mask] <= threshold
+        first = np.where(exits.any(axis=1), exits.argmax(axis=1), -1)
+        return [(j, float((first == j).mean())) for j in range(len(layers)) if (first == j).any()]
 
-    def exits_for(lo: int, hi: int | None) -> tuple[list[tuple[int, float]], int]:
+    def exits_for(lo: int, hi: int | None) -> tuple[list[tuple[int, float]], int, dict]:
         mask = (lengths >= lo) & (lengths <= (hi if hi is not None else np.inf))
-        return (shares(mask), int(mask.sum())) if mask.any() else ([], 0)
+        if mask.sum() < MIN_PROMPTS_PER_RANGE:
+            return [], int(mask.sum()), {}
+        range_keys = [k for k, m in zip(keys, mask) if m] if keys is not None else None
+        curve = exit_curve(full[mask], answers[mask], ent[mask], layers, n_layers, confidence, range_keys)
+        threshold = pick_threshold(curve, target)
+        return shares(mask, threshold), int(mask.sum()), {"threshold": threshold}
 
-    every = np.ones(len(held), bool)
     return plans_by_length(
-        fit, shares(every), layers, n_layers, check, after, check_whole, after_whole, exits_for=exits_for
+        fit,
+        shares(np.ones(len(held), bool), tau),
+        layers,
+        n_layers,
+        check,
+        after,
+        check_whole,
+        after_whole,
+        exits_for=exits_for,
     )
 
 

@@ -92,19 +92,21 @@ def plans_by_length(
     after_exit_ms_whole: Sequence[float],
     margin: float = 0.02,
     edges: Sequence[int] = LENGTH_EDGES,
-    exits_for: Callable[[int, int | None], tuple[Sequence[tuple[int, float]], int]] | None = None,
+    exits_for: Callable[[int, int | None], tuple[Sequence[tuple[int, float]], int, dict]] | None = None,
 ) -> list[dict]:
     """One plan per prompt-length range: check or not, with tail models and without.
 
     A range checks when the modelled expected time, at the range's shortest prompt, is at most
     (1 - margin) of the full-depth time: the guard in the runtime judges the rest as answers come.
-    `exits_for(lo, hi)`: the exits of the held-out prompts in that range and how many there were
-    (when too few, `exits`, those of all the held-out prompts).
+    `exits_for(lo, hi)`: the exits of the held-out prompts in that range, how many there were, and
+    what the plan records of them (its own certified threshold); when too few, `exits`, those of
+    all the held-out prompts, apply.
     """
     plans, lo = [], 1
     for hi in [*edges, None]:
-        range_exits, n_seen = exits_for(lo, hi) if exits_for else (exits, 0)
-        here = range_exits if n_seen >= MIN_PROMPTS_PER_RANGE else exits
+        range_exits, n_seen, extra = exits_for(lo, hi) if exits_for else (exits, 0, {})
+        own = n_seen >= MIN_PROMPTS_PER_RANGE
+        here = range_exits if own else exits
         full = fit["full_ms_at_0"] + fit["full_ms_per_token"] * lo
         cut = expected_cost(full, here, layers, n_layers, check_ms, after_exit_ms)
         whole = expected_cost(
@@ -116,7 +118,8 @@ def plans_by_length(
                 "check": bool(cut <= (1 - margin) * full),
                 "check_whole_model": bool(whole <= (1 - margin) * full),
                 "exit_share": round(sum(share for _, share in here), 3),
-                "heldout_prompts": n_seen if n_seen >= MIN_PROMPTS_PER_RANGE else None,
+                "heldout_prompts": n_seen if own else None,
+                **(extra if own else {}),
                 "speedup_model": round(full / cut, 3),
                 "speedup_model_whole": round(full / whole, 3),
             }

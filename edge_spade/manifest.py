@@ -49,16 +49,16 @@ class HeadSet:
     # models ("check") and with whole-model probe tails ("check_whole_model"); none: always check.
     plans: list = field(default_factory=list)
 
-    def plan_for(self, n_tokens: int, tail_models: bool = True) -> tuple[str, bool]:
-        """(the plan's name, whether it checks) for a prompt of `n_tokens`."""
+    def plan_for(self, n_tokens: int, tail_models: bool = True) -> tuple[str, bool, float | None]:
+        """(the plan's name, whether it checks, its own certified threshold or None) for `n_tokens`."""
         lo = 1
         for plan in self.plans:
             hi = plan["max_tokens"]
             if hi is None or n_tokens <= hi:
                 name = f"{self.kind}:{lo}-{hi}" if hi is not None else f"{self.kind}:{lo}+"
-                return name, bool(plan["check"] if tail_models else plan["check_whole_model"])
+                return name, bool(plan["check"] if tail_models else plan["check_whole_model"]), plan.get("threshold")
             lo = hi + 1
-        return f"{self.kind}:all", True
+        return f"{self.kind}:all", True, None
 
     def head_index(self) -> dict[int, int]:
         return {layer: i for i, layer in enumerate(self.layers)}

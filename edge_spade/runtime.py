@@ -177,10 +177,12 @@ class Runtime:
         k = head_set.tail if tail is None else tail
         plan, decision = None, None
         if threshold is None and signal is None and policy.threshold >= 0:  # a rule that never exits runs no checks
-            plan, planned = head_set.plan_for(len(prompt.tokens), self.engine.settings.tail_models)
+            plan, planned, own = head_set.plan_for(len(prompt.tokens), self.engine.settings.tail_models)
             decision = self.guard.decide(plan) if planned else GuardDecision(False, "plan")
             if not decision.check:
                 policy = replace(policy, threshold=-1.0)  # no hooks at all: the plain full-depth pass
+            elif own is not None:
+                policy = replace(policy, threshold=own)  # certified on this length range's held-out prompts
         readout, seen = spade_exit(self.engine, self.heads[kind], policy, prompt, tail=k)
         answer = self.answer(prompt, readout, "spade-exit", t0, tail=k, top_k=top_k)
         exited = readout.layer < self.engine.n_layers - 1
@@ -257,6 +259,12 @@ class Runtime:
             token,
             tail if mode in ("spade", "spade-exit") else 1,
         )
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         """Free the model and its contexts; later questions raise ModelClosedError."""

@@ -89,10 +89,10 @@ def test_ranges_with_enough_held_out_prompts_use_their_own_exit_share():
     from edge_spade.convert.length_plans import MIN_PROMPTS_PER_RANGE
 
     fit = {"full_ms_at_0": 0.0, "full_ms_per_token": 2.0, "context_ms": 30.0}
-    seen = {(17, 32): ([(0, 0.05)], MIN_PROMPTS_PER_RANGE), (33, 64): ([(0, 0.9)], MIN_PROMPTS_PER_RANGE)}
+    seen = {(17, 32): ([(0, 0.05)], MIN_PROMPTS_PER_RANGE, {}), (33, 64): ([(0, 0.9)], MIN_PROMPTS_PER_RANGE, {})}
 
     def exits_for(lo, hi):
-        return seen.get((lo, hi), ([(0, 0.0)], 3))
+        return seen.get((lo, hi), ([(0, 0.0)], 3, {}))
 
     plans = plans_by_length(
         fit, [(0, 0.5)], [4], 18, [15.0], [0.0], [60.0], [0.0], edges=(16, 32, 64), exits_for=exits_for
@@ -101,3 +101,44 @@ def test_ranges_with_enough_held_out_prompts_use_their_own_exit_share():
     assert [p["heldout_prompts"] for p in plans] == [None, MIN_PROMPTS_PER_RANGE, MIN_PROMPTS_PER_RANGE, None]
     # 17 tokens, 34 ms at full depth, 5% exit: no; 33 tokens, 66 ms, 90% exit: yes
     assert [p["check"] for p in plans][1:3] == [False, True]
+
+
+def test_each_length_range_certifies_its_own_threshold():
+    """Held-out prompts: 60 short ones whose probe is confident and wrong, 60 long ones confident and
+    right. Over all of them no threshold certifies 90% (half would be wrong); per range the long
+    ones certify an exit and check, the short ones certify none and do not."""
+    import numpy as np
+
+    from edge_spade.convert.calibrate import default_rule_plans
+    from edge_spade.convert.trace import Sample
+    from edge_spade.manifest import HeadSet
+
+    n_layers, k = 4, 8
+
+    def sample(i: int, n_tokens: int, right: bool) -> Sample:
+        ids = np.tile(np.arange(k), (n_layers, 1))
+        logits = np.zeros((n_layers, k), np.float32)
+        logits[-1, 0] = 20.0  # the full answer: token 0
+        logits[1, 0 if right else 1] = 20.0  # the probe layer: confident, right or wrong
+        return Sample(np.zeros((n_layers, 2), np.float32), ids, logits, key=f"fact{i}", n_tokens=n_tokens)
+
+    held = [sample(i, 10, False) for i in range(60)] + [sample(60 + i, 40, True) for i in range(60)]
+    head_set = HeadSet(
+        kind="free",
+        file="x.onnx",
+        layers=[1, 2],
+        eval_layers=[1, 2],
+        threshold=-1.0,
+        thresholds={"lspade": -1.0, "spade": 1.0},
+        tail=8,
+        top_k=k,
+        signal="spade",
+        probe_layers=[1],
+        calibration={"target_agreement": 0.9, "confidence": 0.95},
+        costs={"full_ms": 100.0, "tail_ms": 10.0},
+    )
+    fit = {"full_ms_at_0": 10.0, "full_ms_per_token": 2.0, "context_ms": 5.0}
+    plans = {p["max_tokens"]: p for p in default_rule_plans(head_set, held, np.zeros((120, 2)), n_layers, fit)}
+    assert plans[16]["threshold"] == -1.0 and not plans[16]["check"]  # short: no exit certifies
+    assert plans[64]["threshold"] >= 0 and plans[64]["check"] and plans[64]["exit_share"] == 1.0
+    assert "threshold" not in plans[128]  # no held-out prompts there: the set's own threshold applies

@@ -3,6 +3,8 @@ plans chosen by prompt length, the guard switching checks off and back on, fidel
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from edge_spade import load_model
@@ -87,6 +89,12 @@ def test_plans_by_prompt_length_and_the_guard_in_the_runtime(planned_heads, tiny
         for _ in range(40):
             rt.guard.record_checked("free:6+", 20, total_ms=5.0, check_ms=1.0, exited=True)
         assert rt.ask(long).guard == "pays"
+        # a plan's own certified threshold replaces the set's
+        raw = json.loads((planned_heads / "heads.json").read_text())
+        raw["sets"]["free"]["plans"][1]["threshold"] = 12345.0
+        (planned_heads / "heads.json").write_text(json.dumps(raw))
+        with load_model(str(tiny_model[0]), heads=planned_heads, n_ctx=256, kv_type="f32") as own:
+            assert own.ask(long).threshold == 12345.0
         # an explicit threshold or signal is run as asked: no plan, no guard
         c = rt.ask(short, threshold=float("inf"))
         assert c.exit_layer is not None and c.plan is None and c.guard is None
