@@ -25,6 +25,7 @@ import numpy as np
 from edge_spade.errors import CheckpointError, UnsupportedArchitectureError
 
 from .checkpoint import Checkpoint
+from .hf_config import normalize_config
 from .hfvocab import load_vocab
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ def convert_checkpoint(
         raise CheckpointError(f"output type {outtype!r}: choose one of {', '.join(OUT_TYPES)}")
     out = Path(out)
     ckpt = Checkpoint(folder)
+    ckpt.config = normalize_config(ckpt.config)  # transformers 5's rope_parameters, read into the 4.x keys
     spec = hf_arch(ckpt.config)
     hp = _hparams(ckpt.config, spec)
     vocab = load_vocab(ckpt.folder, hp["vocab_size"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -352,3 +353,69 @@ def test_streamed_tensors_are_byte_identical(checkpoints, f32, tmp_path, monkeyp
         b = convert_checkpoint(checkpoints["gemma3"], tmp_path / f"w-{outtype}.gguf", outtype)
         monkeypatch.setattr(converter, "STREAM_BYTES", 4096)
         assert a.read_bytes() == b.read_bytes(), outtype
+
+
+def transformers5_config(cfg: dict) -> dict:
+    """The same settings as transformers 5 saves them: RoPE in `rope_parameters` (one dict, or one per
+    attention kind for gemma3), the top-level rope keys gone or null."""
+    out = {k: v for k, v in cfg.items() if k not in ("rope_theta", "rope_local_base_freq")}
+    out["rope_scaling"] = None
+    full = {"rope_type": "default", **(cfg.get("rope_scaling") or {}), "rope_theta": cfg["rope_theta"]}
+    if "rope_local_base_freq" in cfg:
+        local = {"rope_type": "default", "rope_theta": cfg["rope_local_base_freq"]}
+        out["rope_parameters"] = {"full_attention": full, "sliding_attention": local}
+    else:
+        out["rope_parameters"] = full
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_transformers5_configs_convert_to_the_same_gguf(arch, checkpoints, f32, tmp_path):
+    """llama with Llama 3 RoPE, qwen2, gemma3 with two RoPE bases: the 5.x config gives the very GGUF
+    the 4.x config gives (before, 5.x configs silently got base 10000 and no Llama 3 factors)."""
+    folder = tmp_path / arch
+    shutil.copytree(checkpoints[arch], folder)
+    v4 = json.loads((folder / "config.json").read_text())
+    v5 = transformers5_config(v4)
+    assert "rope_theta" not in v5 and v5["rope_parameters"]
+    (folder / "config.json").write_text(json.dumps(v5))
+    assert convert_checkpoint(folder, tmp_path / "v5.gguf", "F32").read_bytes() == f32[arch].read_bytes()
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda c: {**c, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
+            "rope_parameters type 'yarn' is not supported",
+        ),
+        (
+            lambda c: {**c, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}},
+            "rope_parameters type 'dynamic'",
+        ),
+        (
+            lambda c: {**c, "rope_parameters": {"full_attention": {"rope_theta": 1e6}, "chunked_attention": {}}},
+            "rope_parameters.chunked_attention: unknown attention kind",
+        ),
+        (
+            lambda c: {**c, "rope_theta": 5e5, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}},
+            "rope_theta 500000.0 and rope_parameters.rope_theta 10000.0 disagree",
+        ),
+        (lambda c: {**c, "rope_parameters": {"rope_type": "default"}}, "rope_parameters.rope_theta is missing"),
+        (lambda c: {**c, "rope_scaling": {"rope_type": "longrope", "factor": 4}}, "rope_scaling type 'longrope'"),
+        (
+            lambda c: {**c, "layer_types": ["full_attention", "chunked_attention"]},
+            "layer_types[1] 'chunked_attention': unknown attention kind",
+        ),
+    ],
+)
+def test_rope_settings_that_change_the_math_are_refused_by_key(checkpoints, tmp_path, edit, message):
+    folder = tmp_path / "qwen2"
+    shutil.copytree(checkpoints["qwen2"], folder)
+    cfg = {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if k != "rope_theta"}
+    if "disagree" in message:
+        cfg["rope_theta"] = 5e5
+    (folder / "config.json").write_text(json.dumps(edit(cfg)))
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        convert_checkpoint(folder, tmp_path / "x.gguf", "F32")
+    assert not (tmp_path / "x.gguf").exists()
