@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import IO
 
+from .answer import SIGNALS, Answer
 from .errors import EdgeSpadeError, QuestionError
-from .policy import SIGNALS
-from .registry import load_registry
-from .runtime import Answer, Runtime, load_model
+
+# The runtime (numpy, llama.cpp, onnxruntime) is imported by the commands that load a model, not
+# here: `ask --server` must start fast.
 
 log = logging.getLogger("edge_spade")
 MODEL_HELP = "registry name, bundle folder or .gguf path (default: the default model; see `models`)"
@@ -33,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--file", help="JSON lines {id?, question, choices?}; one JSON answer per line ('-': stdin)")
     p.add_argument("--json", action="store_true", help="print the answer as one JSON object")
     p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument(
+        "--server",
+        help="ask a running `edge-spade serve` at this URL (also: EDGE_SPADE_SERVER; its "
+        "API key from EDGE_SPADE_API_KEY); the model options are then the server's",
+    )
     depth = p.add_mutually_exclusive_group()
     depth.add_argument("--layer", type=int, help="decode at this layer (0-based) instead of full depth")
     depth.add_argument("--full", action="store_true", help="full-depth answer, even when heads allow an early exit")
@@ -156,6 +162,23 @@ def _parser() -> argparse.ArgumentParser:
         "--allow-unverified", action="store_true", help="keep the file even when the hub cannot tell its sha256"
     )
 
+    v = sub.add_parser(
+        "serve", help="keep a model loaded and answer over HTTP (needs: pip install 'edge-spade[server]')"
+    )
+    v.add_argument("--model", help=MODEL_HELP)
+    v.add_argument("--heads", default=None, help="heads folder (default: shipped heads)")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; others need --api-key)")
+    v.add_argument("--port", type=int, default=8080)
+    v.add_argument("--parallel", type=int, default=1, help="runtimes answering at once, each with its own context")
+    v.add_argument("--queue", type=int, default=16, help="requests that may wait for a runtime (more: 503)")
+    v.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait for a runtime (then 504)")
+    v.add_argument(
+        "--api-key",
+        default=os.environ.get("EDGE_SPADE_API_KEY"),
+        help="required as 'Authorization: Bearer KEY' (default: EDGE_SPADE_API_KEY)",
+    )
+    v.add_argument("--threads", type=int)
+
     k = sub.add_parser("cache", help="what edge-spade keeps in its cache folder, and clearing it")
     k.add_argument(
         "--clear",
@@ -179,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_models(args)
         if args.command == "cache":
             return cmd_cache(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         if args.command == "calibrate":
             return cmd_calibrate(args)
         if args.command == "convert":
@@ -208,17 +233,25 @@ def cmd_ask(args: argparse.Namespace) -> int:
             stream = open(args.file, "rb")  # closed below, after the answers
         except OSError as exc:
             raise QuestionError(f"cannot read --file {args.file}: {exc.strerror}") from None
-    # One question: loading a tail model costs about what loading the model does, more than a probe saves.
-    rt = load_model(
-        args.model,
-        threads=args.threads,
-        gpu_layers=args.gpu_layers,
-        n_ctx=args.ctx,
-        heads=args.heads,
-        tail_models=args.file is not None,
-        speed_guard=not args.no_guard,
-        allow_unverified=args.allow_unverified,
-    )
+    server = args.server or os.environ.get("EDGE_SPADE_SERVER")
+    if server:
+        from .client import Client
+
+        asker = Client(server, api_key=os.environ.get("EDGE_SPADE_API_KEY"))
+    else:
+        from .runtime import load_model
+
+        # One question: loading a tail model costs about what loading the model does, more than a probe saves.
+        asker = load_model(
+            args.model,
+            threads=args.threads,
+            gpu_layers=args.gpu_layers,
+            n_ctx=args.ctx,
+            heads=args.heads,
+            tail_models=args.file is not None,
+            speed_guard=not args.no_guard,
+            allow_unverified=args.allow_unverified,
+        )
     options = dict(
         layer=args.layer,
         lens=args.lens,
@@ -229,15 +262,16 @@ def cmd_ask(args: argparse.Namespace) -> int:
         signal=args.signal,
     )
     if args.file is None:
-        answer = rt.ask(args.question, args.choices, **options)
+        answer = asker.ask(args.question, args.choices, **options)
         print(json.dumps(answer.to_dict(), ensure_ascii=False) if args.json else format_answer(answer))
         return 0
     with stream or sys.stdin.buffer as stream:
-        return ask_lines(rt, stream, options, sys.stdout, json_out=args.json)
+        return ask_lines(asker, stream, options, sys.stdout, json_out=args.json)
 
 
-def ask_lines(rt: Runtime, stream: IO[bytes], options: dict, out: IO[str], json_out: bool) -> int:
-    """Answer each JSON line as it comes; report bad lines on stderr and keep going."""
+def ask_lines(asker, stream: IO[bytes], options: dict, out: IO[str], json_out: bool) -> int:
+    """Answer each JSON line as it comes (`asker`: a Runtime, or a Client of a server); report bad
+    lines on stderr and keep going."""
     failed = 0
     for number, raw in enumerate(stream, start=1):
         if not raw.strip():
@@ -249,7 +283,7 @@ def ask_lines(rt: Runtime, stream: IO[bytes], options: dict, out: IO[str], json_
             choices = item.get("choices")
             if choices is not None and not (isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
                 raise QuestionError('"choices" must be a list of strings')
-            answer = rt.ask(item["question"], choices, **options)
+            answer = asker.ask(item["question"], choices, **options)
         except (EdgeSpadeError, ValueError) as exc:  # ValueError covers JSON and UTF-8 errors
             failed += 1
             print(f"edge-spade: line {number}: {exc}", file=sys.stderr)
@@ -386,6 +420,27 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import serve
+    except ImportError as exc:
+        raise EdgeSpadeError(
+            f"serve needs the server's dependencies ({exc.name} is missing); run: pip install 'edge-spade[server]'"
+        ) from None
+    serve(
+        args.model,
+        heads=args.heads,
+        host=args.host,
+        port=args.port,
+        parallel=args.parallel,
+        queue=args.queue,
+        timeout=args.timeout,
+        api_key=args.api_key,
+        threads=args.threads,
+    )
+    return 0
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     from .cache import KINDS, cache_dir, cache_usage, clear_cache, max_cache_bytes
 
@@ -409,6 +464,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from .registry import load_registry
+
     entries = load_registry()
     if args.json:
         print(json.dumps([{**e.__dict__, "source": e.source.__dict__} for e in entries.values()], indent=1))

@@ -21,12 +21,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .answer import SIGNALS  # the CLI's --signal and heads.json's "signal" use the same words
 from .engine import Engine, Readout, tail_positions
 from .heads import FREE_TOP_K, OnnxHeads, entropy, topk_entropy
 from .manifest import HeadsMismatchError
 from .prompts import Prompt
-
-SIGNALS = ("lspade", "spade")  # the CLI's --signal and heads.json's "signal" use the same words
 
 
 @dataclass(frozen=True)

@@ -111,7 +111,12 @@ class _Budget:
 
 
 def render_chat(template: str, user: str, bos: str, eos: str) -> str:
-    """Apply a GGUF chat template (Jinja, as in Hugging Face tokenizer configs) to one user turn.
+    """Apply a GGUF chat template (Jinja, as in Hugging Face tokenizer configs) to one user turn."""
+    return render_messages(template, [{"role": "user", "content": user}], bos, eos)
+
+
+def render_messages(template: str, messages: list[dict[str, str]], bos: str, eos: str) -> str:
+    """Apply a GGUF chat template to a conversation, ready for the assistant's next token.
 
     A template that fails, loops too long or writes too much is a QuestionError that says so
     (`--raw` skips the template), never a hang, a memory blow-up or a traceback.
@@ -122,9 +127,7 @@ def render_chat(template: str, user: str, bos: str, eos: str) -> str:
     env.budget = _Budget()
     parts, size = [], 0
     try:
-        for chunk in compiled.generate(
-            messages=[{"role": "user", "content": user}], add_generation_prompt=True, bos_token=bos, eos_token=eos
-        ):
+        for chunk in compiled.generate(messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos):
             size += len(chunk)
             if size > TEMPLATE_MAX_CHARS:
                 raise _TemplateLimit(f"it wrote more than {TEMPLATE_MAX_CHARS} characters")
@@ -232,6 +235,27 @@ def tokenize_chat(engine: Engine, template: str, user: str) -> tuple[str, list[i
     head, tail = parts
     tokens = engine.tokenize(head, add_special=add_bos) + engine.tokenize(user, add_special=False, parse_special=False)
     return text, tokens + engine.tokenize(tail, add_special=False)
+
+
+def chat_prompt(engine: Engine, messages: list[dict[str, str]]) -> Prompt:
+    """A conversation through the model's chat template, for a free answer (the next token).
+
+    Only the template's markers may be control tokens: a message that spells one is refused.
+    """
+    template = engine.chat_template
+    if template is None:
+        raise QuestionError("this model has no chat template; send the text itself as a completion")
+    for m in messages:
+        content = m.get("content")
+        if not isinstance(content, str):
+            raise QuestionError("every message needs text content")
+        if engine.tokenize(content, add_special=False) != engine.tokenize(
+            content, add_special=False, parse_special=False
+        ):
+            raise QuestionError(f"a {m.get('role', '')} message spells a control token of this model")
+    text = render_messages(template, messages, engine.bos_text, engine.eos_text)
+    tokens = engine.tokenize(text, add_special=engine.adds_bos and not text.startswith(engine.bos_text or "\0"))
+    return Prompt(text, tokens, "free", (), (), None, ())
 
 
 def decision_set(

@@ -15,13 +15,14 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
+from .answer import Answer
 from .engine import Engine, EngineSettings, Readout
 from .errors import LayerError, ModelClosedError, SettingsError
 from .guard import GuardDecision, SpeedGuard
@@ -34,32 +35,6 @@ from .registry import resolve_model, shipped_heads
 log = logging.getLogger(__name__)
 
 Lens = Literal["spade", "logit"]
-
-
-@dataclass
-class Answer:
-    """One answer and how it was reached."""
-
-    answer: str  # the chosen choice's text, or the next token's text
-    choice_index: int | None  # None for a free answer
-    label: str | None  # how the choice was named in the prompt ("B", "yes"); None for free answers
-    probs: dict[str, float]  # choice -> probability (free answers: the top tokens)
-    mode: str  # "full" | "spade" | "logit-lens"
-    layer: int  # the layer whose state decided (n_layers - 1 for full depth)
-    n_layers: int
-    prompt_tokens: int
-    timings_ms: dict[str, float]  # total, prefill, tail
-    model: str
-    token: int  # the winning token id (free answers) or the label's most likely token
-    tail: int = 1  # SPADE tail width (prompt rows forwarded besides the start token)
-    exit_layer: int | None = None  # spade-exit: the layer it stopped at (None: no exit, full answer)
-    entropy: dict[int, float] | None = None  # spade-exit: head entropy (nats) at each evaluated layer
-    threshold: float | None = None  # spade-exit: the threshold in force
-    plan: str | None = None  # spade-exit: the prompt-length plan that applied ("free:33-64")
-    guard: str | None = None  # spade-exit: why checks ran or not (see guard.SpeedGuard.decide; "plan": not here)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -134,6 +109,34 @@ class Runtime:
         Plans by prompt length and the speed guard apply to that default rule only: a threshold or
         signal given here is run as asked.
         """
+        t0 = time.perf_counter()
+        return self.ask_prompt(
+            lambda: self.prompt(question, choices, template),
+            t0=t0,
+            layer=layer,
+            lens=lens,
+            tail=tail,
+            full=full,
+            threshold=threshold,
+            signal=signal,
+            top_k=top_k,
+        )
+
+    def ask_prompt(
+        self,
+        prompt: Prompt | Callable[[], Prompt],
+        *,
+        t0: float | None = None,
+        layer: int | None = None,
+        lens: Lens = "spade",
+        tail: int | None = None,
+        full: bool = False,
+        threshold: float | None = None,
+        signal: Literal["lspade", "spade"] | None = None,
+        top_k: int = 5,
+    ) -> Answer:
+        """`ask` for a prompt already built (the server's chat turns), or a function that builds it
+        under the lock; the options are `ask`'s."""
         if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
             raise SettingsError(f"top_k must be a positive integer, got {top_k!r}")
         if threshold is not None and (not isinstance(threshold, (int, float)) or math.isnan(threshold)):
@@ -141,8 +144,8 @@ class Runtime:
         with self._lock:
             if self._closed:
                 raise ModelClosedError(f"{self.name} was closed; load the model again to ask it")
-            t0 = time.perf_counter()
-            prompt = self.prompt(question, choices, template)
+            t0 = time.perf_counter() if t0 is None else t0
+            prompt = prompt() if callable(prompt) else prompt
             if self.can_exit(prompt) and layer is None and lens == "spade" and not full:
                 return self.ask_exit(prompt, t0, threshold=threshold, tail=tail, top_k=top_k, signal=signal)
             k = 1 if tail is None else tail

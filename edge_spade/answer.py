@@ -1,0 +1,44 @@
+"""The answer to one question, with how it was reached: what the API returns, the CLI prints and
+the server sends. Light on purpose (no numpy): `edge-spade ask --server` formats answers with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+SIGNALS = ("lspade", "spade")  # the exit rules: an L-SPADE head's entropy, or a SPADE probe's own
+
+
+@dataclass
+class Answer:
+    """One answer and how it was reached."""
+
+    answer: str  # the chosen choice's text, or the next token's text
+    choice_index: int | None  # None for a free answer
+    label: str | None  # how the choice was named in the prompt ("B", "yes"); None for free answers
+    probs: dict[str, float]  # choice -> probability (free answers: the top tokens)
+    mode: str  # "full" | "spade" | "logit-lens"
+    layer: int  # the layer whose state decided (n_layers - 1 for full depth)
+    n_layers: int
+    prompt_tokens: int
+    timings_ms: dict[str, float]  # total, prefill, tail
+    model: str
+    token: int  # the winning token id (free answers) or the label's most likely token
+    tail: int = 1  # SPADE tail width (prompt rows forwarded besides the start token)
+    exit_layer: int | None = None  # spade-exit: the layer it stopped at (None: no exit, full answer)
+    entropy: dict[int, float] | None = None  # spade-exit: head entropy (nats) at each evaluated layer
+    threshold: float | None = None  # spade-exit: the threshold in force
+    plan: str | None = None  # spade-exit: the prompt-length plan that applied ("free:33-64")
+    guard: str | None = None  # spade-exit: why checks ran or not (see guard.SpeedGuard.decide; "plan": not here)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> Answer:
+        """An Answer from its JSON form (entropy's layer keys come back as strings)."""
+        known = {f.name for f in fields(cls)}
+        out = cls(**{k: v for k, v in raw.items() if k in known})
+        if out.entropy is not None:
+            out.entropy = {int(k): v for k, v in out.entropy.items()}
+        return out
