@@ -178,6 +178,7 @@ def _parser() -> argparse.ArgumentParser:
         help="required as 'Authorization: Bearer KEY' (default: EDGE_SPADE_API_KEY)",
     )
     v.add_argument("--threads", type=int)
+    v.add_argument("--no-guard", action="store_true", help="the speed guard off (answers independent of history)")
 
     k = sub.add_parser("cache", help="what edge-spade keeps in its cache folder, and clearing it")
     k.add_argument(

@@ -326,6 +326,7 @@ def serve(
     timeout: float = 30.0,
     api_key: str | None = None,
     threads: int | None = None,
+    speed_guard: bool = True,
 ) -> None:
     """Load `parallel` runtimes of `model` and serve them until SIGINT or SIGTERM (in-flight answers finish)."""
     import uvicorn
@@ -335,7 +336,7 @@ def serve(
     check_host(host, api_key)
     if not 1 <= parallel <= 64:
         raise EdgeSpadeError(f"--parallel must be from 1 to 64, got {parallel}")
-    runtimes = [load_model(model, heads=heads, threads=threads) for _ in range(parallel)]
+    runtimes = [load_model(model, heads=heads, threads=threads, speed_guard=speed_guard) for _ in range(parallel)]
     app = create_app(runtimes, queue=queue, timeout=timeout, api_key=api_key)
     log.info("serving %s on http://%s:%d (%d runtime(s); docs at /docs)", runtimes[0].name, host, port, parallel)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(timeout))
