@@ -229,6 +229,44 @@ def answer_path_md(folder: Path = RESULTS) -> list[str]:
             ["mode", "peak RSS (MB)", "vs llama-cpp-python", "after close() (MB)"],
             _memory_rows(json.loads(path.read_text())),
         )
+    for path in sorted(folder.glob("server-*.json")):
+        r = json.loads(path.read_text())
+        one = r["one_question_ms"]
+        parts += _section(
+            path,
+            "the resident server",
+            [
+                f"One question (`edge-spade ask ... --server URL` against a process that loads the model, paired): "
+                f"{one['server']:.0f} ms against {one['process']:.0f} ms wall, {one['speedup']:.1f}x. Load: 8 loopback "
+                "clients, choice and free questions mixed, each answer compared with the same question answered "
+                "in-process; the server's RSS sampled every 0.5 s; then SIGTERM."
+            ],
+            [
+                "--parallel",
+                "requests",
+                "errors",
+                "answers differing",
+                "p50 ms",
+                "p95 ms",
+                "answers/s",
+                "RSS MB (min-max)",
+                "exit on SIGTERM",
+            ],
+            [
+                [
+                    str(x["parallel"]),
+                    str(x["requests"]),
+                    str(x["errors"]),
+                    str(x["mismatches"]),
+                    f"{x['p50_ms']:.1f}",
+                    f"{x['p95_ms']:.1f}",
+                    f"{x['answers_per_s']:.1f}",
+                    f"{x['rss_mb_min']:.0f}-{x['rss_mb_max']:.0f}",
+                    str(x["exit_code_on_sigterm"]),
+                ]
+                for x in r["load"]
+            ],
+        )
     return parts
 
 
@@ -279,7 +317,7 @@ def results_md(results: list[tuple[Path, dict]]) -> str:
     ]
     for path, result in results:
         parts += [detail(path, result), ""]
-    parts += ["## The answer path, one question per process, memory", "", *answer_path_md()]
+    parts += ["## The answer path, one question per process, memory, the server", "", *answer_path_md()]
     return "\n".join(parts).rstrip() + "\n"
 
 
