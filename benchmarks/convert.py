@@ -26,8 +26,10 @@ import numpy as np
 
 from benchmarks.common import progress, save_json
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import hf_tiny  # noqa: E402 - the tiny checkpoint writer and tokenizers of the test suite
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.support import hf_tiny  # the tiny checkpoint writer and tokenizers of the test suite
 
 log = logging.getLogger("benchmarks")
 
@@ -117,11 +119,13 @@ def timed_convert(source: Path, out: Path, quant: str) -> dict:
     if proc.returncode:
         raise SystemExit(f"convert failed: {proc.stderr}")
     peak_kb = int(proc.stdout.split()[-1])
+    verification = json.loads((out / "bundle.json").read_text())["source"].get("verification") or {}
     row = {
         "quant": quant,
         "seconds": round(seconds, 1),
         "peak_rss_mb": round(peak_kb / 1024),
         "file_mb": round((out / "model.gguf").stat().st_size / 1e6, 1),
+        "verification": verification,  # its seconds are part of the conversion's
     }
     log.info("%s", row)
     return row

@@ -22,6 +22,7 @@ from .bundle_writer import build_bundle
 from .checkpoint import snapshot
 from .hf_to_gguf import OUT_TYPES, convert_checkpoint
 from .quantize import QUANT_TYPES, quantize
+from .verify import verify_conversion
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,13 @@ def convert(
     threads: int | None = None,
     force: bool = False,
     progress: Progress = lambda x: x,
+    verify: bool = True,
 ) -> Bundle:
-    """A bundle at `out` from a Hugging Face folder or repo id, a GGUF file or a bundle."""
+    """A bundle at `out` from a Hugging Face folder or repo id, a GGUF file or a bundle.
+
+    A Hugging Face source is verified after conversion (verify.verify_conversion: its own forward
+    pass in numpy against llama.cpp on the written file), and refused over tolerance unless
+    `verify=False`; the result is recorded in bundle.json's source."""
     if quant not in QUANT_TYPES:
         raise CheckpointError(f"quantization {quant!r} is not offered; choose one of {', '.join(QUANT_TYPES)}")
     path = Path(source).expanduser()
@@ -48,12 +54,12 @@ def convert(
         gguf_in, record = path, {"kind": "gguf", "path": str(path.resolve())}
     elif path.is_dir():
         return _from_checkpoint(
-            path, out, quant, {"kind": "hf-folder", "path": str(path.resolve())}, threads, force, progress
+            path, out, quant, {"kind": "hf-folder", "path": str(path.resolve())}, threads, force, progress, verify
         )
     elif _looks_like_repo_id(source):
         folder = snapshot(source, revision)
         return _from_checkpoint(
-            folder, out, quant, {"kind": "hub", "repo": source, "revision": revision}, threads, force, progress
+            folder, out, quant, {"kind": "hub", "repo": source, "revision": revision}, threads, force, progress, verify
         )
     else:
         raise ModelFileError(f"{source} is neither a file, a folder nor a hub repository id (owner/name)")
@@ -61,20 +67,38 @@ def convert(
 
 
 def _from_checkpoint(
-    folder: Path, out: str | Path, quant: str, record: dict, threads: int | None, force: bool, progress: Progress
+    folder: Path,
+    out: str | Path,
+    quant: str,
+    record: dict,
+    threads: int | None,
+    force: bool,
+    progress: Progress,
+    verify: bool = True,
 ) -> Bundle:
+    source = {**record, "quant": quant}
+
     def write(dst: Path) -> None:
         if quant in OUT_TYPES:
             convert_checkpoint(folder, dst, quant, progress)
+            check(dst, quant)
             return
         staged = dst.with_name("model-f16.gguf")  # inside the bundle's temporary folder
         try:
             convert_checkpoint(folder, staged, "F16", progress)
+            check(staged, "F16")  # the unquantized intermediate: quantization error is llama.cpp's own
             quantize(staged, dst, quant, threads)
         finally:
             staged.unlink(missing_ok=True)
 
-    return build_bundle(out, write, {**record, "quant": quant}, force)
+    def check(path: Path, outtype: str) -> None:
+        if verify:
+            source["verification"] = verify_conversion(folder, path, outtype)  # recorded in bundle.json
+        else:
+            source["verification"] = None
+            log.warning("not verified (--no-verify): nothing checks this conversion against the checkpoint")
+
+    return build_bundle(out, write, source, force)
 
 
 def pull(

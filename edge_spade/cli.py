@@ -151,6 +151,11 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--revision", default="main", help="hub revision (repo id sources)")
     v.add_argument("--threads", type=int, help="quantizer threads")
     v.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    v.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="keep a Hugging Face conversion whose logits differ from the checkpoint's own forward pass",
+    )
 
     u = sub.add_parser("pull", help="download one GGUF file from the Hugging Face Hub (optionally into a bundle)")
     u.add_argument("repo", help="hub repository id, e.g. bartowski/Llama-3.2-1B-Instruct-GGUF")
@@ -397,6 +402,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         threads=args.threads,
         force=args.force,
         progress=lambda xs: tqdm(xs, desc="convert", unit="tensor", file=sys.stderr, disable=args.quiet),
+        verify=not args.no_verify,
     )
     model = b.meta["model"]
     print(

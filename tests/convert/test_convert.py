@@ -321,7 +321,9 @@ def test_convert_from_a_hub_repo_id(monkeypatch, checkpoints, tmp_path):
     b = convert("google/tiny-gemma", tmp_path / "g", "Q8_0", revision="v1")
     assert seen["repo"] == "google/tiny-gemma" and seen["revision"] == "v1"
     assert "*.safetensors" in seen["patterns"] and "*.bin" not in seen["patterns"]
+    verification = b.meta["source"].pop("verification")
     assert b.meta["source"] == {"kind": "hub", "repo": "google/tiny-gemma", "revision": "v1", "quant": "Q8_0"}
+    assert verification["against"] == "F16" and verification["relative_error"] <= verification["tolerance"]
     assert b.meta["model"]["architecture"] == "gemma3"
 
 
@@ -419,3 +421,33 @@ def test_rope_settings_that_change_the_math_are_refused_by_key(checkpoints, tmp_
     with pytest.raises(CheckpointError, match=re.escape(message)):
         convert_checkpoint(folder, tmp_path / "x.gguf", "F32")
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_conversion_is_verified_and_recorded(arch, checkpoints, tmp_path):
+    """The bundle records the relative error of llama.cpp's logits on the written file against the
+    checkpoint's own forward pass (numpy, convert/verify.py), with top-1 agreement."""
+    for quant, against in (("F32", "F32"), ("Q8_0", "F16")):
+        v = convert(str(checkpoints[arch]), tmp_path / f"{arch}-{quant}", quant).meta["source"]["verification"]
+        assert v["against"] == against and v["top1_agrees"] and v["sentence_tokens"] > 10
+        assert v["relative_error"] <= v["tolerance"] and (against != "F32" or v["relative_error"] < 1e-3)
+
+
+def test_a_conversion_that_corrupts_a_tensor_is_refused(checkpoints, tmp_path, monkeypatch, capsys):
+    """A deliberately wrong tensor (as a converter bug would write it): refused with the error named,
+    no bundle left; --no-verify keeps it and records that nothing was checked."""
+    from edge_spade.convert import hf_to_gguf
+
+    transform = hf_to_gguf._transform
+
+    def corrupting(src, dst, spec, hp):
+        inner = transform(src, dst, spec, hp)
+        return (lambda w: inner(w) * 1.5) if src == "model.layers.0.mlp.down_proj.weight" else inner
+
+    monkeypatch.setattr(hf_to_gguf, "_transform", corrupting)
+    argv = ["convert", str(checkpoints["llama"]), "--out", str(tmp_path / "bad"), "--quant", "F32"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "differ from the checkpoint's own by" in err and "--no-verify" in err and not (tmp_path / "bad").exists()
+    assert main([*argv, "--no-verify"]) == 0
+    assert open_bundle(tmp_path / "bad").meta["source"]["verification"] is None
