@@ -107,7 +107,7 @@ def _section(path: Path, title: str, intro: list[str], columns: list[str], rows:
     r = json.loads(path.read_text())
     p = r["provenance"]
     return [
-        f"### {r['model']}: {title}",
+        f"### {r.get('model', 'the converter')}: {title}",
         "",
         f"`{p['command']}`",
         "",
@@ -171,9 +171,9 @@ def _memory_rows(r: dict) -> list[list[str]]:
     ]
 
 
-def answer_path_md(folder: Path = RESULTS) -> list[str]:
+def other_results_md(folder: Path = RESULTS) -> list[str]:
     """Our answers against llama-cpp-python on the same tokens, where an answer's time goes, one question
-    per process, and peak memory."""
+    per process, peak memory, the server, the converter."""
     parts = []
     for path in sorted(folder.glob("answer-path-*.json")):
         parts += _section(
@@ -267,6 +267,34 @@ def answer_path_md(folder: Path = RESULTS) -> list[str]:
                 for x in r["load"]
             ],
         )
+    for path in sorted(folder.glob("convert*.json")):
+        r = json.loads(path.read_text())
+        large = r["large"]
+        parts += _section(
+            path,
+            "converting and verifying",
+            [
+                "`edge-spade convert` of a random bf16 checkpoint of Llama-3.2-1B's shape "
+                f"({large['n_params'] / 1e9:.2f} B parameters, {large['checkpoint_mb'] / 1e3:.2f} GB), in a child "
+                "process; "
+                "the verification (the checkpoint's own forward pass in numpy against llama.cpp on the written "
+                "file, the F16 intermediate for Q4_K_M) is part of the time. Peak RSS includes the written file "
+                "mapped by llama.cpp during the check."
+            ],
+            ["output", "seconds", "of which verification", "peak RSS MB", "file MB", "relative error", "top-1 agrees"],
+            [
+                [
+                    x["quant"],
+                    f"{x['seconds']:.1f}",
+                    f"{x['verification'].get('seconds', 0):.1f}",
+                    str(x["peak_rss_mb"]),
+                    f"{x['file_mb']:.0f}",
+                    f"{x['verification'].get('relative_error', float('nan')):.1e}",
+                    str(x["verification"].get("top1_agrees")),
+                ]
+                for x in large["runs"]
+            ],
+        )
     return parts
 
 
@@ -275,11 +303,15 @@ def _num(x: float | None, digits: int = 3) -> str:
 
 
 def _provenance_line(path: Path, p: dict) -> str:
-    model = p["models"][0] if p.get("models") else {}
+    model = p["models"][0] if p.get("models") else None
+    used = (
+        f"model sha256 `{model['model_sha256'][:12]}`, "
+        f"heads.json sha256 `{(model.get('heads_sha256') or 'none')[:12]}`, {model['threads']} threads, "
+        if model
+        else ""
+    )
     return (
-        f"{path.name}: edge-spade {p['edge_spade']}, commit `{(p['commit'] or 'none')[:12]}`, "
-        f"model sha256 `{model.get('model_sha256', '?')[:12]}`, heads.json sha256 "
-        f"`{(model.get('heads_sha256') or 'none')[:12]}`, {model.get('threads', '?')} threads, {p['cpu']} "
+        f"{path.name}: edge-spade {p['edge_spade']}, commit `{(p['commit'] or 'none')[:12]}`, {used}{p['cpu']} "
         f"({p['cpus']} CPUs), dated {p['date']}."
     )
 
@@ -317,7 +349,7 @@ def results_md(results: list[tuple[Path, dict]]) -> str:
     ]
     for path, result in results:
         parts += [detail(path, result), ""]
-    parts += ["## The answer path, one question per process, memory, the server", "", *answer_path_md()]
+    parts += ["## The answer path, one question per process, memory, the server", "", *other_results_md()]
     return "\n".join(parts).rstrip() + "\n"
 
 
