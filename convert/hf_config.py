@@ -22,6 +22,10 @@ ATTENTION_KINDS = ("full_attention", "sliding_attention")
 def normalize_config(config: dict[str, Any]) -> dict[str, Any]:
     """A copy of `config` with RoPE settings in the 4.x keys, checked."""
     out = dict(config)
+    if config.get("use_sliding_window") and config.get("model_type") != "gemma3_text":
+        raise CheckpointError(
+            "use_sliding_window is set: llama.cpp's graph for this architecture has no sliding window"
+        )
     for i, kind in enumerate(config.get("layer_types") or ()):
         if kind not in ATTENTION_KINDS:
             raise CheckpointError(f"layer_types[{i}] {kind!r}: unknown attention kind (known: {ATTENTION_KINDS})")

@@ -405,6 +405,7 @@ def test_transformers5_configs_convert_to_the_same_gguf(arch, checkpoints, f32, 
         ),
         (lambda c: {**c, "rope_parameters": {"rope_type": "default"}}, "rope_parameters.rope_theta is missing"),
         (lambda c: {**c, "rope_scaling": {"rope_type": "longrope", "factor": 4}}, "rope_scaling type 'longrope'"),
+        (lambda c: {**c, "use_sliding_window": True, "sliding_window": 4}, "use_sliding_window is set"),
         (
             lambda c: {**c, "layer_types": ["full_attention", "chunked_attention"]},
             "layer_types[1] 'chunked_attention': unknown attention kind",
@@ -451,3 +452,12 @@ def test_a_conversion_that_corrupts_a_tensor_is_refused(checkpoints, tmp_path, m
     assert "differ from the checkpoint's own by" in err and "--no-verify" in err and not (tmp_path / "bad").exists()
     assert main([*argv, "--no-verify"]) == 0
     assert open_bundle(tmp_path / "bad").meta["source"]["verification"] is None
+
+
+@pytest.mark.parametrize("key", ["final_logit_softcapping", "attn_logit_softcapping"])
+def test_gemma_softcapping_is_refused_by_key(checkpoints, tmp_path, key):
+    folder = tmp_path / "gemma3"
+    shutil.copytree(checkpoints["gemma3"], folder)
+    (folder / "config.json").write_text(json.dumps({**json.loads((folder / "config.json").read_text()), key: 30.0}))
+    with pytest.raises(CheckpointError, match=f"{key} is set"):
+        convert_checkpoint(folder, tmp_path / "x.gguf", "F32")
