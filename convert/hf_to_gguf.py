@@ -55,6 +55,7 @@ HF_ARCHS = {
     for a in (
         HFArch("LlamaForCausalLM", gguf.MODEL_ARCH.LLAMA, permute_qk=True),
         HFArch("Qwen2ForCausalLM", gguf.MODEL_ARCH.QWEN2),
+        HFArch("Qwen3ForCausalLM", gguf.MODEL_ARCH.QWEN3),
         HFArch("Gemma3ForCausalLM", gguf.MODEL_ARCH.GEMMA3, norm_plus_one=True),
     )
 }

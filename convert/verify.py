@@ -2,11 +2,12 @@
 logits on the file just written.
 
 The forward pass is written from the architectures' definitions (Hugging Face's modeling code:
-RMSNorm, rotate-half RoPE with its base and Llama 3 scaling, grouped-query attention, Gemma's
-sandwich norms, q/k norms and sliding windows), reading `config.json` in either format itself,
-never through the converter's code, so that a mistake in the converter cannot pass both. It reads
-the weights one tensor at a time (embedding rows by id, the output matrix in row blocks), so it
-fits in memory for billion-parameter models. Only the last position's logits are compared.
+RMSNorm, rotate-half RoPE with its base and Llama 3 scaling, grouped-query attention, Qwen's
+biases and Qwen 3's q/k norms, Gemma's sandwich norms, q/k norms and sliding windows), reading
+`config.json` in either format itself, never through the converter's code, so that a mistake in
+the converter cannot pass both. It reads the weights one tensor at a time (embedding rows by id,
+the output matrix in row blocks), so it fits in memory for billion-parameter models. Only the
+last position's logits are compared.
 """
 
 from __future__ import annotations
@@ -105,9 +106,9 @@ def reference_logits(folder: str | Path, ids: list[int]) -> np.ndarray:
             return y.reshape(T, n, hd)
 
         q, k, v = proj("q", nh), proj("k", nkv), proj("v", nkv)
-        if gemma:
-            q = _rms(q, W(p + "self_attn.q_norm.weight"), eps, True)
-            k = _rms(k, W(p + "self_attn.k_norm.weight"), eps, True)
+        if p + "self_attn.q_norm.weight" in ckpt:  # per-head q/k norms: Gemma 3 (1 + w), Qwen 3 (w)
+            q = _rms(q, W(p + "self_attn.q_norm.weight"), eps, gemma)
+            k = _rms(k, W(p + "self_attn.k_norm.weight"), eps, gemma)
         q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
         k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
         scale = float(cfg.get("query_pre_attn_scalar") or hd) ** -0.5 if gemma else hd**-0.5

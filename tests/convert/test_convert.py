@@ -29,7 +29,7 @@ from tests.support import EXACT, hf_tiny
 
 pytestmark = pytest.mark.slow
 
-ARCHS = ["llama", "qwen2", "gemma3"]
+ARCHS = ["llama", "qwen2", "qwen3", "gemma3"]
 PROMPT = "The capital of France is Paris. Question: is the sky blue? Answer:"
 SPECIAL = {
     "llama": "<|im_start|>user\nHi there<|im_end|>",

@@ -129,6 +129,15 @@ ARCH_CONFIG = {
         "tie_word_embeddings": True,
         "rope_theta": 1000000.0,
     },
+    "qwen3": {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "hidden_act": "silu",
+        "head_dim": 48,  # not hidden / heads: the explicit head_dim path
+        "attention_bias": False,
+        "tie_word_embeddings": True,
+        "rope_theta": 1000000.0,
+    },
     "gemma3": {
         "architectures": ["Gemma3ForCausalLM"],
         "model_type": "gemma3_text",
@@ -144,7 +153,7 @@ ARCH_CONFIG = {
         "attn_logit_softcapping": None,
     },
 }
-DTYPES = {"llama": np.float32, "qwen2": np.float16, "gemma3": ml_dtypes.bfloat16}
+DTYPES = {"llama": np.float32, "qwen2": np.float16, "qwen3": np.float32, "gemma3": ml_dtypes.bfloat16}
 
 
 def write_checkpoint(
@@ -164,7 +173,7 @@ def write_checkpoint(
 
     `tokenizer`: "spm", "llama3", "qwen2" or "smollm" (default: the architecture's own kind)."""
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = tokenizer or {"gemma3": "spm", "llama": "llama3", "qwen2": "qwen2"}[arch]
+    tokenizer = tokenizer or {"gemma3": "spm", "llama": "llama3", "qwen2": "qwen2", "qwen3": "qwen2"}[arch]
     tok, tok_config = spm_tokenizer() if tokenizer == "spm" else byte_level_tokenizer(tokenizer)
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
@@ -213,6 +222,8 @@ def write_checkpoint(
         if arch == "qwen2":
             for n, rows in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
                 w[p + f"self_attn.{n}_proj.bias"] = 0.5 * rng.standard_normal(rows * head_dim)
+        if arch == "qwen3":
+            w |= {p + "self_attn.q_norm.weight": norm(head_dim), p + "self_attn.k_norm.weight": norm(head_dim)}
         if arch == "gemma3":
             w |= {
                 p + "pre_feedforward_layernorm.weight": norm(hidden),
@@ -295,9 +306,9 @@ def hf_forward(folder: Path, ids: list[int]) -> np.ndarray:
             return y.reshape(T, n, hd)
 
         q, k, v = proj("q", nh), proj("k", nkv), proj("v", nkv)
-        if gemma:
-            q = _rms(q, W[p + "self_attn.q_norm.weight"], eps, True)
-            k = _rms(k, W[p + "self_attn.k_norm.weight"], eps, True)
+        if p + "self_attn.q_norm.weight" in W:  # per-head q/k norms: Gemma 3 (1 + w), Qwen 3 (w)
+            q = _rms(q, W[p + "self_attn.q_norm.weight"], eps, gemma)
+            k = _rms(k, W[p + "self_attn.k_norm.weight"], eps, gemma)
         q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
         k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
         scale = cfg.get("query_pre_attn_scalar", hd) ** -0.5
