@@ -239,7 +239,8 @@ def other_results_md(folder: Path = RESULTS) -> list[str]:
                 f"One question (`edge-spade ask ... --server URL` against a process that loads the model, paired): "
                 f"{one['server']:.0f} ms against {one['process']:.0f} ms wall, {one['speedup']:.1f}x. Load: 8 loopback "
                 "clients, choice and free questions mixed, each answer compared with the same question answered "
-                "in-process; the server's RSS sampled every 0.5 s; then SIGTERM."
+                "in-process; the server's RSS sampled every 0.5 s; then SIGTERM. Latency CDF and RSS over time: "
+                f"`{path.with_suffix('.png').name}`."
             ],
             [
                 "--parallel",

@@ -30,7 +30,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import save_json
+from benchmarks.common import pyplot, save_json
 
 QUESTIONS = [
     ("Is the sky blue?", ["yes", "no"]),
@@ -136,6 +136,8 @@ def load_test(model: str, parallel: int, n: int, reference: dict) -> dict:
         "requests": n,
         "errors": errors,
         "mismatches": mismatches,
+        "latencies_ms": [round(x, 2) for x in latencies],
+        "rss_samples_mb": [round(x, 1) for x in samples],
         "p50_ms": round(latencies[len(latencies) // 2], 1),
         "p95_ms": round(latencies[int(len(latencies) * 0.95)], 1),
         "answers_per_s": round(len(latencies) / wall, 1),
@@ -189,8 +191,31 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['rss_mb_min']:.0f}-{r['rss_mb_max']:.0f} MB, exit {r['exit_code_on_sigterm']} on SIGTERM"
         )
     if args.out:
-        save_json({"model": args.model, "one_question_ms": one, "load": loads}, args.out)
+        out = save_json({"model": args.model, "one_question_ms": one, "load": loads}, args.out)
+        plot(loads, out.with_suffix(".png"))
     return 0
+
+
+def plot(loads: list[dict], png: Path) -> None:
+    """Latency CDF per --parallel, and the server's RSS over the run (flat: nothing leaks)."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, (cdf, rss) = plt.subplots(1, 2, figsize=(10, 4))
+    for r in loads:
+        xs = sorted(r["latencies_ms"])
+        cdf.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=f"--parallel {r['parallel']}")
+        rss.plot(
+            [0.5 * i for i in range(len(r["rss_samples_mb"]))], r["rss_samples_mb"], label=f"--parallel {r['parallel']}"
+        )
+    cdf.set_xlabel("latency per request, ms (8 clients)")
+    cdf.set_ylabel("share of requests")
+    rss.set_xlabel("seconds into the load")
+    rss.set_ylabel("server RSS, MB")
+    for ax in (cdf, rss):
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
 
 
 if __name__ == "__main__":
