@@ -18,7 +18,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Literal
 
@@ -108,6 +108,8 @@ class Pool:
 
     async def run(self, request: Request | None, work):
         """`work(runtime)` on a free runtime, in a worker thread (the event loop stays free)."""
+        if not self.runtimes:
+            raise HTTPException(503, "the model is still loading", headers={"Retry-After": "1"})
         if self.free is None:  # made on the server's loop
             self.free = asyncio.Queue()
             for rt in self.runtimes:
@@ -139,15 +141,32 @@ class Pool:
 
 
 def create_app(
-    runtimes: list[Runtime], *, queue: int = 16, timeout: float = 30.0, api_key: str | None = None
+    runtimes: list[Runtime] | Callable[[], list[Runtime]],
+    *,
+    queue: int = 16,
+    timeout: float = 30.0,
+    api_key: str | None = None,
 ) -> FastAPI:
-    """The HTTP API over `runtimes` (one model, loaded `parallel` times)."""
-    pool = Pool(runtimes, queue, timeout)
-    name = runtimes[0].name
+    """The HTTP API over `runtimes` (one model, loaded `parallel` times), or over what the function
+    `runtimes` loads once the server is up: meanwhile /health says "loading" and questions get 503."""
+    load = runtimes if callable(runtimes) else None
+    pool = Pool([] if load else runtimes, queue, timeout)
+    state = {"status": "loading" if load else "ready", "error": None}
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        async def load_in_background() -> None:
+            try:
+                pool.runtimes = await run_in_threadpool(load)
+                state["status"] = "ready"
+            except Exception as exc:  # noqa: BLE001 - reported by /health, the server stays up to say so
+                log.error("the model failed to load: %s", exc)
+                state.update(status="failed", error=str(exc))
+
+        task = asyncio.create_task(load_in_background()) if load else None
         yield
+        if task is not None:
+            await task
         pool.close()  # after uvicorn has finished or refused the requests in flight
 
     app = FastAPI(
@@ -184,11 +203,18 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ready", "model": name, "parallel": len(runtimes), "waiting": pool.waiting}
+        return {
+            "status": state["status"],
+            "model": pool.runtimes[0].name if pool.runtimes else None,
+            "parallel": len(pool.runtimes),
+            "waiting": pool.waiting,
+            **({"error": state["error"]} if state["error"] else {}),
+        }
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "edge-spade"}]}
+        data = [{"id": rt.name, "object": "model", "created": 0, "owned_by": "edge-spade"} for rt in pool.runtimes[:1]]
+        return {"object": "list", "data": data}
 
     @app.post("/v1/ask", dependencies=[Depends(authorize)])
     async def ask(body: AskRequest, request: Request) -> dict:
@@ -331,12 +357,19 @@ def serve(
     """Load `parallel` runtimes of `model` and serve them until SIGINT or SIGTERM (in-flight answers finish)."""
     import uvicorn
 
+    from .registry import resolve_model
     from .runtime import load_model
 
     check_host(host, api_key)
     if not 1 <= parallel <= 64:
         raise EdgeSpadeError(f"--parallel must be from 1 to 64, got {parallel}")
-    runtimes = [load_model(model, heads=heads, threads=threads, speed_guard=speed_guard) for _ in range(parallel)]
-    app = create_app(runtimes, queue=queue, timeout=timeout, api_key=api_key)
-    log.info("serving %s on http://%s:%d (%d runtime(s); docs at /docs)", runtimes[0].name, host, port, parallel)
+
+    def load() -> list[Runtime]:
+        runtimes = [load_model(model, heads=heads, threads=threads, speed_guard=speed_guard) for _ in range(parallel)]
+        log.info("%s loaded: %d runtime(s) answering", runtimes[0].name, parallel)
+        return runtimes
+
+    resolve_model(model)  # a wrong name or file is an error now, not a "failed" status later
+    app = create_app(load, queue=queue, timeout=timeout, api_key=api_key)
+    log.info("serving on http://%s:%d (API docs at /docs); loading the model", host, port)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(timeout))

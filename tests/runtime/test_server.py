@@ -230,3 +230,42 @@ def test_chat_completions_render_the_models_template(smollm):
     finally:
         srv.should_exit = True
         thread.join(20)
+
+
+def test_health_says_loading_until_the_model_is_loaded(tiny_model):
+    """With a loader, the server answers at once: /health says "loading" and questions get 503 with
+    Retry-After until the runtimes are there; a model that cannot load is reported, not hidden."""
+    import uvicorn
+
+    from edge_spade.server import create_app
+
+    go = threading.Event()
+
+    def load():
+        go.wait(30)
+        return [load_model(str(tiny_model[0]), n_ctx=256)]
+
+    srv = uvicorn.Server(uvicorn.Config(create_app(load), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
+    try:
+        assert call(url, "/health", key=None)[1]["status"] == "loading"
+        status, error, headers = call(url, "/v1/ask", {"question": "the sky is"}, key=None)
+        assert status == 503 and headers["Retry-After"] == "1" and "loading" in error["error"]["message"]
+        go.set()
+        while call(url, "/health", key=None)[1]["status"] == "loading":
+            time.sleep(0.05)
+        assert call(url, "/health", key=None)[1]["status"] == "ready"
+        assert call(url, "/v1/ask", {"question": "the sky is"}, key=None)[0] == 200
+    finally:
+        go.set()
+        srv.should_exit = True
+        thread.join(20)
+
+
+def test_serve_refuses_a_model_it_cannot_find_before_listening(capsys):
+    assert main(["serve", "--model", "no-such-model", "--port", "0"]) == 1
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
