@@ -70,13 +70,14 @@ def start(model: str, parallel: int) -> tuple[subprocess.Popen, str]:
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+    for _ in range(600):  # up to a minute: the server listens at once and loads the model behind it
         try:
             with urllib.request.urlopen(url + "/health", timeout=1) as r:
                 if json.loads(r.read())["status"] == "ready":
                     return proc, url
         except OSError:
-            time.sleep(0.1)
+            pass
+        time.sleep(0.1)
     proc.kill()
     raise SystemExit("the server did not start")
 
