@@ -136,7 +136,9 @@ class Engine:
     """A loaded GGUF model driven through llama.cpp's eval callback: one context for prompt passes,
     and a second one, made on first use, for SPADE tails run from inside a pass (probes)."""
 
-    def __init__(self, path: str | Path, settings: EngineSettings | None = None) -> None:
+    def __init__(
+        self, path: str | Path, settings: EngineSettings | None = None, *, share: Engine | None = None
+    ) -> None:
         import llama_cpp
 
         self.path = Path(path)
@@ -148,11 +150,18 @@ class Engine:
         self._model = self._main = self._side = None
         self._tails: dict[int, _TailModel] = {}  # layer -> the model of the layers above it
 
-        mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = self.settings.n_gpu_layers
-        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
-        if not self._model:
-            raise ModelFileError(f"llama.cpp could not load {self.path} (corrupt or incomplete GGUF?)")
+        if share is not None:  # another context on the same loaded weights (llama.cpp allows many per model)
+            if share._model is None or Path(share.path).resolve() != self.path.resolve():
+                raise ModelFileError("an engine can share only a loaded model of the same file")
+            self._model, self._owners = share._model, share._owners
+        else:
+            mparams = llama_cpp.llama_model_default_params()
+            mparams.n_gpu_layers = self.settings.n_gpu_layers
+            self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
+            if not self._model:
+                raise ModelFileError(f"llama.cpp could not load {self.path} (corrupt or incomplete GGUF?)")
+            self._owners = [0]  # engines using this llama_model: the last to close frees it
+        self._owners[0] += 1
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_layers = llama_cpp.llama_model_n_layer(self._model)
         self.n_embd = llama_cpp.llama_model_n_embd(self._model)
@@ -185,7 +194,9 @@ class Engine:
                 context.close()
         self._main = self._side = None
         if self._model:
-            self._ll.llama_model_free(self._model)
+            self._owners[0] -= 1
+            if self._owners[0] == 0:
+                self._ll.llama_model_free(self._model)
             self._model = None
         if getattr(self, "head", None) is not None:
             self.head.release()  # dequantized rows and matrix: memory back on close, not at garbage collection

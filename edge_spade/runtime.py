@@ -287,6 +287,7 @@ def load_model(
     tail_models: bool = True,
     speed_guard: bool = True,
     allow_unverified: bool = False,
+    share_with: Runtime | None = None,
 ) -> Runtime:
     """A registry name, a bundle folder or a GGUF path (None: the default model), loaded and ready.
 
@@ -297,6 +298,8 @@ def load_model(
     `speed_guard=False`: the default rule checks wherever its plans say, whatever it has cost so
     far (reproducible benchmarks); see guard.SpeedGuard. `allow_unverified`: use a downloaded
     file whose sha256 cannot be checked (none pinned, the hub unreachable) instead of refusing it.
+    `share_with`: a loaded Runtime of the same model whose weights this one uses too (its own
+    context and guard: one more answer at a time, for little more memory).
     """
     resolved = resolve_model(model, allow_unverified=allow_unverified)
     settings = EngineSettings(
@@ -308,7 +311,7 @@ def load_model(
         heads_dir = Path(heads)
     else:  # a bundle's own heads, or those shipped for a registry model
         heads_dir = resolved.heads or (shipped_heads(resolved.name) if resolved.entry else None)
-    engine = Engine(resolved.path, settings)
+    engine = Engine(resolved.path, settings, share=share_with.engine if share_with is not None else None)
     try:
         return Runtime(engine, resolved.name, heads_dir, SpeedGuard(enabled=speed_guard))
     except Exception:

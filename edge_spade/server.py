@@ -365,7 +365,11 @@ def serve(
         raise EdgeSpadeError(f"--parallel must be from 1 to 64, got {parallel}")
 
     def load() -> list[Runtime]:
-        runtimes = [load_model(model, heads=heads, threads=threads, speed_guard=speed_guard) for _ in range(parallel)]
+        first = load_model(model, heads=heads, threads=threads, speed_guard=speed_guard)
+        runtimes = [first] + [  # more contexts on the same loaded weights
+            load_model(model, heads=heads, threads=threads, speed_guard=speed_guard, share_with=first)
+            for _ in range(parallel - 1)
+        ]
         log.info("%s loaded: %d runtime(s) answering", runtimes[0].name, parallel)
         return runtimes
 

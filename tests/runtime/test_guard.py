@@ -126,3 +126,18 @@ def test_one_runtime_shared_by_threads_gives_the_sequential_answers(tiny_model):
         assert got == expected * 5
     finally:
         rt.close()
+
+
+def test_runtimes_can_share_one_loaded_model(tiny_model):
+    """A second Runtime on the first one's weights answers the same; the weights outlive either close."""
+    first = load_model(str(tiny_model[0]), n_ctx=64)
+    second = load_model(str(tiny_model[0]), n_ctx=64, share_with=first)
+    try:
+        assert second.engine._model == first.engine._model  # one llama_model, two contexts
+        expected = first.ask("the sky is").probs
+        assert second.ask("the sky is").probs == expected
+        first.close()
+        assert second.ask("the sky is").probs == expected  # still loaded: the second one uses it
+    finally:
+        second.close()
+        first.close()
