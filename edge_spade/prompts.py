@@ -218,6 +218,16 @@ def build_prompt(
 _USER = "\ue000edge-spade-user-turn\ue001"  # private-use characters: no template or question writes them
 
 
+def spells_control_token(engine: Engine, text: str) -> bool:
+    """Whether `text` would become control tokens if tokenized with special-token parsing on."""
+    return engine.tokenize(text, add_special=False) != engine.tokenize(text, add_special=False, parse_special=False)
+
+
+def adds_bos(engine: Engine, rendered: str) -> bool:
+    """BOS to add before a rendered chat prompt: the model wants one and the template did not write it."""
+    return engine.adds_bos and not rendered.startswith(engine.bos_text or "\0")
+
+
 def tokenize_chat(engine: Engine, template: str, user: str) -> tuple[str, list[int]]:
     """The chat prompt's text and tokens, in which only the template's own markers are control tokens.
 
@@ -226,8 +236,8 @@ def tokenize_chat(engine: Engine, template: str, user: str) -> tuple[str, list[i
     other text is tokenized whole, exactly as before (the split can move a merge at its edges).
     """
     text = render_chat(template, user, engine.bos_text, engine.eos_text)
-    add_bos = engine.adds_bos and not text.startswith(engine.bos_text or "\0")  # the template may write BOS
-    if engine.tokenize(user, add_special=False) == engine.tokenize(user, add_special=False, parse_special=False):
+    add_bos = adds_bos(engine, text)
+    if not spells_control_token(engine, user):
         return text, engine.tokenize(text, add_special=add_bos)
     parts = render_chat(template, _USER, engine.bos_text, engine.eos_text).split(_USER)
     if len(parts) != 2:
@@ -249,13 +259,10 @@ def chat_prompt(engine: Engine, messages: list[dict[str, str]]) -> Prompt:
         content = m.get("content")
         if not isinstance(content, str):
             raise QuestionError("every message needs text content")
-        if engine.tokenize(content, add_special=False) != engine.tokenize(
-            content, add_special=False, parse_special=False
-        ):
+        if spells_control_token(engine, content):
             raise QuestionError(f"a {m.get('role', '')} message spells a control token of this model")
     text = render_messages(template, messages, engine.bos_text, engine.eos_text)
-    tokens = engine.tokenize(text, add_special=engine.adds_bos and not text.startswith(engine.bos_text or "\0"))
-    return Prompt(text, tokens, "free", (), (), None, ())
+    return Prompt(text, engine.tokenize(text, add_special=adds_bos(engine, text)), "free", (), (), None, ())
 
 
 def decision_set(
