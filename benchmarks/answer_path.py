@@ -27,6 +27,7 @@ if __package__ in (None, ""):
 
 from benchmarks.common import data_path, progress, save_json
 from edge_spade import load_model
+from edge_spade.bench.run import last_logits
 from edge_spade.convert.datasets import load_items
 from edge_spade.runtime import softmax, top_probs
 
@@ -50,9 +51,8 @@ def run_set(rt, llm, data: str, shots: int, limit: int) -> dict:
         t0 = time.perf_counter()
         llm.reset()
         llm.eval(prompt.tokens)
-        theirs = int(
-            np.argmax(llm.scores[llm.n_tokens - 1] if prompt.ids is None else llm.scores[llm.n_tokens - 1][prompt.ids])
-        )
+        logits = last_logits(llm)
+        theirs = int(np.argmax(logits if prompt.ids is None else logits[prompt.ids]))
         t_llama = ms(t0)
         t0 = time.perf_counter()
         full = rt.ask(item.question, item.choices, full=True)

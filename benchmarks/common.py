@@ -6,10 +6,12 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+
+from edge_spade.bench import provenance as bench_provenance
+from edge_spade.bench.provenance import cpu_model, model_record  # noqa: F401 (re-exported to the scripts)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -32,43 +34,7 @@ def progress(iterable, total: int, desc: str):
 
 
 def git_commit() -> str | None:
-    """The checkout's commit, with "-dirty" when tracked files differ from it; None outside git."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def model_record(rt) -> dict:
-    """A loaded runtime's model and heads, by name and sha256, and the threads it ran with."""
-    from edge_spade.cache import sha256_file
-
-    heads_json = Path(rt.heads_dir) / "heads.json" if rt.heads_dir else None
-    return {
-        "model": rt.name,
-        "model_file": rt.engine.path.name,
-        "model_sha256": sha256_file(rt.engine.path),
-        "heads_sha256": sha256_file(heads_json) if heads_json and heads_json.is_file() else None,
-        "threads": rt.engine.threads,
-    }
+    return bench_provenance.git_commit(ROOT)
 
 
 _STARTED_AT = None  # (commit, date) when the benchmark process started: what it ran, not what is there at the end

@@ -8,6 +8,7 @@ import importlib
 import json
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -194,13 +195,44 @@ def _parser() -> argparse.ArgumentParser:
         help="delete these kinds (index, tails, calibration, models); none named: everything",
     )
 
+    b = sub.add_parser(
+        "bench",
+        help="latency, CPU, memory and energy per answer on this machine: full depth, SPADE-EXIT, llama-cpp-python",
+    )
+    b.add_argument("--model", help=MODEL_HELP)
+    b.add_argument("--heads", default=None, help="heads folder (default: shipped heads)")
+    b.add_argument(
+        "--set",
+        default="mixed",
+        help="shipped questions: mixed (default), free-0, free-3, free-8, choice; or an `ask --file` JSONL file",
+    )
+    length = b.add_mutually_exclusive_group()
+    length.add_argument("--n", type=int, help="questions, each answered in every mode (default 100)")
+    length.add_argument("--duration", type=float, help="seconds of measured answers instead of a count")
+    b.add_argument("--threads", type=int, help="CPU threads for every mode (default: all this process may use)")
+    b.add_argument(
+        "--energy",
+        choices=("auto", "rapl", "apple", "battery", "none"),
+        default="auto",
+        help="energy sensor: RAPL (Linux, via zeus), apple (zeus-apple-silicon), battery discharge "
+        "(needs --duration); auto: the first that can be read, else none",
+    )
+    b.add_argument("--allow-ac", action="store_true", help="run --energy battery on mains power (energy not reported)")
+    b.add_argument("--modes", nargs="+", default=["full", "exit", "llama-cpp"], help="modes to compare (default: all)")
+    b.add_argument("--warmup", type=int, default=4, help="questions answered in every mode before measuring")
+    b.add_argument("--no-rss", action="store_true", help="skip the per-mode peak memory (one process per mode)")
+    b.add_argument("--out", help="folder for bench-<model>.json, .md and .png")
+    b.add_argument("--sysfs", default="/sys", help="where sysfs is mounted (RAPL and battery; containers)")
+
     m = sub.add_parser("models", help="list the models edge-spade knows and where they come from")
     m.add_argument("--json", action="store_true")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    args.argv = argv  # what was typed, for results' provenance
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="edge-spade: %(message)s")
     logging.getLogger("gguf").setLevel(logging.WARNING)  # gguf's writer narrates every file at INFO
     try:
@@ -212,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "calibrate":
             return cmd_calibrate(args)
+        if args.command == "bench":
+            return cmd_bench(args)
         if args.command == "convert":
             return cmd_convert(args)
         if args.command == "pull":
@@ -446,6 +480,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .bench import report
+    from .bench.run import BenchSettings, run_bench
+
+    settings = BenchSettings(
+        model=args.model,
+        heads=args.heads,
+        set=args.set,
+        n=args.n,
+        duration=args.duration,
+        threads=args.threads,
+        energy=args.energy,
+        allow_ac=args.allow_ac,
+        modes=tuple(args.modes),
+        warmup=args.warmup,
+        rss=not args.no_rss,
+        sysfs=args.sysfs,
+        progress=not args.quiet and sys.stderr.isatty(),
+        command=shlex.join(["edge-spade", *args.argv]),
+    )
+    result = run_bench(settings)
+    print(report.table(result))
+    if args.out:
+        for path in report.write(result, Path(args.out)):
+            log.info("wrote %s", path)
+    return 130 if result["interrupted"] else 0
 
 
 def cmd_cache(args: argparse.Namespace) -> int:

@@ -79,7 +79,8 @@ def test_plans_by_prompt_length_and_the_guard_in_the_runtime(planned_heads, tiny
         assert (b.plan, b.guard, b.exit_layer) == ("free:6+", "learning", 1)
         # injected costs: the checks of this plan have lost time, so the guard switches them off ...
         for _ in range(rt.guard.min_checked):
-            rt.guard.record_checked("free:6+", 20, total_ms=50.0, check_ms=10.0, exited=False)
+            # (a loss far beyond any real answer's time, so that the real answers above cannot outweigh it)
+            rt.guard.record_checked("free:6+", 20, total_ms=50_000.0, check_ms=10_000.0, exited=False)
         skipped = [rt.ask(long) for _ in range(rt.guard.explore_every - 1)]
         assert {(x.guard, x.exit_layer) for x in skipped} == {("does not pay", None)}
         assert all(x.probs == rt.ask(long, full=True).probs for x in skipped)  # fidelity untouched
