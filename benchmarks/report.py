@@ -106,8 +106,9 @@ def _section(path: Path, title: str, intro: list[str], columns: list[str], rows:
     """One result file as Markdown: title, the command that made it, what it measures, a table, provenance."""
     r = json.loads(path.read_text())
     p = r["provenance"]
+    model = r.get("model") or (p["models"][0]["model"] if p.get("models") else "the converter")
     return [
-        f"### {r.get('model', 'the converter')}: {title}",
+        f"### {model}: {title}",
         "",
         f"`{p['command']}`",
         "",
@@ -268,6 +269,57 @@ def other_results_md(folder: Path = RESULTS) -> list[str]:
                 for x in r["load"]
             ],
         )
+    for path in sorted(folder.glob("bench/bench-*.json")):
+        r = json.loads(path.read_text())
+        energy = r["energy"]
+        measured = energy["detail"] if energy["source"] else f"not measured: {energy['unavailable']}"
+        speed = ", ".join(
+            f"{name.replace('_vs_', ' against ')} {s['total']:.2f}x by total time ({s['median']:.2f}x by median)"
+            for name, s in r["speedups"].items()
+        )
+        kinds = "; ".join(
+            f"{kind}: " + ", ".join(f"{m} {v['p50_ms']:.0f}" for m, v in modes.items())
+            for kind, modes in r["by_kind"].items()
+        )
+        parts += _section(
+            path,
+            "`edge-spade bench`",
+            [
+                f"The user's benchmark on the shipped `{r['questions']['set']}` set ({r['questions']['answered']} "
+                f"questions, each in every mode, interleaved). {speed}. Median ms by kind: {kinds}. "
+                f"Energy: {measured}. Plot: `bench/{path.with_suffix('.png').name}`."
+            ],
+            [
+                "mode",
+                "p50 ms",
+                "p95 ms",
+                "p99 ms",
+                "answers/s",
+                "CPU s/answer",
+                "peak RSS MB",
+                "agreement",
+                "kappa",
+                "J/answer",
+            ],
+            [
+                [mode]
+                + [
+                    _cell(stats.get(k))
+                    for k in (
+                        "p50_ms",
+                        "p95_ms",
+                        "p99_ms",
+                        "answers_per_s",
+                        "cpu_s_per_answer",
+                        "peak_rss_mb",
+                        "agreement_with_full",
+                        "kappa_with_full",
+                        "energy_j_per_answer",
+                    )
+                ]
+                for mode, stats in r["modes"].items()
+            ],
+        )
     for path in sorted(folder.glob("convert*.json")):
         r = json.loads(path.read_text())
         large = r["large"]
@@ -297,6 +349,10 @@ def other_results_md(folder: Path = RESULTS) -> list[str]:
             ],
         )
     return parts
+
+
+def _cell(x) -> str:
+    return "-" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
 def _num(x: float | None, digits: int = 3) -> str:
