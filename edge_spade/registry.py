@@ -17,7 +17,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from .bundle import is_bundle, open_bundle
-from .cache import cache_dir, verify_sha256
+from .cache import cache_dir, sweep_orphans, verify_sha256
 from .errors import ModelFileError, ModelUnavailableError, UnknownModelError
 from .records import build
 
@@ -141,6 +141,7 @@ def _from_package(entry: ModelEntry) -> Path:
     if not target.exists():
         log.info("assembling %s from the %s package (once)", entry.file, src.package)
         target.parent.mkdir(parents=True, exist_ok=True)
+        sweep_orphans(cache_dir())  # what killed writers left anywhere in the cache
         tmp = target.with_suffix(f".part{os.getpid()}")
         try:
             module.assemble(output_path=tmp, overwrite=True)

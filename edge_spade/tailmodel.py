@@ -237,7 +237,7 @@ def tail_model_path(src: str | Path, layer: int) -> Path:
     src = Path(src).resolve()
     path = _cached_path(src, layer)
     if not path.exists():
-        sweep_orphans(path.parent.parent)
+        sweep_orphans(cache_dir())  # what killed writers left anywhere in the cache
         enforce_cap(src.stat().st_size)
         log.info("writing the tail model of %s above layer %d (first use)", src.name, layer)
         write_tail_model(src, layer, path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
 import struct
 from dataclasses import asdict, dataclass
@@ -134,25 +135,35 @@ class OutputHead:
     """The final norm and LM head, applied in numpy to rows we captured.
 
     Rows of the output matrix are dequantized on first use and cached, so a decision set of a
-    few tokens costs a few hundred bytes of work; the whole matrix is dequantized only when a
-    whole-vocabulary readout is asked of numpy (logit lens over the vocabulary).
+    few tokens costs a few hundred bytes of work. A whole-vocabulary readout in numpy (the logit
+    lens over the vocabulary) streams the matrix in blocks of rows instead of keeping a float32
+    copy of it (671 MB for Gemma 3's 262,144 x 640), and hands the file pages it read back.
     """
+
+    CHUNK_ROWS = 2048  # rows dequantized at a time by whole-vocabulary readouts
 
     def __init__(self, path: str | Path, index: GgufIndex) -> None:
         self.index = index
-        self._data = np.memmap(path, mode="r", dtype=np.uint8)
+        with open(path, "rb") as f:
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._data = np.frombuffer(self._mm, dtype=np.uint8)
         self.norm_weight = self._dequantize(index.output_norm, None).reshape(-1)  # (n_embd,)
         self._rows: dict[int, np.ndarray] = {}
         self._row_sets: dict[bytes, np.ndarray] = {}  # large id sets asked for again (candidates)
-        self._matrix: np.ndarray | None = None
 
-    def _dequantize(self, loc: TensorLoc, rows: np.ndarray | None) -> np.ndarray:
+    @staticmethod
+    def _row_bytes(loc: TensorLoc) -> int:
         from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(loc.qtype)]
+        return loc.n_cols // block * block_bytes
+
+    def _dequantize(self, loc: TensorLoc, rows: np.ndarray | slice | None) -> np.ndarray:
+        from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
         qtype = GGMLQuantizationType(loc.qtype)
-        block, block_bytes = GGML_QUANT_SIZES[qtype]
-        row_bytes = loc.n_cols // block * block_bytes
+        row_bytes = self._row_bytes(loc)
         raw = self._data[loc.offset : loc.offset + loc.n_rows * row_bytes].reshape(loc.n_rows, row_bytes)
         if rows is not None:
             raw = raw[rows]
@@ -193,17 +204,29 @@ class OutputHead:
         return out
 
     def release(self) -> None:
-        """Drop what was dequantized (the file stays mapped: reading rows again re-dequantizes them)."""
+        """Drop what was dequantized and the file pages read (the file stays mapped: reading rows
+        again re-dequantizes them)."""
         self._rows.clear()
         self._row_sets.clear()
-        self._matrix = None
+        self._drop_pages()
 
-    def matrix(self) -> np.ndarray:
-        """(n_vocab, n_embd), dequantized once (float32: 4 bytes per weight)."""
-        if self._matrix is None:
-            log.info("dequantizing the full output matrix (%d x %d)", self.index.output.n_rows, self.index.n_embd)
-            self._matrix = self._dequantize(self.index.output, None)
-        return self._matrix
+    def _drop_pages(self, start: int = 0, length: int | None = None) -> None:
+        """Let the kernel reclaim the file pages we read (clean pages: it reads them again if needed)."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            aligned = start - start % mmap.PAGESIZE
+            end = len(self._mm) if length is None else min(start + length, len(self._mm))
+            self._mm.madvise(mmap.MADV_DONTNEED, aligned, end - aligned)
+
+    def vocabulary_logits(self, normed: np.ndarray) -> np.ndarray:
+        """`normed @ output.T` over the whole vocabulary, CHUNK_ROWS rows of the matrix at a time."""
+        loc = self.index.output
+        row_bytes = self._row_bytes(loc)
+        out = np.empty((*normed.shape[:-1], loc.n_rows), dtype=np.float32)
+        for start in range(0, loc.n_rows, self.CHUNK_ROWS):
+            stop = min(start + self.CHUNK_ROWS, loc.n_rows)
+            out[..., start:stop] = normed @ self._dequantize(loc, slice(start, stop)).T
+            self._drop_pages(loc.offset + start * row_bytes, (stop - start) * row_bytes)
+        return out
 
     def final_norm(self, hidden: np.ndarray) -> np.ndarray:
         """RMSNorm times output_norm, as llama.cpp's result_norm. hidden: (..., n_embd)."""
@@ -213,7 +236,6 @@ class OutputHead:
 
     def logits(self, normed: np.ndarray, ids: np.ndarray | None) -> np.ndarray:
         """Logits of already-normed rows over `ids` (None: the whole vocabulary)."""
-        weight = self.matrix() if ids is None else self.rows(ids)
-        out = normed @ weight.T
+        out = self.vocabulary_logits(normed) if ids is None else normed @ self.rows(ids).T
         cap = self.index.logit_softcap
         return np.tanh(out / cap) * cap if cap else out

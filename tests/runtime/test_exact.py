@@ -132,3 +132,15 @@ def test_exception_from_a_read_surfaces_through_the_engine(tiny_engine, monkeypa
     monkeypatch.setattr(tiny_engine.hooks, "_handle", broken)
     with pytest.raises(RuntimeError, match="boom inside the callback"):
         tiny_engine.spade(tiny_engine.tokenize(PROMPTS[0]), 1, None)
+
+
+@pytest.mark.parametrize("chunk", [64, 445, 4096])
+def test_logit_lens_over_the_vocabulary_matches_numpy_in_any_block_size(tiny_engine, tiny_model, monkeypatch, chunk):
+    """The whole-vocabulary logit lens streams the output matrix in blocks of rows (no float32 copy
+    of it is kept): any block size, a last block cut short included, gives the same logits."""
+    monkeypatch.setattr(type(tiny_engine.head), "CHUNK_ROWS", chunk)
+    tokens = tiny_engine.tokenize(PROMPTS[1])
+    hidden = tiny.hidden_states(tiny_model[1], tokens)
+    for layer in range(tiny.N_LAYERS):
+        want = tiny.head(tiny_model[1], hidden[layer][-1])
+        close(tiny_engine.logit_lens(tokens, layer, None).logits, want)

@@ -181,6 +181,14 @@ def test_the_cache_command_lists_bounds_and_clears(tiny_model, tmp_path, monkeyp
     fresh.write_bytes(b"0")
     os.utime(old, (1, 1))
     assert sweep_orphans(cache_dir()) == 1 and fresh.exists() and not old.exists()
+    # ... anywhere in the cache (a killed model assembly, a killed index write), when a writer starts
+    orphans = [cache_dir() / "models" / "m.gguf.part999", cache_dir() / "index" / "i.json.tmp999"]
+    for orphan in orphans:
+        orphan.parent.mkdir(parents=True, exist_ok=True)
+        orphan.write_bytes(b"0")
+        os.utime(orphan, (1, 1))
+    tail_model_path(tiny_model[0], 0)
+    assert not any(orphan.exists() for orphan in orphans)
     assert main(["cache", "--clear", "tails"]) == 0 and not (cache_dir() / "tails").exists()
     assert main(["cache", "--clear", "nonsense"]) == 1
     assert "unknown cache kind(s) nonsense" in capsys.readouterr().err
@@ -192,3 +200,31 @@ def test_a_device_as_the_model_is_refused_by_name(capsys):
         "edge-spade: error: /dev/zero is not a regular file (a device or a pipe?); give a .gguf file, a bundle or "
         "a model name\n"
     )
+
+
+def test_a_full_disk_while_a_tail_model_is_written_degrades(tiny_model, tiny_heads, tmp_path):
+    """A file-size limit (RLIMIT_FSIZE: writes past it fail with EFBIG, as a full disk fails them
+    with ENOSPC) lets the small index cache be written but not the tail model: the questions are
+    answered with tails run on the whole model, and no partial file is left in the cache."""
+    import resource
+
+    cache = tmp_path / "cache"
+    lines = tmp_path / "q.jsonl"
+    lines.write_text('{"question": "the sky is"}\n{"question": "the water is"}\n{"question": "the sun is"}\n')
+    heads = with_probe(tiny_heads, tmp_path / "heads")
+    limit = tiny_model[0].stat().st_size // 4  # below any tail model of it, above the index cache
+
+    def small_disk() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    argv = ["ask", "--file", str(lines), "--json", "--model", str(tiny_model[0]), "--heads", str(heads)]
+    p = cli(
+        *argv, "--ctx", "64", "--no-guard", env={**os.environ, "EDGE_SPADE_CACHE": str(cache)}, preexec_fn=small_disk
+    )
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert [json.loads(line)["exit_layer"] for line in out.splitlines()] == [1, 1, 1]
+    assert "no tail model above layer 1" in err and "File too large" in err and "Traceback" not in err
+    leftovers = [f.name for f in cache.rglob("*") if ".part" in f.name or ".tmp" in f.name]
+    assert leftovers == []
