@@ -225,6 +225,8 @@ def run_bench(settings: BenchSettings) -> dict:
     bench = load_bench(settings)
     try:
         _warm_up(bench)
+        amount = f"{settings.duration:g} s" if settings.duration else f"{settings.n or 100} questions"
+        log.info("measuring %s in %s (Ctrl-C stops and keeps what was measured)", amount, ", ".join(settings.modes))
         if bench.sensor is not None and not bench.sensor.per_answer:
             _run_blocks(bench)
         else:
@@ -254,9 +256,7 @@ def _run_interleaved(bench: Bench) -> None:
     """Each question in every mode, in an order rotated per question (no mode always goes first)."""
     s = bench.settings
     modes = list(s.modes)
-    count = s.n if s.duration is None else None
-    if count is None and s.duration is None:
-        count = 100
+    count = (s.n or 100) if s.duration is None else None
     start = time.perf_counter()
     bar = _progress(s, count if count else s.duration, "q" if count else "s")
     i = 0

@@ -228,3 +228,22 @@ def test_a_full_disk_while_a_tail_model_is_written_degrades(tiny_model, tiny_hea
     assert "no tail model above layer 1" in err and "File too large" in err and "Traceback" not in err
     leftovers = [f.name for f in cache.rglob("*") if ".part" in f.name or ".tmp" in f.name]
     assert leftovers == []
+
+
+def test_ctrl_c_during_bench_keeps_what_was_measured(tiny_model, tiny_heads, tmp_path):
+    lines = tmp_path / "q.jsonl"
+    lines.write_text('{"question": "the sky is"}\n{"question": "is the sky blue?", "choices": ["yes", "no"]}\n')
+    out = tmp_path / "out"
+    argv = ["bench", "--model", str(tiny_model[0]), "--heads", str(tiny_heads), "--set", str(lines)]
+    p = cli(*argv, "--duration", "600", "--energy", "none", "--no-rss", "--out", str(out))
+    for line in p.stderr:  # the measured phase has begun
+        if "measuring 600 s" in line:
+            break
+    time.sleep(1.0)
+    p.send_signal(signal.SIGINT)
+    stdout, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "interrupted: figures cover" in stdout and "Traceback" not in err
+    saved = json.loads((out / "bench-tiny-llama.json").read_text())
+    assert saved["interrupted"] and saved["questions"]["answered"] > 0
+    assert len(saved["records"]) == 3 * saved["questions"]["answered"]  # whole questions only
