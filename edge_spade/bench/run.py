@@ -266,7 +266,7 @@ def _run_interleaved(bench: Bench) -> None:
             for mode in modes[k:] + modes[:k]:
                 bench.records.append(bench.answer(mode, i))
             i += 1
-            bar.update(1) if count else bar.update(min(time.perf_counter() - start, s.duration) - bar.n)
+            bar.update(1 if count else min(time.perf_counter() - start, s.duration) - bar.n)
     except KeyboardInterrupt:
         bench.interrupted = True
         log.warning("interrupted: summarising the %d questions answered", i)
