@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from edge_spade.bench import report as bench_report
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
@@ -289,36 +291,8 @@ def other_results_md(folder: Path = RESULTS) -> list[str]:
                 f"questions, each in every mode, interleaved). {speed}. Median ms by kind: {kinds}. "
                 f"Energy: {measured}. Plot: `bench/{path.with_suffix('.png').name}`."
             ],
-            [
-                "mode",
-                "p50 ms",
-                "p95 ms",
-                "p99 ms",
-                "answers/s",
-                "CPU s/answer",
-                "peak RSS MB",
-                "agreement",
-                "kappa",
-                "J/answer",
-            ],
-            [
-                [mode]
-                + [
-                    _cell(stats.get(k))
-                    for k in (
-                        "p50_ms",
-                        "p95_ms",
-                        "p99_ms",
-                        "answers_per_s",
-                        "cpu_s_per_answer",
-                        "peak_rss_mb",
-                        "agreement_with_full",
-                        "kappa_with_full",
-                        "energy_j_per_answer",
-                    )
-                ]
-                for mode, stats in r["modes"].items()
-            ],
+            [name for name, _ in bench_report.COLUMNS],
+            bench_report.rows(r),
         )
     for path in sorted(folder.glob("convert*.json")):
         r = json.loads(path.read_text())
@@ -349,10 +323,6 @@ def other_results_md(folder: Path = RESULTS) -> list[str]:
             ],
         )
     return parts
-
-
-def _cell(x) -> str:
-    return "-" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
 def _num(x: float | None, digits: int = 3) -> str:

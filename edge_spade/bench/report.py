@@ -87,8 +87,11 @@ def markdown(result: dict) -> str:
         *(f"- {n}" for n in _notes(result)),
     ]
     if result["by_kind"]:
-        lines += ["", "| kind | " + " | ".join(f"{m} p50 ms" for m in result["modes"]) + " | exit agreement |", ""]
-        lines[-1] = "|---|" + "---:|" * (len(result["modes"]) + 1)
+        lines += [
+            "",
+            "| kind | " + " | ".join(f"{m} p50 ms" for m in result["modes"]) + " | exit agreement |",
+            "|---|" + "---:|" * (len(result["modes"]) + 1),
+        ]
         for kind, by_mode in result["by_kind"].items():
             cells = [_fmt(by_mode.get(m, {}).get("p50_ms")) for m in result["modes"]]
             agree = _fmt(by_mode.get("exit", {}).get("agreement_with_full"))
