@@ -22,6 +22,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +44,37 @@ _llama_log = logging.getLogger("edge_spade.llama_cpp")
 
 _GGML_LOG_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.DEBUG, 4: logging.DEBUG}
 _backend: dict[str, object] = {}
+# The CPU backend copies some tensors into an interleaved layout at load ("repack"); it says which
+# in its log, and their bytes in the mapped file are never read again.
+_REPACK_LINE = re.compile(r"repack: repack tensor (\S+) with ")
+_loading: list[list[str]] = []  # the model load in progress collects its repacked tensors' names
+_load_lock = threading.Lock()
+
+
+def load_llama_model(path: Path, n_gpu_layers: int, release: Sequence[str] = ()):
+    """llama.cpp's model of `path`, or None; on the CPU, the file's pages that llama.cpp will not read
+    again (repacked tensors, and the tensors named in `release`) are handed back to the kernel.
+
+    llama.cpp maps model files populated, so every byte of the file counts as resident memory
+    until released; released pages come back from the page cache if they are ever read.
+    """
+    import llama_cpp
+
+    mparams = llama_cpp.llama_model_default_params()
+    mparams.n_gpu_layers = n_gpu_layers
+    with _load_lock:
+        _loading.append([])
+        try:
+            model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+        finally:
+            repacked = _loading.pop()
+    if model and n_gpu_layers == 0:
+        try:
+            tensors = read_index(path).tensors or {}
+        except ModelFileError:
+            tensors = {}
+        release_mapped(path, [tensors[name] for name in [*repacked, *release] if name in tensors])
+    return model
 
 
 def init_backend():
@@ -53,7 +86,11 @@ def init_backend():
 
         def on_log(level: int, text: bytes | None, _data: int) -> None:
             if text:
-                _llama_log.log(_GGML_LOG_LEVELS.get(level, logging.DEBUG), text.decode("utf-8", "replace").rstrip())
+                line = text.decode("utf-8", "replace").rstrip()
+                _llama_log.log(_GGML_LOG_LEVELS.get(level, logging.DEBUG), line)
+                repacked = _REPACK_LINE.match(line)
+                if repacked and _loading:
+                    _loading[-1].append(repacked.group(1))
 
         _backend["log"] = llama_cpp.llama_log_callback(on_log)
         llama_cpp.llama_log_set(_backend["log"], None)
@@ -148,16 +185,15 @@ class Engine:
         ggml = init_backend()
         self._ll = llama_cpp
         self._model = self._main = self._side = None
-        self._tails: dict[int, _TailModel] = {}  # layer -> the model of the layers above it
+        self._tails: dict[int, _DerivedModel] = {}  # layer -> the model of the layers above it
+        self._head: _DerivedModel | None = None  # with tail models: where every free answer's LM head runs
 
         if share is not None:  # another context on the same loaded weights (llama.cpp allows many per model)
             if share._model is None or Path(share.path).resolve() != self.path.resolve():
                 raise ModelFileError("an engine can share only a loaded model of the same file")
             self._model, self._owners = share._model, share._owners
         else:
-            mparams = llama_cpp.llama_model_default_params()
-            mparams.n_gpu_layers = self.settings.n_gpu_layers
-            self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
+            self._model = load_llama_model(self.path, self.settings.n_gpu_layers)
             if not self._model:
                 raise ModelFileError(f"llama.cpp could not load {self.path} (corrupt or incomplete GGUF?)")
             self._owners = [0]  # engines using this llama_model: the last to close frees it
@@ -186,9 +222,9 @@ class Engine:
     # -- lifetime -------------------------------------------------------------------------
 
     def close(self) -> None:
-        for tail in self._tails.values():
-            tail.close()
-        self._tails = {}
+        for derived in [*self._tails.values(), *([self._head] if self._head else [])]:
+            derived.close()
+        self._tails, self._head = {}, None
         for context in (self._side, self._main):
             if context is not None:
                 context.close()
@@ -312,7 +348,9 @@ class Engine:
         k = states.shape[0]
         cut = self._tails.get(layer) if tail_model else None
         if cut is not None and k <= cut.context.n_ctx:
-            return self._final_logits(self._decode(states, self._final_taps(ids), context=cut.context), ids)
+            last = self.arch.layer_node(cut.n_layers - 1)
+            capture = self._decode(states, self._final_taps(ids, last), context=cut.context)
+            return self._final_logits(capture, ids, last)
         tokens = list(tokens) if tokens is not None else [0] * k
         taps = {self.arch.layer_node(layer): Tap(write=states), **self._final_taps(ids)}
         return self._final_logits(self._decode(tokens, taps, side=side), ids)
@@ -320,15 +358,18 @@ class Engine:
     def use_tail_models(self, layers: Sequence[int]) -> None:
         """Run SPADE tails from these layers on tail models (only the layers above; see tailmodel).
 
-        Each costs a derived GGUF in the cache (written once) and its memory: the output matrix
-        is not shared with the main model (most of a small model's file). Worth it for the
-        few layers that probes run at, not for every layer.
+        Each costs a derived GGUF in the cache (written once) and the memory of its layers. The
+        first also loads the head model, which from then on computes every free answer's
+        vocabulary logits (tails' and full passes' alike), and releases the main model's output
+        matrix, so that the matrix is held once. Without a head model there are no tail models.
         """
+        if not self._use_head_model():
+            return
         for layer in layers:
             self._check_layer(layer)
             if layer < self.n_layers - 1 and layer not in self._tails:
                 try:
-                    self._tails[layer] = _TailModel(self, layer)
+                    self._tails[layer] = _DerivedModel(self, layer)
                 except TailModelError as exc:
                     log.info("%s; tails from layer %d run on the whole model", exc, layer)
                 except (ModelFileError, OSError) as exc:  # a cache that cannot be written, or a damaged file
@@ -339,12 +380,30 @@ class Engine:
                     )
                     discard_tail_model(self.path, layer)
 
+    def _use_head_model(self) -> bool:
+        if self._head is not None:
+            return True
+        if self.settings.n_gpu_layers == 0:  # first, so that the two copies are never resident together
+            release_mapped(self.path, [(self.index.output.offset, self.head.matrix_bytes)])
+        try:
+            self._head = _DerivedModel(self, None)
+        except (ModelFileError, OSError) as exc:  # the main model's LM head it is (its pages come back)
+            log.warning("no head model (%s); SPADE tails run on the whole model (same answers, slower)", exc)
+            discard_tail_model(self.path, None)
+            return False
+        return True
+
     def new_context_ms(self) -> float:
         """What making (and freeing) one more context of this engine's size costs, in ms: the price
         of the first SPADE probe in a process, which makes the second context probes run on."""
         t0 = time.perf_counter()
         _Context(self, self.settings.n_ctx).close()
         return _ms(t0)
+
+    @property
+    def head_model(self) -> bool:
+        """Whether free answers' LM head runs on the head model (use_tail_models loaded it)."""
+        return self._head is not None
 
     @property
     def tail_model_layers(self) -> list[int]:
@@ -452,15 +511,51 @@ class Engine:
             capture.logits = context.last_logits
         return capture
 
-    def _final_taps(self, ids: np.ndarray | None) -> dict[str, Tap]:
-        """With a decision set, end the graph at result_norm and skip llama.cpp's LM head."""
-        return {} if ids is None else {self.arch.final_norm: Tap(read_rows=(-1,), cut=True)}
+    def _final_taps(self, ids: np.ndarray | None, last: str | None = None) -> dict[str, Tap]:
+        """With a decision set, end the graph at result_norm and skip llama.cpp's LM head; with a head
+        model, end it after the last layer (`last`: that node, when not this model's) and skip both."""
+        if ids is not None:
+            return {self.arch.final_norm: Tap(read_rows=(-1,), cut=True)}
+        if self._head is not None:
+            return {last or self.arch.layer_node(self.n_layers - 1): Tap(read_rows=(-1,), cut=True)}
+        return {}
 
-    def _final_logits(self, capture, ids: np.ndarray | None) -> np.ndarray:
-        """The last position's logits: llama.cpp's over the vocabulary, or the decision rows in numpy."""
-        if ids is None:
+    def _final_logits(self, capture, ids: np.ndarray | None, last: str | None = None) -> np.ndarray:
+        """The last position's logits: llama.cpp's over the vocabulary (on the head model, when one is
+        loaded), or the decision rows in numpy."""
+        if ids is not None:
+            return self.head.logits(capture.rows[self.arch.final_norm][0], ids)
+        if self._head is None:
             return capture.logits()
-        return self.head.logits(capture.rows[self.arch.final_norm][0], ids)
+        hidden = capture.rows[last or self.arch.layer_node(self.n_layers - 1)]
+        taps = {self.arch.layer_node(0): Tap(write=hidden)}  # block 0's output replaced: norm + LM head remain
+        return self._decode(hidden, taps, context=self._head.context).logits()
+
+
+def release_mapped(path: Path, ranges: Sequence[tuple[int, int]]) -> int:
+    """Drop this process's resident pages of `path`'s byte ranges (offset, length) where llama.cpp
+    mapped the file (Linux; elsewhere nothing). The file stays mapped; pages come back on access.
+    Returns the bytes released."""
+    if not ranges or not os.path.exists("/proc/self/maps"):
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madv_dontneed, page = 4, os.sysconf("SC_PAGE_SIZE")
+    target, released = str(Path(path).resolve()), 0
+    with open("/proc/self/maps") as maps:
+        mappings = [line.split(maxsplit=5) for line in maps]
+    for parts in mappings:
+        if len(parts) < 6 or parts[5].strip() != target:
+            continue
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        base = lo - int(parts[2], 16)  # the address of file offset 0 in this mapping
+        for offset, nbytes in ranges:
+            start = -(-max(lo, base + offset) // page) * page  # whole pages inside the range only
+            end = min(hi, base + offset + nbytes) // page * page
+            if end > start and libc.madvise(start, end - start, madv_dontneed) == 0:
+                released += end - start
+    log.debug("released %.1f MB of %s's mapped pages", released / 2**20, Path(path).name)
+    return released
 
 
 class _Context:
@@ -529,22 +624,26 @@ class _Context:
             self.ctx = None
 
 
-class _TailModel:
-    """The layers above `layer` as a llama model of their own, fed the captured rows as embeddings."""
+class _DerivedModel:
+    """A model derived from the engine's (tailmodel): the layers above `layer`, or (None) the head
+    model; fed captured rows as embeddings, on a small context of its own."""
 
     N_CTX = 64  # tail rows (start token + K); wider tails fall back to the whole model
 
-    def __init__(self, engine: Engine, layer: int) -> None:
+    def __init__(self, engine: Engine, layer: int | None) -> None:
         ll = self._ll = engine._ll
         self.path = tail_model_path(engine.path, layer)
-        mparams = ll.llama_model_default_params()
-        mparams.n_gpu_layers = engine.settings.n_gpu_layers
-        self.model = ll.llama_model_load_from_file(str(self.path).encode(), mparams)
+        # a tail model's stub vocabulary is never read: fed embeddings, its pass ends before the LM head
+        stub = () if layer is None else ("token_embd.weight", "output.weight")
+        self.model = load_llama_model(self.path, engine.settings.n_gpu_layers, stub)
+        what = "head model" if layer is None else "tail model"
         if not self.model:
-            raise ModelFileError(f"llama.cpp could not load the tail model {self.path}; delete it to rewrite it")
-        if ll.llama_model_n_layer(self.model) != engine.n_layers - 1 - layer:
-            raise ModelFileError(f"the tail model {self.path} does not hold layers {layer + 1}..{engine.n_layers - 1}")
-        self.context = _Context(engine, self.N_CTX, model=self.model, embd=True)
+            raise ModelFileError(f"llama.cpp could not load the {what} {self.path}; delete it to rewrite it")
+        self.n_layers = ll.llama_model_n_layer(self.model)
+        if self.n_layers != (1 if layer is None else engine.n_layers - 1 - layer):
+            ll.llama_model_free(self.model)
+            raise ModelFileError(f"the {what} {self.path} does not hold the layers it should")
+        self.context = _Context(engine, self.N_CTX if layer is not None else 8, model=self.model, embd=True)
 
     def close(self) -> None:
         if self.context is not None:

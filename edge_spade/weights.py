@@ -25,7 +25,7 @@ from .errors import ModelFileError
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 2
+INDEX_VERSION = 3
 GGUF_MAGIC = b"GGUF"
 
 
@@ -51,6 +51,7 @@ class GgufIndex:
     output_norm: TensorLoc
     file_size: int
     file_type: int = -1  # general.file_type (llama_ftype), -1 when absent
+    tensors: dict[str, tuple[int, int]] | None = None  # name -> (absolute offset, bytes)
 
 
 def _field(reader, key: str, default=None):
@@ -94,6 +95,7 @@ def _parse(path: Path) -> GgufIndex:
         output_norm=loc(norm),
         file_size=size,
         file_type=int(_field(reader, "general.file_type", -1)),
+        tensors={t.name: (int(t.data_offset), int(t.n_bytes)) for t in reader.tensors},
     )
 
 
@@ -172,6 +174,11 @@ class OutputHead:
             return np.asarray(raw).view(dtype).astype(np.float32)
         return dequantize(np.asarray(raw), qtype).reshape(-1, loc.n_cols).astype(np.float32, copy=False)
 
+    @property
+    def matrix_bytes(self) -> int:
+        """The output matrix's size in the file."""
+        return self.index.output.n_rows * self._row_bytes(self.index.output)
+
     def fingerprint(self, n_sample: int = 64) -> str:
         """sha256 of the output matrix's type, shape and raw bytes of evenly spaced rows.
 
@@ -191,17 +198,19 @@ class OutputHead:
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """(len(ids), n_embd) output-matrix rows."""
-        key = np.asarray(ids, np.int64).tobytes() if len(ids) > 256 else None
-        if key is not None and key in self._row_sets:
+        loc = self.index.output
+        if len(ids) > 256:  # a large set (candidates): kept whole, not also row by row
+            key = np.asarray(ids, np.int64).tobytes()
+            if key not in self._row_sets:
+                self._row_sets[key] = self._dequantize(loc, np.asarray(ids, np.int64))
+                self._drop_pages(loc.offset, self.matrix_bytes)
             return self._row_sets[key]
         missing = [int(i) for i in ids if int(i) not in self._rows]
         if missing:
-            for i, row in zip(missing, self._dequantize(self.index.output, np.asarray(missing))):
+            for i, row in zip(missing, self._dequantize(loc, np.asarray(missing))):
                 self._rows[i] = row
-        out = np.stack([self._rows[int(i)] for i in ids])
-        if key is not None:
-            self._row_sets[key] = out
-        return out
+            self._drop_pages(loc.offset, self.matrix_bytes)  # scattered rows: a page each, read once
+        return np.stack([self._rows[int(i)] for i in ids])
 
     def release(self) -> None:
         """Drop what was dequantized and the file pages read (the file stays mapped: reading rows

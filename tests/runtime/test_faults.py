@@ -125,7 +125,7 @@ def test_an_unusable_cache_degrades_instead_of_failing(tiny_model, tiny_heads, t
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
     assert [json.loads(line)["exit_layer"] for line in out.splitlines()] == [1, 1]
-    assert "cannot cache the index" in err and "no tail model above layer 1" in err and "Traceback" not in err
+    assert "cannot cache the index" in err and "no head model" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("bad", ["not onnx at all", "another width"])
@@ -204,7 +204,7 @@ def test_a_device_as_the_model_is_refused_by_name(capsys):
 
 def test_a_full_disk_while_a_tail_model_is_written_degrades(tiny_model, tiny_heads, tmp_path):
     """A file-size limit (RLIMIT_FSIZE: writes past it fail with EFBIG, as a full disk fails them
-    with ENOSPC) lets the small index cache be written but not the tail model: the questions are
+    with ENOSPC) lets the small index cache be written but not the head model: the questions are
     answered with tails run on the whole model, and no partial file is left in the cache."""
     import resource
 
@@ -212,7 +212,7 @@ def test_a_full_disk_while_a_tail_model_is_written_degrades(tiny_model, tiny_hea
     lines = tmp_path / "q.jsonl"
     lines.write_text('{"question": "the sky is"}\n{"question": "the water is"}\n{"question": "the sun is"}\n')
     heads = with_probe(tiny_heads, tmp_path / "heads")
-    limit = tiny_model[0].stat().st_size // 4  # below any tail model of it, above the index cache
+    limit = tiny_model[0].stat().st_size // 4  # below its head model, above the index cache
 
     def small_disk() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
@@ -225,7 +225,7 @@ def test_a_full_disk_while_a_tail_model_is_written_degrades(tiny_model, tiny_hea
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
     assert [json.loads(line)["exit_layer"] for line in out.splitlines()] == [1, 1, 1]
-    assert "no tail model above layer 1" in err and "File too large" in err and "Traceback" not in err
+    assert "no head model" in err and "File too large" in err and "Traceback" not in err
     leftovers = [f.name for f in cache.rglob("*") if ".part" in f.name or ".tmp" in f.name]
     assert leftovers == []
 

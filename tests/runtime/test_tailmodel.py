@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import replace
 
 import gguf
@@ -13,7 +14,7 @@ from edge_spade import Engine
 from edge_spade.errors import ModelFileError
 from edge_spade.policy import ExitPolicy, spade_exit
 from edge_spade.prompts import build_prompt
-from edge_spade.tailmodel import TailModelError, tail_model_path, write_tail_model
+from edge_spade.tailmodel import TAIL_VOCAB, TailModelError, tail_model_path, write_head_model, write_tail_model
 from tests.support import EXACT, tiny
 
 CHOICES = np.array([5, 9, 17])
@@ -49,23 +50,69 @@ def test_tiny_tail_models_equal_whole_model_tails_and_the_numpy_reference(tiny_m
         np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max())
 
 
-def test_tail_model_file_is_the_upper_layers_renumbered(tiny_model, tmp_path):
-    src, _ = tiny_model
-    out = write_tail_model(src, 1, tmp_path / "above-1.gguf")
+def n_vocab(src: Path) -> int:
+    return len(gguf.GGUFReader(src).fields["tokenizer.ggml.tokens"].contents())
+
+
+def derived_tensors(src: Path, out: Path, block_of) -> dict[str, gguf.ReaderTensor]:
+    """The derived file's tensors by their source names, each checked byte for byte against the source
+    (vocabulary matrices: against the source's first rows)."""
     a, b = gguf.GGUFReader(src), gguf.GGUFReader(out)  # gguf's own parser as the independent reader
-    assert b.fields["llama.block_count"].contents() == tiny.N_LAYERS - 2
-    assert b.fields["tokenizer.ggml.tokens"].contents() == a.fields["tokenizer.ggml.tokens"].contents()
     src_tensors = {t.name: t for t in a.tensors}
     renamed = {}
     for t in b.tensors:
         original = t.name
         if t.name.startswith("blk."):
             _, i, rest = t.name.split(".", 2)
-            original = f"blk.{int(i) + 2}.{rest}"
+            original = f"blk.{block_of(int(i))}.{rest}"
         renamed[original] = t
         assert t.tensor_type == src_tensors[original].tensor_type
-        np.testing.assert_array_equal(np.asarray(t.data), np.asarray(src_tensors[original].data), err_msg=t.name)
-    assert set(renamed) == {n for n in src_tensors if not n.startswith(("blk.0.", "blk.1."))}
+        want = np.asarray(src_tensors[original].data)
+        np.testing.assert_array_equal(np.asarray(t.data), want[: len(np.asarray(t.data))], err_msg=t.name)
+    return renamed
+
+
+def test_tail_model_file_is_the_upper_layers_renumbered_with_a_stub_vocabulary(tiny_model, tmp_path):
+    src, _ = tiny_model
+    out = write_tail_model(src, 1, tmp_path / "above-1.gguf")
+    b = gguf.GGUFReader(out)
+    assert b.fields["llama.block_count"].contents() == tiny.N_LAYERS - 2
+    # fed embeddings, never text: no tokenizer to parse on load, and no vocabulary matrix to hold
+    assert b.fields["tokenizer.ggml.model"].contents() == "no_vocab"
+    assert not any(k.startswith("tokenizer.ggml.tokens") for k in b.fields)
+    assert b.fields["llama.vocab_size"].contents() == TAIL_VOCAB < n_vocab(src)
+    tensors = derived_tensors(src, out, lambda i: i + 2)
+    assert tensors["token_embd.weight"].shape.tolist() == [tiny.N_EMBD, TAIL_VOCAB]
+    names = {t.name for t in gguf.GGUFReader(src).tensors}
+    assert set(tensors) == {n for n in names if not n.startswith(("blk.0.", "blk.1."))}
+
+
+def test_head_model_file_is_block_0_and_the_whole_vocabulary(tiny_model, tmp_path):
+    src, _ = tiny_model
+    out = write_head_model(src, tmp_path / "head.gguf")
+    b = gguf.GGUFReader(out)
+    assert b.fields["llama.block_count"].contents() == 1
+    assert b.fields["llama.vocab_size"].contents() == n_vocab(src)
+    tensors = derived_tensors(src, out, lambda i: i)
+    assert tensors["token_embd.weight"].shape.tolist() == [tiny.N_EMBD, n_vocab(src)]
+    names = {t.name for t in gguf.GGUFReader(src).tensors}
+    assert set(tensors) == {n for n in names if not n.startswith("blk.") or n.startswith("blk.0.")}
+
+
+def test_head_model_answers_every_free_question_and_the_output_matrix_is_held_once(tiny_model, tmp_path, monkeypatch):
+    """Once tail models are in use, full passes end after the last layer and the head model applies
+    the LM head: the same logits as llama.cpp's own head, and the main file's matrix pages released."""
+    monkeypatch.setenv("EDGE_SPADE_CACHE", str(tmp_path))
+    with Engine(tiny_model[0], EXACT) as engine:
+        tokens = engine.tokenize("the capital of france is paris . the answer is")
+        want = engine.full(tokens, None).logits
+        exit_want = engine.early_exit(tokens, None, {1: lambda rows: True}, tail=3).logits
+        assert not engine.head_model
+        engine.use_tail_models([1])
+        assert engine.head_model and engine.tail_model_layers == [1]
+        np.testing.assert_array_equal(engine.full(tokens, None).logits, want)
+        np.testing.assert_array_equal(engine.early_exit(tokens, None, {1: lambda rows: True}, tail=3).logits, exit_want)
+        np.testing.assert_array_equal(engine.trace(tokens, None).full.logits, want)
 
 
 def test_tail_model_errors(tiny_model, tmp_path):
@@ -93,7 +140,7 @@ def test_gemma_implicit_sliding_window_pattern_is_written_shifted(gemma, tmp_pat
     layer that is not a multiple of 6 only stays exact if the pattern is written out, shifted."""
     monkeypatch.setenv("EDGE_SPADE_CACHE", str(tmp_path))
     engine = gemma.engine
-    saved = dict(engine._tails)
+    saved, saved_head = dict(engine._tails), engine._head
     engine._tails.clear()
     try:
         tokens = gemma.prompt("The capital of France is Paris. The capital of Italy is", None).tokens
@@ -109,6 +156,9 @@ def test_gemma_implicit_sliding_window_pattern_is_written_shifted(gemma, tmp_pat
             t.close()
         engine._tails.clear()
         engine._tails.update(saved)
+        if engine._head is not saved_head:
+            engine._head.close()
+            engine._head = saved_head
 
 
 def test_probe_exit_runs_on_tail_models(tiny_model, tmp_path, monkeypatch):
