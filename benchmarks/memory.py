@@ -4,7 +4,8 @@
 
 Each mode runs in a fresh process (the peak is the kernel's ru_maxrss of that process): a
 one-question `edge-spade ask` free and with choices, at full depth and by default; a batch
-(`ask --file`, 20 free questions, SPADE probes on tail models); the Python API in one process
+(`ask --file`, 20 free questions; and 20 of the bench's 8-shot free questions, whose checks load
+the tail model and the head model, with the count that exited); the Python API in one process
 asking every mode in turn, with its memory after `close()`; and llama-cpp-python's `Llama`
 evaluating the same prompt and taking the argmax (what a user would run instead).
 """
@@ -67,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         batch = Path(tmp) / "batch.jsonl"
         facts = ["The capital of Peru is", "One child, two", "The opposite of hot is", "Monday, Tuesday,"]
         batch.write_text("".join(json.dumps({"question": f"{q} {q} {q} {q} {q}"}) + "\n" for q in facts * 5))
+        from edge_spade.bench.sets import load_set
         from edge_spade.registry import resolve_model
+
+        shots = Path(tmp) / "free-8.jsonl"
+        shots.write_text("".join(json.dumps({"question": q.question}) + "\n" for q in load_set("free-8")[:20]))
 
         modes = {
             "llama-cpp-python": [py, "-c", LLAMA_CPP, str(resolve_model(args.model).path), FREE],
@@ -75,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             "ask free, default": [*cli, FREE, "--model", args.model],
             "ask choices, default": [*cli, "Is water wet?", "--choices", "yes", "no", "--model", args.model],
             "ask --file (20 free, probes)": [*cli, "--file", str(batch), "--model", args.model, "--no-guard"],
+            "ask --file (20 free 8-shot, tail models)": [
+                *[*cli, "--file", str(shots), "--json", "--model", args.model, "--no-guard"],
+            ],
             "API, every mode incl. logit lens": [py, "-c", API, args.model, FREE],
         }
         rows = []
@@ -83,11 +91,14 @@ def main(argv: list[str] | None = None) -> int:
             row = {"mode": name, "peak_rss_mb": round(kb / 1024, 1)}
             if name.startswith("API"):
                 row["rss_after_close_mb"] = round(int(out.strip().splitlines()[-1]) / 1024, 1)
+            if "--json" in command:
+                row["exits"] = sum(json.loads(line).get("exit_layer") is not None for line in out.splitlines())
             rows.append(row)
     base = rows[0]["peak_rss_mb"]
     for row in rows:
         row["vs_llama_cpp"] = round(row["peak_rss_mb"] / base, 2)
         after = f", {row['rss_after_close_mb']:.0f} MB after close()" if "rss_after_close_mb" in row else ""
+        after += f", {row['exits']} exits" if "exits" in row else ""
         print(f"{row['mode']:<36}{row['peak_rss_mb']:>8.0f} MB  x{row['vs_llama_cpp']:.2f}{after}")
     if args.out:
         save_json({"model": args.model, "rows": rows}, args.out)

@@ -169,6 +169,7 @@ def _memory_rows(r: dict) -> list[list[str]]:
             f"{row['peak_rss_mb']:.0f}",
             f"x{row['vs_llama_cpp']:.2f}",
             _num(row.get("rss_after_close_mb"), 0),
+            _num(row.get("exits"), 0),
         ]
         for row in r["rows"]
     ]
@@ -229,7 +230,7 @@ def other_results_md(folder: Path = RESULTS) -> list[str]:
                 "Peak RSS of one process per mode (the kernel's ru_maxrss), against llama-cpp-python's `Llama`",
                 "evaluating the same prompt.",
             ],
-            ["mode", "peak RSS (MB)", "vs llama-cpp-python", "after close() (MB)"],
+            ["mode", "peak RSS (MB)", "vs llama-cpp-python", "after close() (MB)", "exits"],
             _memory_rows(json.loads(path.read_text())),
         )
     for path in sorted(folder.glob("server-*.json")):

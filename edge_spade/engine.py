@@ -123,8 +123,8 @@ class EngineSettings:
     n_gpu_layers: int = 0  # Metal or another GPU backend; CPU is what the tests cover
     kv_type: Literal["f16", "f32"] = "f16"  # f32 for exact comparisons in tests
     flash_attn: bool | None = None  # None: llama.cpp decides; on CPU it rounds attention through f16
-    # SPADE probes run their tails on tail models (only the layers above): loading one costs about what
-    # loading the model does (the vocabulary dominates both), repaid after a few answers
+    # SPADE probes run their tails on tail models (only the layers above) and free answers' LM head on the
+    # head model: two more files to load (small: no tokenizer), repaid after a few answers
     tail_models: bool = True
 
     def __post_init__(self) -> None:

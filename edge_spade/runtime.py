@@ -294,7 +294,7 @@ def load_model(
     `heads`: a folder made by `edge-spade calibrate`; None uses the bundle's heads or those
     shipped for a registry model (if any); False loads none (full depth and fixed-layer modes only).
     `tail_models=False`: SPADE probes run their tails on the whole model (same answers), which
-    saves loading a tail model (about as long as loading the model) where few questions are asked.
+    saves loading a tail model and the head model (see tailmodel) where few questions are asked.
     `speed_guard=False`: the default rule checks wherever its plans say, whatever it has cost so
     far (reproducible benchmarks); see guard.SpeedGuard. `allow_unverified`: use a downloaded
     file whose sha256 cannot be checked (none pinned, the hub unreachable) instead of refusing it.

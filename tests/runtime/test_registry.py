@@ -29,8 +29,20 @@ def test_entries_are_complete():
         lookup_arch(e.arch)
         assert e.file.endswith(".gguf") and e.n_layers > 0
         assert e.source.kind in ("package", "hub")
-        if e.source.kind == "package":
-            assert len(e.sha256) == 64  # package files are pinned
+        assert len(e.sha256) == 64  # every file is pinned
+        if e.source.kind == "hub":  # at the hub commit its sha256 was taken at
+            assert len(e.source.revision) == 40 and int(e.source.revision, 16) >= 0
+
+
+def test_a_pinned_hub_model_refuses_other_bytes(monkeypatch, tiny_model):
+    """The pin decides, whatever the hub says (a moved branch, a compromised mirror)."""
+    entry = registry.load_registry()["llama3.2-1b-instruct"]
+    calls = []
+    monkeypatch.setattr(registry, "download_from_hub", lambda *a: calls.append(a) or tiny_model[0])
+    monkeypatch.setattr(registry, "hub_sha256", lambda *a: sha256_file(tiny_model[0]))
+    with pytest.raises(ModelFileError, match=f"expected {entry.sha256}"):
+        registry.fetch(entry)
+    assert calls == [(entry.source.repo, entry.file, "067b946cf014b7c697f3654f621d577a3e3afd1c")]
 
 
 def test_unknown_keys_are_reported():
@@ -53,8 +65,9 @@ def test_missing_package_names_the_pip_command():
 
 
 def test_hub_source_downloads_and_checks_the_lfs_sha(monkeypatch, tiny_model):
-    """The download is replaced at our own boundary; verification is real."""
-    entry = registry.load_registry()["qwen2.5-0.5b-instruct"]
+    """An entry without a pin (a user's own) is checked against the hub's LFS sha256. The download is
+    replaced at our own boundary; verification is real."""
+    entry = replace(registry.load_registry()["qwen2.5-0.5b-instruct"], sha256="")
     calls = []
     monkeypatch.setattr(
         registry, "download_from_hub", lambda repo, file, rev: calls.append((repo, file)) or tiny_model[0]
@@ -71,7 +84,7 @@ def test_unverifiable_downloads_are_refused_unless_allowed(monkeypatch, tmp_path
     """No pinned sha256 and no answer from the hub: refused, unless verified before (unchanged) or the
     user passes allow_unverified."""
     monkeypatch.setenv("EDGE_SPADE_CACHE", str(tmp_path / "cache"))
-    entry = registry.load_registry()["qwen2.5-0.5b-instruct"]
+    entry = replace(registry.load_registry()["qwen2.5-0.5b-instruct"], sha256="")
     copy = tmp_path / "model.gguf"
     copy.write_bytes(tiny_model[0].read_bytes())
     monkeypatch.setattr(registry, "download_from_hub", lambda repo, file, rev: copy)
@@ -104,7 +117,7 @@ def test_offline_hub_gives_a_clear_error(tmp_path):
 def test_hub_cache_is_used_offline(tmp_path, tiny_model):
     """huggingface-hub pointed at a local cache: the real hf_hub_download finds the file there."""
     entry = registry.load_registry()["qwen2.5-0.5b-instruct"]
-    commit = "a" * 40
+    commit = entry.source.revision
     repo_dir = tmp_path / "hub" / ("models--" + entry.source.repo.replace("/", "--"))
     (repo_dir / "refs").mkdir(parents=True)
     (repo_dir / "refs" / "main").write_text(commit)
@@ -113,7 +126,7 @@ def test_hub_cache_is_used_offline(tmp_path, tiny_model):
     (snap / entry.file).write_bytes(tiny_model[0].read_bytes())
     code = (
         "from edge_spade import registry; import sys\n"
-        f"print(registry.download_from_hub({entry.source.repo!r}, {entry.file!r}))"
+        f"print(registry.download_from_hub({entry.source.repo!r}, {entry.file!r}, {commit!r}))"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
