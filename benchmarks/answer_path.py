@@ -2,9 +2,11 @@
 
     python -m benchmarks.answer_path --model gemma3-270m --out benchmarks/results/answer-path-gemma3-270m.json
 
-For each prompt (cloze facts at 0, 3 and 8 shots, and ARC-Easy choice questions), interleaved
-in one process with the same threads: llama-cpp-python's `Llama.eval` on our prompt's tokens and
-the argmax of its last logits (what a user would run instead); our full-depth answer
+For each prompt (the bench's sets from the cloze test split: free answers at 0, 3 and 8 shots
+and choice questions; and ARC-Easy), interleaved in one process with the same threads:
+llama-cpp-python's `Llama.eval` on our prompt's tokens and the argmax of its last logits (what a
+user would run instead), with its default (flash attention off) and with flash attention on (as
+our engine lets llama.cpp choose on the CPU); our full-depth answer
 (`Runtime.ask(full=True)`) and our default answer (`Runtime.ask()`, the speed guard off for
 reproducible figures); and the parts of a full-depth free answer: building the prompt, the pass
 with its logits, the top-k with probabilities (as shipped, and the former float64 softmax plus
@@ -28,32 +30,41 @@ if __package__ in (None, ""):
 from benchmarks.common import data_path, progress, save_json
 from edge_spade import load_model
 from edge_spade.bench.run import last_logits
+from edge_spade.bench.sets import load_set
 from edge_spade.convert.datasets import load_items
 from edge_spade.runtime import softmax, top_probs
 
 log = logging.getLogger("benchmarks.answer_path")
-SETS = [("cloze/facts.jsonl", 0), ("cloze/facts.jsonl", 3), ("cloze/facts.jsonl", 8), ("arc/ARC-Easy-Test.jsonl", 0)]
+SETS = [("free-0", 0), ("free-3", 3), ("free-8", 8), ("choice", 0), ("arc/ARC-Easy-Test.jsonl", 0)]
 
 
 def ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
-def run_set(rt, llm, data: str, shots: int, limit: int) -> dict:
-    items = load_items(data_path(data), limit=limit, few_shot=shots)
+def llama_answer(llm, prompt) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    llm.reset()
+    llm.eval(prompt.tokens)
+    logits = last_logits(llm)
+    return int(np.argmax(logits if prompt.ids is None else logits[prompt.ids])), ms(t0)
+
+
+def run_set(rt, llm, llm_fa, data: str, shots: int, limit: int) -> dict:
+    if "/" in data:
+        items = load_items(data_path(data), limit=limit, few_shot=shots)
+    else:
+        items = load_set(data)[:limit]
     engine = rt.engine
     t: dict[str, list[float]] = {
-        k: [] for k in ("llama_cpp", "full", "default", "prompt", "pass", "topk", "topk_before", "texts")
+        k: []
+        for k in ("llama_cpp", "llama_cpp_fa", "full", "default", "prompt", "pass", "topk", "topk_before", "texts")
     }
-    agree, exits, tokens = [], [], []
+    agree, agree_fa, exits, tokens = [], [], [], []
     for i, item in enumerate(progress(items, len(items), f"{Path(data).stem} {shots}-shot")):
         prompt = rt.prompt(item.question, item.choices)
-        t0 = time.perf_counter()
-        llm.reset()
-        llm.eval(prompt.tokens)
-        logits = last_logits(llm)
-        theirs = int(np.argmax(logits if prompt.ids is None else logits[prompt.ids]))
-        t_llama = ms(t0)
+        theirs, t_llama = llama_answer(llm, prompt)
+        theirs_fa, t_llama_fa = llama_answer(llm_fa, prompt)
         t0 = time.perf_counter()
         full = rt.ask(item.question, item.choices, full=True)
         t_full = ms(t0)
@@ -80,10 +91,11 @@ def run_set(rt, llm, data: str, shots: int, limit: int) -> dict:
             t_topk = t_before = t_texts = 0.0
         if i == 0:
             continue  # warm-up: graphs, rows, caches
-        for key, value in zip(t, (t_llama, t_full, t_default, t_prompt, t_pass, t_topk, t_before, t_texts)):
+        for key, value in zip(t, (t_llama, t_llama_fa, t_full, t_default, t_prompt, t_pass, t_topk, t_before, t_texts)):
             t[key].append(value)
         if prompt.ids is None:  # the same next token as llama-cpp-python's argmax
             agree.append(theirs == full.token)
+            agree_fa.append(theirs_fa == full.token)
         exits.append(default.exit_layer is not None)
         tokens.append(len(prompt.tokens))
     return {
@@ -98,9 +110,12 @@ def run_set(rt, llm, data: str, shots: int, limit: int) -> dict:
         "default_vs_llama_cpp_median": round(statistics.median(np.array(t["llama_cpp"]) / np.array(t["default"])), 3),
         "full_vs_llama_cpp_total": round(sum(t["llama_cpp"]) / sum(t["full"]), 3),
         "default_vs_llama_cpp_total": round(sum(t["llama_cpp"]) / sum(t["default"]), 3),
+        "full_vs_llama_cpp_fa_total": round(sum(t["llama_cpp_fa"]) / sum(t["full"]), 3),
+        "default_vs_llama_cpp_fa_total": round(sum(t["llama_cpp_fa"]) / sum(t["default"]), 3),
         "default_vs_full_total": round(sum(t["full"]) / sum(t["default"]), 3),
         "exit_rate": round(float(np.mean(exits)), 3),
         "free_answer_agrees_with_llama_cpp": round(float(np.mean(agree)), 3) if agree else None,
+        "free_answer_agrees_with_llama_cpp_fa": round(float(np.mean(agree_fa)), 3) if agree_fa else None,
     }
 
 
@@ -115,29 +130,34 @@ def main(argv: list[str] | None = None) -> int:
     from llama_cpp import Llama
 
     rt = load_model(args.model, threads=args.threads, speed_guard=False)
-    llm = Llama(
-        str(rt.engine.path),
-        n_ctx=1024,
-        n_batch=1024,
-        n_ubatch=1024,
-        n_threads=rt.engine.threads,
-        n_threads_batch=rt.engine.threads,
-        verbose=False,
+    llm, llm_fa = (
+        Llama(
+            str(rt.engine.path),
+            n_ctx=1024,
+            n_batch=1024,
+            n_ubatch=1024,
+            n_threads=rt.engine.threads,
+            n_threads_batch=rt.engine.threads,
+            flash_attn=fa,
+            verbose=False,
+        )
+        for fa in (False, True)
     )
-    rows = [run_set(rt, llm, data, shots, args.limit) for data, shots in SETS]
+    rows = [run_set(rt, llm, llm_fa, data, shots, args.limit) for data, shots in SETS]
     result = {"model": rt.name, "threads": rt.engine.threads, "rows": rows}
     print(
-        f"{'set':<28}{'tokens':>7}{'llama-cpp':>10}{'full':>8}{'default':>8}{'pass':>8}{'topk':>7}{'before':>8}"
-        f"{'full/llc':>9}{'dflt/llc':>9}{'exits':>6}   (median ms; ratios: totals, >1 = ours faster)"
+        f"{'set':<28}{'tokens':>7}{'llama-cpp':>10}{'llc FA':>8}{'full':>8}{'default':>8}{'pass':>8}{'topk':>7}"
+        f"{'before':>8}{'full/llc':>9}{'dflt/llc':>9}{'dflt/FA':>8}{'exits':>6}"
+        "   (median ms; ratios: totals, >1 = ours faster)"
     )
     for r in rows:
         m = r["median_ms"]
         name = f"{Path(r['data']).stem} {r['few_shot']}-shot"
         print(
             f"{name:<28}{r['prompt_tokens_median']:>7.0f}"
-            f"{m['llama_cpp']:>10.1f}{m['full']:>8.1f}{m['default']:>8.1f}{m['pass']:>8.1f}{m['topk']:>7.2f}"
-            f"{m['topk_before']:>8.2f}{r['full_vs_llama_cpp_total']:>9.2f}{r['default_vs_llama_cpp_total']:>9.2f}"
-            f"{r['exit_rate']:>6.2f}"
+            f"{m['llama_cpp']:>10.1f}{m['llama_cpp_fa']:>8.1f}{m['full']:>8.1f}{m['default']:>8.1f}{m['pass']:>8.1f}"
+            f"{m['topk']:>7.2f}{m['topk_before']:>8.2f}{r['full_vs_llama_cpp_total']:>9.2f}"
+            f"{r['default_vs_llama_cpp_total']:>9.2f}{r['default_vs_llama_cpp_fa_total']:>8.2f}{r['exit_rate']:>6.2f}"
         )
     if args.out:
         save_json(result, args.out, [rt])

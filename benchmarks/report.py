@@ -129,17 +129,27 @@ def _answer_path_rows(r: dict) -> list[list[str]]:
     rows = []
     for row in r["rows"]:
         m = row["median_ms"]
-        name = f"{Path(row['data']).stem} {row['few_shot']}-shot" if row["kind"] == "free" else "ARC-Easy test"
+        if "/" not in row["data"]:
+            name = f"bench set {row['data']}"
+        else:
+            name = f"{Path(row['data']).stem} {row['few_shot']}-shot" if row["kind"] == "free" else "ARC-Easy test"
+        fa = "llama_cpp_fa" in m
         rows.append(
             [
                 name,
                 f"{row['prompt_tokens_median']:.0f}",
-                *(f"{m[k]:.1f}" for k in ("llama_cpp", "full", "default", "pass")),
+                *(f"{m[k]:.1f}" if k in m else "-" for k in ("llama_cpp", "llama_cpp_fa", "full", "default", "pass")),
                 f"{m['topk']:.2f}",
                 f"{m['topk_before']:.2f}",
                 *(
-                    f"{row[k]:.2f}x"
-                    for k in ("full_vs_llama_cpp_total", "default_vs_llama_cpp_total", "default_vs_full_total")
+                    f"{row[k]:.2f}x" if k in row else "-"
+                    for k in (
+                        "full_vs_llama_cpp_total",
+                        "default_vs_llama_cpp_total",
+                        "full_vs_llama_cpp_fa_total" if fa else "-",
+                        "default_vs_llama_cpp_fa_total" if fa else "-",
+                        "default_vs_full_total",
+                    )
                 ),
                 f"{row['exit_rate']:.0%}",
             ]
@@ -186,13 +196,15 @@ def other_results_md(folder: Path = RESULTS) -> list[str]:
             [
                 "Median ms per answer; ratios are summed llama-cpp-python time over ours (above 1: ours is faster).",
                 "`Llama.eval` on our prompt's tokens and the argmax of its last logits is what a user would run",
-                "instead. *Top-k* is the shipped top-5 with probabilities; *before*, the former float64 softmax",
-                "and full sort of the vocabulary, timed on the same logits.",
+                "instead: with its default, flash attention off, and with it on (*FA*), as our engine lets",
+                "llama.cpp choose on the CPU. *Top-k* is the shipped top-5 with probabilities; *before*, the",
+                "former float64 softmax and full sort of the vocabulary, timed on the same logits.",
             ],
             [
                 "prompts",
                 "tokens",
                 "llama-cpp-python",
+                "llama-cpp-python FA",
                 "ours, full depth",
                 "ours, default",
                 "the pass",
@@ -200,6 +212,8 @@ def other_results_md(folder: Path = RESULTS) -> list[str]:
                 "before",
                 "full vs llama-cpp",
                 "default vs llama-cpp",
+                "full vs FA",
+                "default vs FA",
                 "default vs full",
                 "exits",
             ],
