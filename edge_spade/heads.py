@@ -8,6 +8,8 @@ logits. The head only estimates confidence during SPADE-EXIT: the exit answer co
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 # Free answers: entropy over the top-k tokens (the vocabulary's tail only adds noise to it).
@@ -30,15 +32,41 @@ def topk_entropy(logits: np.ndarray, k: int) -> float:
 
 
 class OnnxHeads:
-    """An onnxruntime session over exported heads: one session, created once, one thread."""
+    """An onnxruntime session over exported heads: one session, one thread, made on first use.
 
-    def __init__(self, data: bytes) -> None:
-        import onnxruntime as ort
+    Lazily: the shipped default rules (SPADE probes for free answers, no certified exit for choice
+    questions) never run a head, and onnxruntime costs tens of MB of resident memory once imported.
+    `check` runs once, when the session is made; whatever it or onnxruntime raises there goes
+    through `on_error`, which turns it into the caller's own error (a file that does not fit).
+    """
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1  # called between llama.cpp graph views: keep it light
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    def __init__(
+        self,
+        data: bytes,
+        check: Callable[[OnnxHeads], None] | None = None,
+        on_error: Callable[[Exception], Exception] | None = None,
+    ) -> None:
+        self._data, self._check, self._on_error, self._session = data, check, on_error, None
+
+    @property
+    def session(self):
+        if self._session is None:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1  # called between llama.cpp graph views: keep it light
+            options.inter_op_num_threads = 1
+            try:
+                self._session = ort.InferenceSession(self._data, options, providers=["CPUExecutionProvider"])
+                if self._check is not None:
+                    self._check(self)
+            except Exception as exc:
+                self._session = None  # refused again on the next use
+                if self._on_error is None:
+                    raise
+                raise self._on_error(exc) from None
+            self._check = None
+        return self._session
 
     def normed(self, hidden: np.ndarray, index: int) -> np.ndarray:
         """(d,) FinalNorm(head_index(hidden))."""

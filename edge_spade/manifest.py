@@ -131,17 +131,25 @@ def load_heads(folder: str | Path, engine: Engine) -> tuple[HeadsManifest, dict[
 
 
 def _checked_session(data: bytes, path: Path, head_set: HeadSet, n_embd: int) -> OnnxHeads:
-    """An onnxruntime session over `data`, after one run at its last layer: a file that does not parse,
-    or whose heads have another width or fewer layers than heads.json says, is refused here, at load."""
+    """An onnxruntime session over `data`, checked by one run at its last layer: a file that does not
+    parse, or whose heads have another width or fewer layers than heads.json says, is refused. A set
+    whose default rule runs heads (an L-SPADE threshold it may exit at) is checked here, at load;
+    the others when a head first runs (an explicit threshold or signal), with the same error."""
     import numpy as np
 
     from .heads import OnnxHeads
 
-    try:
-        heads = OnnxHeads(data)
+    def check(heads: OnnxHeads) -> None:
         out = heads.normed(np.zeros(n_embd, np.float32), len(head_set.layers) - 1)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for bad graphs and shapes
-        raise HeadsMismatchError(f"{path} is not a usable heads file for this model ({type(exc).__name__})") from None
-    if out.shape != (n_embd,):
-        raise HeadsMismatchError(f"{path} maps to {out.shape}, not ({n_embd},): heads for another model width")
+        if out.shape != (n_embd,):
+            raise HeadsMismatchError(f"{path} maps to {out.shape}, not ({n_embd},): heads for another model width")
+
+    def unusable(exc: Exception) -> Exception:  # onnxruntime raises its own types for bad graphs and shapes
+        if isinstance(exc, HeadsMismatchError):
+            return exc
+        return HeadsMismatchError(f"{path} is not a usable heads file for this model ({type(exc).__name__})")
+
+    heads = OnnxHeads(data, check, unusable)
+    if head_set.signal == "lspade" and head_set.threshold >= 0:
+        heads.session  # noqa: B018 - made and checked now, at load
     return heads

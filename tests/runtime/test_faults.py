@@ -129,8 +129,10 @@ def test_an_unusable_cache_degrades_instead_of_failing(tiny_model, tiny_heads, t
 
 
 @pytest.mark.parametrize("bad", ["not onnx at all", "another width"])
-def test_heads_that_do_not_fit_are_refused_at_load(tiny_model, tiny_heads, tmp_path, capsys, bad):
-    """ONNX heads whose hashes were updated but that do not parse, or map another width: one line, exit 1."""
+def test_heads_that_do_not_fit_are_refused(tiny_model, tiny_heads, tmp_path, capsys, bad):
+    """ONNX heads whose hashes were updated but that do not parse, or map another width: one line, exit 1.
+    At load where the default rule runs them; where it never does (no certified threshold), onnxruntime
+    is not even loaded, and the same error comes when a question asks for them."""
     import hashlib
     import shutil
 
@@ -150,15 +152,15 @@ def test_heads_that_do_not_fit_are_refused_at_load(tiny_model, tiny_heads, tmp_p
     )
     (heads / "lspade-choice.onnx").write_bytes(data)
     raw["hashes"]["lspade-choice.onnx"] = hashlib.sha256(data).hexdigest()
-    (heads / "heads.json").write_text(json.dumps(raw))
-    assert (
-        main(
-            ["ask", "is the sky blue?", "--choices", "yes", "no", "--model", str(tiny_model[0]), "--heads", str(heads)]
-        )
-        == 1
-    )
-    err = capsys.readouterr().err
-    assert err.startswith("edge-spade: error: ") and "is not a usable heads file for this model" in err
+    ask = ["ask", "is the sky blue?", "--choices", "yes", "no", "--model", str(tiny_model[0]), "--heads", str(heads)]
+    for threshold, extra in ((0.5, []), (-1.0, ["--threshold", "0.5"])):
+        raw["sets"]["choice"].update(signal="lspade", threshold=threshold)
+        raw["sets"]["choice"]["thresholds"]["lspade"] = threshold
+        (heads / "heads.json").write_text(json.dumps(raw))
+        assert main([*ask, *extra]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("edge-spade: error: ") and "is not a usable heads file for this model" in err
+    assert main(ask) == 0  # never exiting by default: the file is never run
 
 
 def test_the_cache_command_lists_bounds_and_clears(tiny_model, tmp_path, monkeypatch, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -175,3 +176,37 @@ def test_probe_exit_runs_on_tail_models(tiny_model, tmp_path, monkeypatch):
         readout, _ = spade_exit(engine, None, policy, p, tail=3)
         assert engine._tails == {} and readout.layer == 1
         np.testing.assert_array_equal(readout.logits, want)
+
+
+@pytest.mark.real_model
+def test_shipped_rules_hold_the_output_matrix_once_and_load_onnxruntime_only_for_heads(tmp_path):
+    """Gemma's default free rule checks 8-shot questions on a tail model: the head model applies the LM
+    head, the main file's output matrix is no longer resident in the process, and onnxruntime is
+    imported only if a default rule runs L-SPADE heads (the shipped ones probe with SPADE)."""
+    import subprocess
+    import sys
+
+    code = """
+import re, sys
+from edge_spade import load_model
+from edge_spade.bench.sets import load_set
+rt = load_model("gemma3-270m", threads=2)
+for q in load_set("free-8")[:3]:
+    rt.ask(q.question)
+rt.ask("Is water wet?", ["yes", "no"])
+resident = {}
+path = None
+for line in open("/proc/self/smaps"):
+    if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+        path = line.split()[-1] if len(line.split()) > 5 else None
+    elif line.startswith("Rss:") and path:
+        resident[path] = resident.get(path, 0) + int(line.split()[1]) * 1024
+main = resident.get(str(rt.engine.path), 0)
+runs_heads = any(s.signal == "lspade" and s.threshold >= 0 for s in rt.manifest.sets.values())
+print(rt.engine.head_model, bool(rt.engine.tail_model_layers), ("onnxruntime" in sys.modules) == runs_heads)
+print(main < rt.engine.head.matrix_bytes / 2)
+"""
+    env = {**os.environ, "EDGE_SPADE_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True", "True", "True"]
