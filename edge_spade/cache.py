@@ -88,7 +88,7 @@ def verify_sha256(path: Path, expected: str, *, allow_unverified: bool = False, 
 
 KINDS = {
     "index": "GGUF indexes (hyperparameters and tensor offsets read once per model file)",
-    "tails": "tail models: the layers above a probe layer, one GGUF per model and layer",
+    "tails": "tail models (the layers above a probe layer) and head models (the LM head), per model file",
     "calibration": "calibration traces, one file per prompt (edge-spade calibrate resumes from them)",
     "models": "model files assembled from packages",
 }
