@@ -179,10 +179,11 @@ def test_probe_exit_runs_on_tail_models(tiny_model, tmp_path, monkeypatch):
 
 
 @pytest.mark.real_model
-def test_shipped_rules_hold_the_output_matrix_once_and_load_onnxruntime_only_for_heads(tmp_path):
-    """Gemma's default free rule checks 8-shot questions on a tail model: the head model applies the LM
-    head, the main file's output matrix is no longer resident in the process, and onnxruntime is
-    imported only if a default rule runs L-SPADE heads (the shipped ones probe with SPADE)."""
+def test_with_tail_models_gemma_holds_its_output_matrix_once(tmp_path):
+    """Once a tail model is in use the head model applies the LM head for every free answer and the
+    main file's output matrix is no longer resident in the process (a populated mapping, as
+    llama.cpp makes it, would count all of it). onnxruntime is imported only if a default rule runs
+    L-SPADE heads."""
     import subprocess
     import sys
 
@@ -191,9 +192,10 @@ import re, sys
 from edge_spade import load_model
 from edge_spade.bench.sets import load_set
 rt = load_model("gemma3-270m", threads=2)
+rt.ask("Is water wet?", ["yes", "no"])
+rt.engine.use_tail_models([4])
 for q in load_set("free-8")[:3]:
     rt.ask(q.question)
-rt.ask("Is water wet?", ["yes", "no"])
 resident = {}
 path = None
 for line in open("/proc/self/smaps"):
@@ -203,7 +205,7 @@ for line in open("/proc/self/smaps"):
         resident[path] = resident.get(path, 0) + int(line.split()[1]) * 1024
 main = resident.get(str(rt.engine.path), 0)
 runs_heads = any(s.signal == "lspade" and s.threshold >= 0 for s in rt.manifest.sets.values())
-print(rt.engine.head_model, bool(rt.engine.tail_model_layers), ("onnxruntime" in sys.modules) == runs_heads)
+print(rt.engine.head_model, rt.engine.tail_model_layers == [4], ("onnxruntime" in sys.modules) == runs_heads)
 print(main < rt.engine.head.matrix_bytes / 2)
 """
     env = {**os.environ, "EDGE_SPADE_CACHE": str(tmp_path)}
