@@ -106,8 +106,13 @@ def load_manifest(folder: Path) -> HeadsManifest:
     return HeadsManifest.from_dict(raw, str(path))
 
 
-def load_heads(folder: str | Path, engine: Engine) -> tuple[HeadsManifest, dict[str, OnnxHeads]]:
-    """The manifest and one onnxruntime session per head set, after checking they fit `engine`'s model."""
+def load_heads(
+    folder: str | Path, engine: Engine, check_now: bool = True
+) -> tuple[HeadsManifest, dict[str, OnnxHeads]]:
+    """The manifest and one onnxruntime session per head set, after checking they fit `engine`'s model.
+
+    `check_now=False` defers every session (and importing onnxruntime) to the first head that runs:
+    a one-question process whose question is not checked never pays for it."""
     folder = Path(folder)
     manifest = load_manifest(folder)
     if manifest.n_embd != engine.n_embd or manifest.n_layers != engine.n_layers:
@@ -126,15 +131,15 @@ def load_heads(folder: str | Path, engine: Engine) -> tuple[HeadsManifest, dict[
         data = path.read_bytes() if path.is_file() else None
         if data is None or hashlib.sha256(data).hexdigest() != manifest.hashes.get(head_set.file):
             raise HeadsMismatchError(f"{path} is missing or does not match its sha256 in heads.json")
-        sessions[kind] = _checked_session(data, path, head_set, engine.n_embd)
+        sessions[kind] = _checked_session(data, path, head_set, engine.n_embd, check_now)
     return manifest, sessions
 
 
-def _checked_session(data: bytes, path: Path, head_set: HeadSet, n_embd: int) -> OnnxHeads:
+def _checked_session(data: bytes, path: Path, head_set: HeadSet, n_embd: int, check_now: bool) -> OnnxHeads:
     """An onnxruntime session over `data`, checked by one run at its last layer: a file that does not
     parse, or whose heads have another width or fewer layers than heads.json says, is refused. A set
-    whose default rule runs heads (an L-SPADE threshold it may exit at) is checked here, at load;
-    the others when a head first runs (an explicit threshold or signal), with the same error."""
+    whose default rule runs heads (an L-SPADE threshold it may exit at) is checked here, at load
+    (unless not `check_now`); the others when a head first runs, with the same error."""
     import numpy as np
 
     from .heads import OnnxHeads
@@ -150,6 +155,6 @@ def _checked_session(data: bytes, path: Path, head_set: HeadSet, n_embd: int) ->
         return HeadsMismatchError(f"{path} is not a usable heads file for this model ({type(exc).__name__})")
 
     heads = OnnxHeads(data, check, unusable)
-    if head_set.signal == "lspade" and head_set.threshold >= 0:
+    if check_now and head_set.signal == "lspade" and head_set.threshold >= 0:
         heads.session  # noqa: B018 - made and checked now, at load
     return heads

@@ -79,7 +79,8 @@ class Runtime:
         self._lock = threading.Lock()
         self._closed = False
         if heads_dir is not None:
-            self.manifest, self.heads = load_heads(heads_dir, engine)
+            # a process that loads no tail models asks few questions: heads are checked when first run
+            self.manifest, self.heads = load_heads(heads_dir, engine, check_now=engine.settings.tail_models)
 
     @property
     def n_layers(self) -> int:
@@ -294,7 +295,8 @@ def load_model(
     `heads`: a folder made by `edge-spade calibrate`; None uses the bundle's heads or those
     shipped for a registry model (if any); False loads none (full depth and fixed-layer modes only).
     `tail_models=False`: SPADE probes run their tails on the whole model (same answers), which
-    saves loading a tail model and the head model (see tailmodel) where few questions are asked.
+    saves loading a tail model and the head model (see tailmodel) where few questions are asked;
+    L-SPADE heads (and onnxruntime) are then also loaded only when a question first runs one.
     `speed_guard=False`: the default rule checks wherever its plans say, whatever it has cost so
     far (reproducible benchmarks); see guard.SpeedGuard. `allow_unverified`: use a downloaded
     file whose sha256 cannot be checked (none pinned, the hub unreachable) instead of refusing it.

@@ -131,8 +131,8 @@ def test_an_unusable_cache_degrades_instead_of_failing(tiny_model, tiny_heads, t
 @pytest.mark.parametrize("bad", ["not onnx at all", "another width"])
 def test_heads_that_do_not_fit_are_refused(tiny_model, tiny_heads, tmp_path, capsys, bad):
     """ONNX heads whose hashes were updated but that do not parse, or map another width: one line, exit 1.
-    At load where the default rule runs them; where it never does (no certified threshold), onnxruntime
-    is not even loaded, and the same error comes when a question asks for them."""
+    At load where the default rule runs them in a batch; otherwise (no certified threshold, or one
+    question) onnxruntime is not even loaded until a head runs, and the same error comes then."""
     import hashlib
     import shutil
 
@@ -152,12 +152,16 @@ def test_heads_that_do_not_fit_are_refused(tiny_model, tiny_heads, tmp_path, cap
     )
     (heads / "lspade-choice.onnx").write_bytes(data)
     raw["hashes"]["lspade-choice.onnx"] = hashlib.sha256(data).hexdigest()
-    ask = ["ask", "is the sky blue?", "--choices", "yes", "no", "--model", str(tiny_model[0]), "--heads", str(heads)]
-    for threshold, extra in ((0.5, []), (-1.0, ["--threshold", "0.5"])):
+    lines = tmp_path / "q.jsonl"
+    lines.write_text('{"question": "is the sky blue?", "choices": ["yes", "no"]}\n')
+    model = ["--model", str(tiny_model[0]), "--heads", str(heads)]
+    ask = ["ask", "is the sky blue?", "--choices", "yes", "no", *model]
+    # a batch loads heads its default rule runs at once; one question, when one first runs
+    for threshold, argv in ((0.5, ["ask", "--file", str(lines), *model]), (-1.0, [*ask, "--threshold", "0.5"])):
         raw["sets"]["choice"].update(signal="lspade", threshold=threshold)
         raw["sets"]["choice"]["thresholds"]["lspade"] = threshold
         (heads / "heads.json").write_text(json.dumps(raw))
-        assert main([*ask, *extra]) == 1
+        assert main(argv) == 1
         err = capsys.readouterr().err
         assert err.startswith("edge-spade: error: ") and "is not a usable heads file for this model" in err
     assert main(ask) == 0  # never exiting by default: the file is never run
