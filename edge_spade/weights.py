@@ -142,7 +142,7 @@ class OutputHead:
     copy of it (671 MB for Gemma 3's 262,144 x 640), and hands the file pages it read back.
     """
 
-    CHUNK_ROWS = 2048  # rows dequantized at a time by whole-vocabulary readouts
+    CHUNK_ROWS = 2048  # rows dequantized at a time by whole-vocabulary readouts and large row sets
 
     def __init__(self, path: str | Path, index: GgufIndex) -> None:
         self.index = index
@@ -202,8 +202,12 @@ class OutputHead:
         if len(ids) > 256:  # a large set (candidates): kept whole, not also row by row
             key = np.asarray(ids, np.int64).tobytes()
             if key not in self._row_sets:
-                self._row_sets[key] = self._dequantize(loc, np.asarray(ids, np.int64))
-                self._drop_pages(loc.offset, self.matrix_bytes)
+                ids = np.asarray(ids, np.int64)
+                out = np.empty((len(ids), loc.n_cols), np.float32)
+                for start in range(0, len(ids), self.CHUNK_ROWS):  # dequantizing's temporaries stay small
+                    out[start : start + self.CHUNK_ROWS] = self._dequantize(loc, ids[start : start + self.CHUNK_ROWS])
+                    self._drop_pages(loc.offset, self.matrix_bytes)
+                self._row_sets[key] = out
             return self._row_sets[key]
         missing = [int(i) for i in ids if int(i) not in self._rows]
         if missing:
