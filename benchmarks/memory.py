@@ -4,8 +4,9 @@
 
 Each mode runs in a fresh process (the peak is the kernel's ru_maxrss of that process): a
 one-question `edge-spade ask` free and with choices, at full depth and by default; a batch
-(`ask --file`, 20 free questions; and 20 of the bench's 8-shot free questions, whose checks load
-the tail model and the head model, with the count that exited); the Python API in one process
+(`ask --file`, 20 free questions; and 20 of the bench's 8-shot free questions, which the default
+rule checks (with SPADE probes: on a tail model, the head model loaded), with the count that
+exited); the Python API in one process
 asking every mode in turn, with its memory after `close()`; and llama-cpp-python's `Llama`
 evaluating the same prompt and taking the argmax (what a user would run instead).
 """
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             "ask free, default": [*cli, FREE, "--model", args.model],
             "ask choices, default": [*cli, "Is water wet?", "--choices", "yes", "no", "--model", args.model],
             "ask --file (20 free, probes)": [*cli, "--file", str(batch), "--model", args.model, "--no-guard"],
-            "ask --file (20 free 8-shot, tail models)": [
+            "ask --file (20 free 8-shot, checked)": [
                 *[*cli, "--file", str(shots), "--json", "--model", args.model, "--no-guard"],
             ],
             "API, every mode incl. logit lens": [py, "-c", API, args.model, FREE],

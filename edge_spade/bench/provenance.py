@@ -11,10 +11,12 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the checkout, for an editable install
+RESULT_PATHS = ("benchmarks/results/", "benchmarks/RESULTS.md")
 
 
 def git_commit(root: Path = PACKAGE_ROOT) -> str | None:
-    """The checkout's commit, with "-dirty" when tracked files differ from it; None outside git."""
+    """The checkout's commit, with "-dirty" when tracked files other than benchmark results differ from
+    it; None outside git."""
     if not (root / ".git").exists():
         return None
     try:
@@ -28,7 +30,10 @@ def git_commit(root: Path = PACKAGE_ROOT) -> str | None:
         )
     except (OSError, subprocess.CalledProcessError):
         return None
-    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    changed = [line[3:] for line in dirty.stdout.splitlines() if line.strip()]
+    # results written by earlier benchmarks of a run are outputs, not a change to what is measured
+    changed = [path for path in changed if not path.startswith(RESULT_PATHS)]
+    return commit.stdout.strip() + ("-dirty" if changed else "")
 
 
 def cpu_model() -> str:

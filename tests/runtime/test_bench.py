@@ -179,3 +179,26 @@ def test_cli(tiny_model, tiny_heads, questions, tmp_path, capsys):
         code = main(["bench", "--model", str(tiny_model[0]), *extra, "--no-rss"])
         err = capsys.readouterr().err
         assert code == 1 and message in err and "Traceback" not in err
+
+
+def test_provenance_marks_changed_code_dirty_but_not_written_results(tmp_path):
+    import subprocess
+
+    from edge_spade.bench.provenance import git_commit
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "results" / "r.json").write_text("{}\n")
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "init", "--allow-empty")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "files")
+    clean = git_commit(tmp_path)
+    assert clean and not clean.endswith("-dirty")
+    (tmp_path / "benchmarks" / "results" / "r.json").write_text('{"new": 1}\n')  # an earlier benchmark's output
+    assert git_commit(tmp_path) == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == clean + "-dirty"
