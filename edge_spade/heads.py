@@ -34,8 +34,9 @@ def topk_entropy(logits: np.ndarray, k: int) -> float:
 class OnnxHeads:
     """An onnxruntime session over exported heads: one session, one thread, made on first use.
 
-    Lazily: the shipped default rules (SPADE probes for free answers, no certified exit for choice
-    questions) never run a head, and onnxruntime costs tens of MB of resident memory once imported.
+    Lazily: a rule that probes with SPADE or never exits (SmolLM2's shipped rules, every shipped
+    choice rule) never runs a head, and onnxruntime costs tens of MB of resident memory and a
+    noticeable share of a one-question process's start once imported.
     `check` runs once, when the session is made; whatever it or onnxruntime raises there goes
     through `on_error`, which turns it into the caller's own error (a file that does not fit).
     """
