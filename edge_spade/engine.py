@@ -37,7 +37,7 @@ from .archs import Arch, lookup_arch
 from .errors import DecodeError, LayerError, ModelFileError, PromptTooLongError, QuestionError, SettingsError
 from .hooks import LayerHooks, Tap, load_ggml
 from .tailmodel import TailModelError, discard_tail_model, tail_model_path
-from .weights import OutputHead, read_index
+from .weights import GgufIndex, OutputHead, read_index
 
 log = logging.getLogger(__name__)
 _llama_log = logging.getLogger("edge_spade.llama_cpp")
@@ -51,9 +51,10 @@ _loading: list[list[str]] = []  # the model load in progress collects its repack
 _load_lock = threading.Lock()
 
 
-def load_llama_model(path: Path, n_gpu_layers: int, release: Sequence[str] = ()):
+def load_llama_model(path: Path, n_gpu_layers: int, release: Sequence[str] = (), index: GgufIndex | None = None):
     """llama.cpp's model of `path`, or None; on the CPU, the file's pages that llama.cpp will not read
     again (repacked tensors, and the tensors named in `release`) are handed back to the kernel.
+    `index`: the file's index where the caller has read it already.
 
     llama.cpp maps model files populated, so every byte of the file counts as resident memory
     until released; released pages come back from the page cache if they are ever read.
@@ -70,7 +71,7 @@ def load_llama_model(path: Path, n_gpu_layers: int, release: Sequence[str] = ())
             repacked = _loading.pop()
     if model and n_gpu_layers == 0:
         try:
-            tensors = read_index(path).tensors or {}
+            tensors = (index or read_index(path)).tensors or {}
         except ModelFileError:
             tensors = {}
         release_mapped(path, [tensors[name] for name in [*repacked, *release] if name in tensors])
@@ -193,7 +194,7 @@ class Engine:
                 raise ModelFileError("an engine can share only a loaded model of the same file")
             self._model, self._owners = share._model, share._owners
         else:
-            self._model = load_llama_model(self.path, self.settings.n_gpu_layers)
+            self._model = load_llama_model(self.path, self.settings.n_gpu_layers, index=self.index)
             if not self._model:
                 raise ModelFileError(f"llama.cpp could not load {self.path} (corrupt or incomplete GGUF?)")
             self._owners = [0]  # engines using this llama_model: the last to close frees it

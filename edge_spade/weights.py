@@ -184,11 +184,8 @@ class OutputHead:
 
         Ties trained heads to this exact output matrix without hashing hundreds of MB per load.
         """
-        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
         loc = self.index.output
-        block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(loc.qtype)]
-        row_bytes = loc.n_cols // block * block_bytes
+        row_bytes = self._row_bytes(loc)
         digest = hashlib.sha256(f"{loc.qtype}|{loc.n_rows}|{loc.n_cols}".encode())
         for row in np.linspace(0, loc.n_rows - 1, min(n_sample, loc.n_rows)).astype(int):
             start = loc.offset + int(row) * row_bytes
@@ -206,7 +203,7 @@ class OutputHead:
                 out = np.empty((len(ids), loc.n_cols), np.float32)
                 for start in range(0, len(ids), self.CHUNK_ROWS):  # dequantizing's temporaries stay small
                     out[start : start + self.CHUNK_ROWS] = self._dequantize(loc, ids[start : start + self.CHUNK_ROWS])
-                    self._drop_pages(loc.offset, self.matrix_bytes)
+                self._drop_pages(loc.offset, self.matrix_bytes)  # scattered rows: a page each, read once
                 self._row_sets[key] = out
             return self._row_sets[key]
         missing = [int(i) for i in ids if int(i) not in self._rows]
