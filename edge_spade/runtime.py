@@ -45,15 +45,31 @@ def softmax(x: np.ndarray) -> np.ndarray:
 def top_probs(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k most likely token ids (ties: the lower id first, as argmax) and their probabilities.
 
-    A partition finds the k and one log-sum-exp normalises them: sorting or normalising a
-    262,144-token distribution in float64 costs more than the rest of the answer around the pass.
+    A large vocabulary is cut to its few contenders first: the k-th largest block maximum is a
+    lower bound on the k-th largest logit (k blocks each hold a value at least that large), so
+    only the logits at or above it can be among the top k. One log-sum-exp normalises them:
+    sorting, or a full partition of a 262,144-token distribution, costs more than the rest of
+    the answer around the pass.
     """
-    k = min(k, logits.shape[0])
-    top = np.argpartition(logits, -k)[-k:]
-    top = top[np.lexsort((top, -logits[top]))]
-    m = float(np.max(logits))
+    n = logits.shape[0]
+    k = min(k, n)
+    block = _TOP_BLOCK
+    if n >= 4 * k * block:
+        n_blocks = n // block
+        maxima = logits[: n_blocks * block].reshape(n_blocks, block).max(axis=1)
+        bound = np.partition(maxima, -k)[-k]
+        top = np.flatnonzero(logits >= bound)
+        if top.size > block:  # many ties at the bound (a vocabulary mostly at -inf): partition those
+            top = top[np.argpartition(logits[top], -k)[-k:]]
+    else:
+        top = np.argpartition(logits, -k)[-k:]
+    top = top[np.lexsort((top, -logits[top]))][:k]
+    m = float(logits[top[0]])
     log_z = m + np.log(np.exp(logits - m).sum(dtype=np.float64))
     return top, np.exp(logits[top].astype(np.float64) - log_z)
+
+
+_TOP_BLOCK = 512  # logits per block when cutting a large vocabulary to its top-k contenders
 
 
 class Runtime:
