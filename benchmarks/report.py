@@ -219,6 +219,26 @@ def other_results_md(folder: Path = RESULTS) -> list[str]:
             ],
             _answer_path_rows(json.loads(path.read_text())),
         )
+    for path in sorted(folder.glob("signal-frontier-*.json")):
+        r = json.loads(path.read_text())
+        parts += _section(
+            path,
+            "what any confidence signal can let exit",
+            [
+                f"Share of the calibration's {r['heldout_prompts']} held-out prompts (free answers, "
+                f"{'/'.join(map(str, r['few_shot']))} shots) that exit at one layer with the agreement certified at "
+                f"{r['target_agreement']:.0%} ({r['confidence']:.0%} confidence), per signal: the shipped L-SPADE "
+                "head's entropy, SPADE's own entropy (a probe), a logistic gate fitted on the hidden state for this "
+                "question alone, and the oracle (every prompt whose SPADE answer agrees). A median speedup needs "
+                "more than half of the prompts to exit."
+            ],
+            ["layer", "prompt tokens", "prompts", "oracle", "L-SPADE", "SPADE probe", "gate"],
+            [
+                [str(x["layer"]), x["tokens"], str(x["prompts"])]
+                + [f"{x[name]:.0%}" for name in ("oracle", "lspade", "spade", "gate")]
+                for x in r["rows"]
+            ],
+        )
     for path in sorted(folder.glob("one-question-*.json")):
         r = json.loads(path.read_text())
         parts += _section(
