@@ -1,6 +1,6 @@
 """How many held-out prompts any confidence signal can let exit at the certified agreement.
 
-    python -m benchmarks.signal_frontier --model gemma3-270m --data broad-capped.jsonl \
+    python -m benchmarks.signal_frontier --model gemma3-270m --layers 1 4 8 12 \
         --out benchmarks/results/signal-frontier-gemma3-270m.json
 
 A median speedup needs more than half of the prompts to exit: the median prompt is otherwise one
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +32,13 @@ if __package__ in (None, ""):
 from benchmarks.common import progress, save_json
 from edge_spade import load_model
 from edge_spade.convert.certify import exit_curve, keys_of, pick_threshold, split
+from edge_spade.convert.cloze import broad
 from edge_spade.convert.datasets import load_items
 from edge_spade.convert.trace import Sample, collect
 from edge_spade.heads import topk_entropy
 
 log = logging.getLogger("benchmarks.signal_frontier")
+PER_CATEGORY = 120  # `python -m edge_spade.convert.cloze.broad --per-category 120`: the shipped heads' data
 RANGES = [(1, 16), (17, 32), (33, 64), (65, 128), (129, None)]
 
 
@@ -74,7 +77,11 @@ def certified_share(full, answers, signal, layer, n_layers, keys, target, confid
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="gemma3-270m")
-    ap.add_argument("--data", required=True, help="the cloze file the shipped free heads were calibrated on")
+    ap.add_argument(
+        "--data",
+        help="the cloze file the free heads were calibrated on (default: the shipped heads' own, the broad "
+        f"corpus at {PER_CATEGORY} facts per category)",
+    )
     ap.add_argument("--few-shot", type=int, nargs="+", default=[0, 3, 8])
     ap.add_argument("--layers", type=int, nargs="+", help="layers to judge (default: the heads' layers)")
     ap.add_argument("--holdout", type=float, default=0.5, help="as given to `edge-spade calibrate`")
@@ -86,7 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     rt = load_model(args.model, threads=args.threads)
     head_set = rt.manifest.sets["free"]
     cal = head_set.calibration
-    items = load_items(args.data, few_shot=args.few_shot, variants=1)
+    if args.data is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            data = Path(tmp) / "broad-capped.jsonl"
+            data.write_text(broad.per_category(PER_CATEGORY))
+            items = load_items(data, few_shot=args.few_shot, variants=1)
+    else:
+        items = load_items(args.data, few_shot=args.few_shot, variants=1)
     samples = collect(rt, items, tail=head_set.tail, progress=lambda it: progress(it, len(items), "traces"))
     by_key = cal.get("holdout_by", "fact") == "fact"
     train, held = split(samples, args.holdout, 0, by_key)
@@ -121,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     save_json(
         {
             "model": args.model,
-            "data": args.data,
+            "data": args.data or f"cloze-broad.jsonl, {PER_CATEGORY} facts per category",
             "few_shot": args.few_shot,
             "target_agreement": target,
             "confidence": confidence,

@@ -11,6 +11,7 @@ calibration. Facts of the earlier corpora (which the shipped heads were calibrat
 test facts. Few-shot prefixes of test prompts come from the test split itself.
 
     python -m edge_spade.convert.cloze.broad   # rewrites both files, none of the shared set's prompts
+    python -m edge_spade.convert.cloze.broad --per-category 120 > broad-capped.jsonl   # what heads saw
 """
 
 from __future__ import annotations
@@ -605,8 +606,26 @@ def write(folder: Path = HERE) -> tuple[Path, Path]:
     return out
 
 
+def per_category(n: int, path: Path = HERE / "cloze-broad.jsonl") -> str:
+    """The first `n` calibration facts of each category, as JSONL: what the shipped free heads were
+    calibrated on (arithmetic alone is over half of the corpus; capped, no category dominates)."""
+    kept: dict[str, int] = {}
+    out = []
+    for line in path.read_text().splitlines(keepends=True):
+        category = json.loads(line)["category"]
+        kept[category] = kept.get(category, 0) + 1
+        if kept[category] <= n:
+            out.append(line)
+    return "".join(out)
+
+
+USAGE = "usage: python -m edge_spade.convert.cloze.broad [--per-category N > capped.jsonl]"
+
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
-        raise SystemExit("usage: python -m edge_spade.convert.cloze.broad")
-    for path in write():
-        print(path)
+    if len(sys.argv) == 3 and sys.argv[1] == "--per-category" and sys.argv[2].isdigit():
+        sys.stdout.write(per_category(int(sys.argv[2])))
+    elif len(sys.argv) > 1:
+        raise SystemExit(USAGE)
+    else:
+        for path in write():
+            print(path)

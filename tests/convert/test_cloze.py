@@ -34,3 +34,12 @@ def test_facts_read_by_hand():
     assert facts["7 x 8 ="] == " 56" and facts["30 - 12 ="] == " 18" and facts["Double 13 is"] == " 26"
     assert facts["The month after December is"] == " January" and facts["W, X, Y,"] == " Z"
     assert facts["The chemical symbol for gold is"] == " Au" and facts["A baby cat is called a"] == " kitten"
+
+
+def test_the_capped_calibration_file_is_calibration_facts_at_most_n_per_category():
+    capped = [json.loads(line) for line in broad.per_category(120).splitlines()]
+    counts = Counter(r["category"] for r in capped)
+    calibration = read(broad.HERE / "cloze-broad.jsonl")
+    assert max(counts.values()) == 120 and len(counts) == len({r["category"] for r in calibration})
+    assert capped == [r for r in calibration if r in capped]  # the file's own order, a subset of it
+    assert counts["addition"] == 120 < Counter(r["category"] for r in calibration)["addition"]
