@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_spade.errors import LayerError
 from edge_spade.heads import FREE_TOP_K
 from edge_spade.manifest import HEADS_FORMAT, HeadSet, HeadsManifest
 from edge_spade.runtime import Runtime
@@ -249,6 +250,7 @@ def calibrate(
     *,
     data_names: list[str],
     min_layer: int = 1,
+    max_layer: int | None = None,
     holdout: float = 0.3,
     target_agreement: float = 0.99,
     confidence: float = 0.95,
@@ -275,6 +277,9 @@ def calibrate(
     kinds these items do not cover from the heads already in `out_dir` (same model, same rank).
     `few_shot`: the prefix lengths the cloze items were built with, recorded with the free set.
     `objective`: what SPADE probe layers are chosen to speed up (choose_probes): "median" or "total".
+    `min_layer`..`max_layer`: the layers that get heads (default: up to the one before the last);
+    SPADE probes are chosen among all layers from `min_layer` on, since they need no head. Heads
+    cost most of a calibration's training time, and late layers save little when they exit.
     `report_dir`: where the calibration report goes (curves, per-layer statistics, the tail-width
     frontier, the tuned-lens and logit-lens baselines); default: `<out_dir>-calibration` beside it.
     The heads folder holds only what the runtime loads.
@@ -289,6 +294,13 @@ def calibrate(
     kept_sets, kept_files = kept_heads(out_dir, engine.head.fingerprint(), rank, kinds) if merge else ({}, {})
     kept_report, kept_report_files = kept_reports(report_dir, set(kept_sets)) if merge else ({}, {})
     layers = list(range(min_layer, engine.n_layers - 1))
+    last = engine.n_layers - 2 if max_layer is None else max_layer
+    if not 0 <= min_layer <= last <= engine.n_layers - 2:
+        raise LayerError(
+            f"heads go on layers {min_layer}..{last}: give 0 <= --min-layer <= --max-layer <= "
+            f"{engine.n_layers - 2} for this {engine.n_layers}-layer model"
+        )
+    head_layers = list(range(min_layer, last + 1))
     sets, files, reports, report_files = {}, {}, {}, {}
     widths = {"choice": _widths(tail), "free": _widths(free_tail or tail)}
     by_kind = {"choice": [i for i in items if i.choices], "free": [i for i in items if not i.choices]}
@@ -336,7 +348,7 @@ def calibrate(
             rt,
             by_k[k],
             kind,
-            layers,
+            head_layers,
             holdout=holdout,
             target_agreement=target_agreement,
             confidence=confidence,

@@ -99,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
         help="hold out whole cloze facts (all their few-shot variants; default) or single prompts",
     )
     c.add_argument("--min-layer", type=int, default=1, help="first layer with a head")
+    c.add_argument(
+        "--max-layer", type=int, help="last layer with a head (default: the one before the last); probes use all"
+    )
     c.add_argument("--rank", type=int, default=64)
     c.add_argument("--steps", type=int, default=300)
     c.add_argument(
@@ -402,6 +405,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         few_shot=args.few_shot,
         threads=args.threads,
         min_layer=args.min_layer,
+        max_layer=args.max_layer,
         holdout=args.holdout,
         holdout_by=args.holdout_by,
         target_agreement=args.target_agreement,

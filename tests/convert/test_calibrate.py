@@ -401,3 +401,53 @@ def test_costs_are_timed_on_prompts_spread_over_the_data():
     items = [f"3shot-{i}" for i in range(6)] + [f"8shot-{i}" for i in range(6)]
     assert timing_items(items, 2) == ["3shot-0", "3shot-0", "8shot-0"]  # warm-up, then the two halves
     assert timing_items(items[:3], 5) == ["3shot-0", "3shot-0", "3shot-1", "3shot-2"]
+
+
+def test_heads_on_a_range_of_layers_probes_on_all(tiny_model, tmp_path, monkeypatch, capsys):
+    """`max_layer`: heads only up to it; the probe frontier still spans every layer; a range outside
+    the model is refused before any work, as a one-line CLI error."""
+    from edge_spade.errors import LayerError
+    from tests.support import EXACT
+
+    monkeypatch.setenv("EDGE_SPADE_CACHE", str(tmp_path / "cache"))
+    free = [Item(f"g{i}", f"the {w} is", None, None) for i, w in enumerate(WORDS * 2)]
+    rt = load_model(str(tiny_model[0]), n_ctx=EXACT.n_ctx, kv_type="f32", heads=False)
+    try:
+        for low, high in ((1, tiny.N_LAYERS - 1), (2, 1), (-1, 1)):
+            with pytest.raises(LayerError, match="--max-layer"):
+                calibrate(
+                    rt,
+                    free,
+                    tmp_path / "bad",
+                    data_names=["g"],
+                    rank=2,
+                    steps=5,
+                    top_k=8,
+                    min_layer=low,
+                    max_layer=high,
+                )
+        assert not (tmp_path / "bad").exists()
+        manifest = calibrate(rt, free, tmp_path / "heads", data_names=["g"], rank=2, steps=5, top_k=8, max_layer=1)
+    finally:
+        rt.close()
+    assert manifest.sets["free"].layers == [1] and set(manifest.sets["free"].eval_layers) <= {1}
+    report = json.loads((default_report_dir(tmp_path / "heads") / REPORT_JSON).read_text())
+    frontier = report["sets"]["free"]["tail_frontier"]
+    assert {layer for row in frontier.values() for layer in row["agreement_by_layer"]} == {"1", "2"}
+    load_model(str(tiny_model[0]), heads=tmp_path / "heads").close()
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps({"question": item.question}) + "\n" for item in free))
+    argv = [
+        "calibrate",
+        "--model",
+        str(tiny_model[0]),
+        "--data",
+        str(data),
+        "--max-layer",
+        "9",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "--max-layer" in err and "Traceback" not in err
