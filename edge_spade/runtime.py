@@ -35,6 +35,7 @@ from .registry import resolve_model, shipped_heads
 log = logging.getLogger(__name__)
 
 Lens = Literal["spade", "logit"]
+_TOP_BLOCK = 512  # logits per block when cutting a large vocabulary to its top-k contenders
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -67,9 +68,6 @@ def top_probs(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     m = float(logits[top[0]])
     log_z = m + np.log(np.exp(logits - m).sum(dtype=np.float64))
     return top, np.exp(logits[top].astype(np.float64) - log_z)
-
-
-_TOP_BLOCK = 512  # logits per block when cutting a large vocabulary to its top-k contenders
 
 
 class Runtime:
