@@ -3,7 +3,9 @@
     python -m benchmarks.answer_path --model gemma3-270m --out benchmarks/results/answer-path-gemma3-270m.json
 
 For each prompt (the bench's sets from the cloze test split: free answers at 0, 3 and 8 shots
-and choice questions; and ARC-Easy), interleaved in one process with the same threads:
+and choice questions; and ARC-Easy), interleaved in one process with the same threads, in an
+order rotated from prompt to prompt (whichever runs right after another model's pass finds the
+CPU caches holding that model's weights):
 llama-cpp-python's `Llama.eval` on our prompt's tokens and the argmax of its last logits (what a
 user would run instead), with its default (flash attention off) and with flash attention on (as
 our engine lets llama.cpp choose on the CPU); our full-depth answer
@@ -20,6 +22,7 @@ import logging
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +53,12 @@ def llama_answer(llm, prompt) -> tuple[int, float]:
     return int(np.argmax(logits if prompt.ids is None else logits[prompt.ids])), ms(t0)
 
 
+def timed_ask(rt, item, **options):
+    t0 = time.perf_counter()
+    answer = rt.ask(item.question, item.choices, **options)
+    return answer, ms(t0)
+
+
 def run_set(rt, llm, llm_fa, data: str, shots: int, limit: int) -> dict:
     if "/" in data:
         items = load_items(data_path(data), limit=limit, few_shot=shots)
@@ -63,14 +72,17 @@ def run_set(rt, llm, llm_fa, data: str, shots: int, limit: int) -> dict:
     agree, agree_fa, exits, tokens = [], [], [], []
     for i, item in enumerate(progress(items, len(items), f"{Path(data).stem} {shots}-shot")):
         prompt = rt.prompt(item.question, item.choices)
-        theirs, t_llama = llama_answer(llm, prompt)
-        theirs_fa, t_llama_fa = llama_answer(llm_fa, prompt)
-        t0 = time.perf_counter()
-        full = rt.ask(item.question, item.choices, full=True)
-        t_full = ms(t0)
-        t0 = time.perf_counter()
-        default = rt.ask(item.question, item.choices)
-        t_default = ms(t0)
+        answers, spent = {}, {}
+        runs = [
+            ("llama_cpp", partial(llama_answer, llm, prompt)),
+            ("llama_cpp_fa", partial(llama_answer, llm_fa, prompt)),
+            ("full", partial(timed_ask, rt, item, full=True)),
+            ("default", partial(timed_ask, rt, item)),
+        ]
+        for name, run in runs[i % len(runs) :] + runs[: i % len(runs)]:  # each goes first as often
+            answers[name], spent[name] = run()
+        theirs, theirs_fa, full, default = (answers[k] for k in ("llama_cpp", "llama_cpp_fa", "full", "default"))
+        t_llama, t_llama_fa, t_full, t_default = (spent[k] for k in ("llama_cpp", "llama_cpp_fa", "full", "default"))
         t0 = time.perf_counter()
         p = rt.prompt(item.question, item.choices)
         t_prompt = ms(t0)
