@@ -141,20 +141,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     from llama_cpp import Llama
 
+    from edge_spade.engine import llama_cpp_python_buffers
+
     rt = load_model(args.model, threads=args.threads, speed_guard=False)
-    llm, llm_fa = (
-        Llama(
-            str(rt.engine.path),
-            n_ctx=1024,
-            n_batch=1024,
-            n_ubatch=1024,
-            n_threads=rt.engine.threads,
-            n_threads_batch=rt.engine.threads,
-            flash_attn=fa,
-            verbose=False,
-        )
-        for fa in (False, True)
-    )
+    with llama_cpp_python_buffers():  # the engine's buffer choice: the same kernels, no AMX crash
+        llm, llm_fa = [
+            Llama(
+                str(rt.engine.path),
+                n_ctx=1024,
+                n_batch=1024,
+                n_ubatch=1024,
+                n_threads=rt.engine.threads,
+                n_threads_batch=rt.engine.threads,
+                flash_attn=fa,
+                verbose=False,
+            )
+            for fa in (False, True)
+        ]
     rows = [run_set(rt, llm, llm_fa, data, shots, args.limit) for data, shots in SETS]
     result = {"model": rt.name, "threads": rt.engine.threads, "rows": rows}
     print(

@@ -163,9 +163,7 @@ def run_dataset(
         _, planned, own = head_set.plan_for(len(prompt.tokens), engine.settings.tail_models)
         for name, (heads, policy, source, k) in configs.items():
             if name == "spade-exit":  # the default rule, as the runtime runs it (guard off)
-                policy = replace(
-                    policy, threshold=-1.0 if not planned else own if own is not None else policy.threshold
-                )
+                policy = policy.with_own(own) if planned else policy.never()
             runs[name] = lambda p=prompt, h=heads, pol=policy, src=source, k=k: spade_exit(
                 engine, h, pol, p, tail=k, answer_from=src
             )[0]

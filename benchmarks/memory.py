@@ -32,7 +32,9 @@ LLAMA_CPP = """
 import sys
 import numpy as np
 from llama_cpp import Llama
-llm = Llama(sys.argv[1], n_ctx=2048, verbose=False)
+from edge_spade.engine import llama_cpp_python_buffers
+with llama_cpp_python_buffers():
+    llm = Llama(sys.argv[1], n_ctx=2048, verbose=False)
 llm.eval(llm.tokenize(sys.argv[2].encode(), add_bos=True, special=False))
 print(int(np.argmax(llm.scores[llm.n_tokens - 1])))
 """

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-SIGNALS = ("lspade", "spade")  # the exit rules: an L-SPADE head's entropy, or a SPADE probe's own
+SIGNALS = ("lspade", "spade", "cascade")  # the exit rules: an L-SPADE head's entropy, a SPADE probe's own,
+# or both: L-SPADE checks first, then a SPADE probe for the prompts they did not let exit
 
 
 @dataclass

@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
         "--signal",
         choices=SIGNALS,
         default=None,
-        help="exit rule: L-SPADE heads at the evaluation layers, or SPADE probes (default: calibrated)",
+        help="exit rule: L-SPADE heads at the evaluation layers, SPADE probes, or heads then a probe "
+        "(cascade; default: calibrated)",
     )
     p.add_argument("--heads", default=None, help="heads folder from `edge-spade calibrate` (default: shipped heads)")
     p.add_argument(

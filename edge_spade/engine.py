@@ -25,7 +25,8 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -51,6 +52,52 @@ _loading: list[list[str]] = []  # the model load in progress collects its repack
 _load_lock = threading.Lock()
 
 
+def extra_buffers() -> bool:
+    """Whether llama.cpp may move weights into its extra CPU buffer types (repacked layouts, AMX).
+
+    Not on CPUs with AMX: llama.cpp's AMX matrix product crashes the process on Q4_K models there
+    (ggml-org/llama.cpp#20824; llama-cpp-python with it), and the other repacked layouts are kept
+    out with it. `EDGE_SPADE_EXTRA_BUFFERS=1` (or 0) decides instead, for a machine where it works.
+    """
+    forced = os.environ.get("EDGE_SPADE_EXTRA_BUFFERS", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    return not cpu_has_amx()
+
+
+def cpu_has_amx() -> bool:
+    """Whether the CPU reports AMX tiles (Linux's /proc/cpuinfo; False where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_tile" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+@contextmanager
+def llama_cpp_python_buffers():
+    """llama-cpp-python's `Llama` made inside this block loads with the engine's buffer choice
+    (extra_buffers): baselines then run the same kernels, and do not crash where ours would not."""
+    import llama_cpp.llama as high_level
+
+    module = high_level.llama_cpp
+    default = module.llama_model_default_params
+
+    def params():
+        mparams = default()
+        mparams.use_extra_bufts = extra_buffers()
+        return mparams
+
+    module.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = default
+
+
 def load_llama_model(path: Path, n_gpu_layers: int, release: Sequence[str] = (), index: GgufIndex | None = None):
     """llama.cpp's model of `path`, or None; on the CPU, the file's pages that llama.cpp will not read
     again (repacked tensors, and the tensors named in `release`) are handed back to the kernel.
@@ -63,6 +110,7 @@ def load_llama_model(path: Path, n_gpu_layers: int, release: Sequence[str] = (),
 
     mparams = llama_cpp.llama_model_default_params()
     mparams.n_gpu_layers = n_gpu_layers
+    mparams.use_extra_bufts = extra_buffers()
     with _load_lock:
         _loading.append([])
         try:
@@ -417,15 +465,16 @@ class Engine:
         ids: np.ndarray | None,
         checks: dict[int, Callable[[np.ndarray], bool]],
         tail: int = 1,
-        then_spade: bool = True,
+        then_spade: bool | Collection[int] = True,
     ) -> Readout:
         """One prompt pass that may stop at any layer in `checks`, then answers with SPADE there.
 
         `checks[layer]` sees the tail rows after `layer` (the last row is the answer position)
         inside the eval callback and returns True to stop; the first True wins. Without an
         exit the pass runs to the end and the readout is the full model's. `then_spade=False`
-        skips the SPADE pass after an exit (lens baselines answer from their own head): the
-        readout's logits are then empty and the caller supplies the answer.
+        (or a collection of layers the exit layer is not in) skips the SPADE pass after an exit
+        (lens baselines answer from their own head, probes from their tail): the readout's logits
+        are then empty and the caller supplies the answer.
         """
         rows = tail_positions(len(tokens), tail)
         last = self.n_layers - 1
@@ -443,7 +492,7 @@ class Engine:
         if capture.stop_node is None:
             return Readout(self._final_logits(capture, ids), last, _ms(t0, t1))
         layer = next(layer for layer in checks if self.arch.layer_node(layer) == capture.stop_node)
-        if not then_spade:
+        if not (then_spade if isinstance(then_spade, bool) else layer in then_spade):
             return Readout(np.empty(0, np.float32), layer, _ms(t0, t1))
         logits = self.spade_tail(capture.rows[capture.stop_node], layer, ids, [tokens[r] for r in rows])
         return Readout(logits, layer, _ms(t0, t1), _ms(t1))

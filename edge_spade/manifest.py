@@ -42,23 +42,29 @@ class HeadSet:
     top_k: int | None = None  # free answers: entropy over the head's top-k tokens...
     candidates: list[int] | None = None  # ...among these token ids (SPADE's top tokens in calibration)
     calibration: dict = field(default_factory=dict)  # data, counts, target, bound: how the set was made
-    signal: str = "lspade"  # the default exit: "lspade" (head at every layer) or "spade" (SPADE probes)
+    signal: str = "lspade"  # the default exit: "lspade" (heads), "spade" (SPADE probes) or "cascade" (both)
     probe_layers: list[int] = field(default_factory=list)  # layers probed by the "spade" signal
+    # The "cascade" signal: L-SPADE at "head_layers" (exit at or under "threshold"), then SPADE probes at
+    # "probe_layers" (exit at or under "probe_threshold"), certified together; empty: no cascade.
+    cascade: dict = field(default_factory=dict)
     costs: dict = field(default_factory=dict)  # measured ms: full answer, one tail (the probe cost model)
     # Per prompt-length range (ascending "max_tokens", the last None): whether checks pay, with tail
     # models ("check") and with whole-model probe tails ("check_whole_model"); none: always check.
     plans: list = field(default_factory=list)
 
-    def plan_for(self, n_tokens: int, tail_models: bool = True) -> tuple[str, bool, float | None]:
-        """(the plan's name, whether it checks, its own certified threshold or None) for `n_tokens`."""
+    def plan_for(self, n_tokens: int, tail_models: bool = True) -> tuple[str, bool, dict[str, float]]:
+        """(the plan's name, whether it checks, its own certified thresholds) for `n_tokens`: the
+        thresholds ("threshold", and a cascade's "probe_threshold") certified on that length range
+        alone, empty where the range had too few held-out prompts (the set's own then apply)."""
         lo = 1
         for plan in self.plans:
             hi = plan["max_tokens"]
             if hi is None or n_tokens <= hi:
                 name = f"{self.kind}:{lo}-{hi}" if hi is not None else f"{self.kind}:{lo}+"
-                return name, bool(plan["check"] if tail_models else plan["check_whole_model"]), plan.get("threshold")
+                own = {key: plan[key] for key in ("threshold", "probe_threshold") if key in plan}
+                return name, bool(plan["check"] if tail_models else plan["check_whole_model"]), own
             lo = hi + 1
-        return f"{self.kind}:all", True, None
+        return f"{self.kind}:all", True, {}
 
     def head_index(self) -> dict[int, int]:
         return {layer: i for i, layer in enumerate(self.layers)}
@@ -155,6 +161,9 @@ def _checked_session(data: bytes, path: Path, head_set: HeadSet, n_embd: int, ch
         return HeadsMismatchError(f"{path} is not a usable heads file for this model ({type(exc).__name__})")
 
     heads = OnnxHeads(data, check, unusable)
-    if check_now and head_set.signal == "lspade" and head_set.threshold >= 0:
+    runs_heads = {"lspade": head_set.threshold, "cascade": head_set.cascade.get("threshold", -1.0)}.get(
+        head_set.signal, -1.0
+    ) >= 0
+    if check_now and runs_heads:
         heads.session  # noqa: B018 - made and checked now, at load
     return heads

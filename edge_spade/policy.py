@@ -9,15 +9,18 @@ Two signals, one rule (entropy in nats <= threshold):
   decides, and on an exit its logits are the answer. A probe costs a tail (the remaining
   layers for K+1 rows, on a tail model holding only them, plus the LM head for free answers),
   so only a few layers are probed.
+- "cascade": L-SPADE checks at a few early layers, then SPADE probes at later ones for the
+  prompts the heads did not let exit. A head is cheap but its entropy lets few prompts exit; a
+  probe sees more but costs a tail, so it runs only where the heads left a prompt undecided. The
+  two thresholds are certified together (convert/cascade.py).
 A negative threshold never exits; an infinite one exits at the first evaluation layer.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -36,6 +39,8 @@ class ExitPolicy:
     top_k: int | None = None  # free answers: entropy over the top-k tokens...
     candidates: tuple[int, ...] | None = None  # ...among these ids (None: the whole vocabulary)
     signal: str = "lspade"  # "lspade": an L-SPADE head's entropy; "spade": the SPADE tail's own (a probe)
+    probe_layers: tuple[int, ...] = ()  # "cascade": probes after the head checks at `eval_layers`...
+    probe_threshold: float = -1.0  # ...exiting at or below this SPADE entropy (nats)
 
     @classmethod
     def from_head_set(cls, head_set, threshold: float | None = None, signal: str | None = None) -> ExitPolicy:
@@ -49,9 +54,44 @@ class ExitPolicy:
                 )
             tau = head_set.thresholds.get("spade", -1.0) if threshold is None else threshold
             return cls(tau, tuple(head_set.probe_layers), {}, head_set.top_k or FREE_TOP_K, None, "spade")
-        tau = head_set.threshold if threshold is None else threshold
         candidates = tuple(head_set.candidates) if head_set.candidates else None
+        if signal == "cascade":
+            rule = head_set.cascade
+            if not rule:
+                raise HeadsMismatchError(
+                    f"the {head_set.kind} heads have no cascade (calibrate one with convert/cascade.py); "
+                    "use --signal lspade or spade"
+                )
+            return cls(
+                rule["threshold"] if threshold is None else threshold,
+                tuple(rule["head_layers"]),
+                head_set.head_index(),
+                head_set.top_k or FREE_TOP_K,
+                candidates,
+                "cascade",
+                tuple(rule["probe_layers"]),
+                rule["probe_threshold"],
+            )
+        tau = head_set.threshold if threshold is None else threshold
         return cls(tau, tuple(head_set.eval_layers), head_set.head_index(), head_set.top_k, candidates)
+
+    @property
+    def exits(self) -> bool:
+        """Whether this rule can exit at all (one that cannot runs no checks: the plain pass)."""
+        usable = [self.threshold] + ([self.probe_threshold] if self.signal == "cascade" else [])
+        return any(tau >= 0 for tau in usable)
+
+    def never(self) -> ExitPolicy:
+        """This rule switched off: no checks, the plain full-depth pass."""
+        return replace(self, threshold=-1.0, probe_threshold=-1.0)
+
+    def with_own(self, own: dict[str, float]) -> ExitPolicy:
+        """With a plan's own thresholds (certified on its prompt-length range), where it has them."""
+        return replace(
+            self,
+            threshold=own.get("threshold", self.threshold),
+            probe_threshold=own.get("probe_threshold", self.probe_threshold),
+        )
 
     def __post_init__(self) -> None:
         if self.signal not in SIGNALS:
@@ -63,6 +103,14 @@ class ExitPolicy:
         missing = [layer for layer in self.eval_layers if layer not in self.head_index]
         if missing:
             raise ValueError(f"no head for evaluation layer(s) {missing}")
+        if (
+            self.signal == "cascade"
+            and self.probe_layers
+            and min(self.probe_layers) <= max(self.eval_layers, default=-1)
+        ):
+            raise ValueError(
+                f"a cascade probes after its heads: probe layers {self.probe_layers} must come after {self.eval_layers}"
+            )
 
 
 @dataclass
@@ -82,7 +130,13 @@ def judge_logits(prompt: Prompt, logits: np.ndarray, top_k: int | None) -> float
 
 
 def probe_checks(
-    engine: Engine, policy: ExitPolicy, prompt: Prompt, seen: ExitTrace, tail: int
+    engine: Engine,
+    layers: Sequence[int],
+    threshold: float,
+    top_k: int | None,
+    prompt: Prompt,
+    seen: ExitTrace,
+    tail: int,
 ) -> dict[int, Callable[[np.ndarray], bool]]:
     """Per probe layer: run the SPADE tail on the side context, exit if its own entropy is low."""
     tokens = [prompt.tokens[r] for r in tail_positions(len(prompt.tokens), tail)]
@@ -91,14 +145,14 @@ def probe_checks(
         def check(states: np.ndarray) -> bool:
             t0 = time.perf_counter()
             logits = engine.spade_tail(states, layer, prompt.ids, tokens, side=True)
-            h = judge_logits(prompt, logits, policy.top_k)
+            h = judge_logits(prompt, logits, top_k)
             seen.entropies[layer], seen.logits[layer] = h, logits
             seen.check_ms += (time.perf_counter() - t0) * 1000.0
-            return h <= policy.threshold
+            return h <= threshold
 
         return check
 
-    return {layer: check_at(layer) for layer in policy.eval_layers}
+    return {layer: check_at(layer) for layer in layers}
 
 
 def exit_checks(
@@ -142,19 +196,24 @@ def spade_exit(
     """
     seen = ExitTrace()
     probe = policy.signal == "spade"
-    if policy.threshold < 0 or math.isnan(policy.threshold):
-        checks = {}  # never exits: no hooks at all, the plain full-depth pass
-    elif probe:
+    head_checks = not probe and policy.threshold >= 0  # NaN: never
+    probes = policy.eval_layers if probe else policy.probe_layers if policy.signal == "cascade" else ()
+    probe_tau = policy.threshold if probe else policy.probe_threshold
+    checks: dict[int, Callable[[np.ndarray], bool]] = {}  # none: no hooks at all, the plain full-depth pass
+    if head_checks:
+        checks.update(exit_checks(engine, heads, policy, prompt, seen))
+    if probes and probe_tau >= 0:
         if engine.settings.tail_models:
-            engine.use_tail_models(policy.eval_layers)  # once per layer: probes then skip the layers below
-        checks = probe_checks(engine, policy, prompt, seen, tail)
-    else:
-        checks = exit_checks(engine, heads, policy, prompt, seen)
-    then_spade = answer_from == "spade" and not probe
+            engine.use_tail_models(probes)  # once per layer: probes then skip the layers below
+        checks.update(probe_checks(engine, probes, probe_tau, policy.top_k, prompt, seen, tail))
+    # After a head's exit SPADE runs from there (unless a lens baseline answers); a probe's tail is the answer.
+    then_spade = frozenset(policy.eval_layers) if answer_from == "spade" and not probe else frozenset()
     readout = engine.early_exit(prompt.tokens, prompt.ids, checks, tail=tail, then_spade=then_spade)
     if readout.logits.size == 0:  # a probe's SPADE logits, or a lens baseline's own answer
         readout.logits = seen.logits[readout.layer]
-        if not probe and prompt.ids is None and policy.candidates is not None:  # candidates -> vocabulary
+        if (
+            readout.layer not in probes and prompt.ids is None and policy.candidates is not None
+        ):  # candidates -> vocabulary
             full = np.full(engine.n_vocab, -np.inf, np.float32)
             full[list(policy.candidates)] = readout.logits
             readout.logits = full

@@ -16,7 +16,6 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -114,7 +113,7 @@ class Runtime:
         template: bool | None = None,
         full: bool = False,
         threshold: float | None = None,
-        signal: Literal["lspade", "spade"] | None = None,
+        signal: Literal["lspade", "spade", "cascade"] | None = None,
         top_k: int = 5,
     ) -> Answer:
         """Answer by SPADE-EXIT (with heads), at `layer` with SPADE or the logit lens, or at full depth.
@@ -147,7 +146,7 @@ class Runtime:
         tail: int | None = None,
         full: bool = False,
         threshold: float | None = None,
-        signal: Literal["lspade", "spade"] | None = None,
+        signal: Literal["lspade", "spade", "cascade"] | None = None,
         top_k: int = 5,
     ) -> Answer:
         """`ask` for a prompt already built (the server's chat turns), or a function that builds it
@@ -194,13 +193,13 @@ class Runtime:
         policy = ExitPolicy.from_head_set(head_set, threshold, signal)
         k = head_set.tail if tail is None else tail
         plan, decision = None, None
-        if threshold is None and signal is None and policy.threshold >= 0:  # a rule that never exits runs no checks
+        if threshold is None and signal is None and policy.exits:  # a rule that never exits runs no checks
             plan, planned, own = head_set.plan_for(len(prompt.tokens), self.engine.settings.tail_models)
             decision = self.guard.decide(plan) if planned else GuardDecision(False, "plan")
             if not decision.check:
-                policy = replace(policy, threshold=-1.0)  # no hooks at all: the plain full-depth pass
-            elif own is not None:
-                policy = replace(policy, threshold=own)  # certified on this length range's held-out prompts
+                policy = policy.never()  # no hooks at all: the plain full-depth pass
+            else:
+                policy = policy.with_own(own)  # certified on this length range's held-out prompts
         readout, seen = spade_exit(self.engine, self.heads[kind], policy, prompt, tail=k)
         answer = self.answer(prompt, readout, "spade-exit", t0, tail=k, top_k=top_k)
         exited = readout.layer < self.engine.n_layers - 1

@@ -52,7 +52,7 @@ class AskRequest(BaseModel):
     tail: int | None = Field(default=None, ge=1, le=64)
     full: bool = False
     threshold: float | None = None
-    signal: Literal["lspade", "spade"] | None = None
+    signal: Literal["lspade", "spade", "cascade"] | None = None
     top_k: int = Field(default=5, ge=1, le=MAX_TOP)
 
     def options(self) -> dict:

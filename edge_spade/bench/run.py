@@ -112,9 +112,17 @@ class LlamaCpp:
     def __init__(self, path: Path, threads: int, n_ctx: int) -> None:
         from llama_cpp import Llama
 
-        self.llm = Llama(
-            model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, verbose=False
-        )
+        from ..engine import llama_cpp_python_buffers
+
+        with llama_cpp_python_buffers():  # the engine's buffer choice (no AMX crash)
+            self.llm = Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_threads=threads,
+                n_threads_batch=threads,
+                n_gpu_layers=0,
+                verbose=False,
+            )
 
     def answer(self, tokens: list[int], ids: np.ndarray | None, decide: Callable[[np.ndarray], int]) -> int:
         self.llm.reset()

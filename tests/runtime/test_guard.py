@@ -142,3 +142,22 @@ def test_runtimes_can_share_one_loaded_model(tiny_model):
     finally:
         second.close()
         first.close()
+
+
+def test_a_cascade_default_follows_its_plans_and_their_own_thresholds(tmp_path, tiny_heads, tiny_model):
+    from tests.support.heads import with_cascade
+
+    long = "the capital of france is paris and the sky is blue and the water is"
+    plans = [
+        {"max_tokens": 5, "check": False, "check_whole_model": False},
+        {"max_tokens": None, "check": True, "check_whole_model": True, "threshold": 1e9, "probe_threshold": -1.0},
+    ]
+    heads = with_cascade(tiny_heads, tmp_path / "heads", plans)  # the set: probe only; the plan: head only
+    with load_model(str(tiny_model[0]), heads=heads, n_ctx=256, kv_type="f32", speed_guard=False) as rt:
+        a = rt.ask(long)
+        assert (a.plan, a.exit_layer, a.threshold, sorted(a.entropy)) == ("free:6+", 1, 1e9, [1])
+        assert a.probs == rt.ask(long, layer=1, tail=rt.manifest.sets["free"].tail).probs  # SPADE at the head's layer
+        b = rt.ask(long, signal="cascade")  # asked for by name: the set's thresholds, no plan
+        assert (b.plan, b.exit_layer, sorted(b.entropy)) == (None, 2, [2])
+        assert b.probs == rt.ask(long, layer=2, tail=rt.manifest.sets["free"].tail).probs
+        assert rt.ask("the sky").exit_layer is None  # its plan does not check

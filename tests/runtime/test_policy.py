@@ -108,3 +108,43 @@ def test_probe_exits_answer_with_spade_k_at_the_probe_layer(tiny_engine, prompt,
     readout, seen = spade_exit(tiny_engine, None, probe(1e-12), p, tail=3)  # probes run, nothing exits
     assert sorted(seen.entropies) == [1, 2] and readout.layer == tiny.N_LAYERS - 1
     np.testing.assert_array_equal(readout.logits, tiny_engine.full(p.tokens, p.ids).logits)
+
+
+# -- a cascade: L-SPADE checks first, then a SPADE probe for what they did not let exit --------------
+
+
+def cascade(head_tau: float, probe_tau: float) -> ExitPolicy:
+    return ExitPolicy(head_tau, (0,), {0: 0}, top_k=8, signal="cascade", probe_layers=(2,), probe_threshold=probe_tau)
+
+
+@pytest.mark.parametrize("kind", ["choice", "free"])
+def test_cascade_exits_at_the_head_or_the_probe_with_spade_there(
+    tiny_engine, identity_heads, prompt, kind, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("EDGE_SPADE_CACHE", str(tmp_path))
+    p = prompt if kind == "choice" else build_prompt(tiny_engine, "the capital of france is", None)
+    spade = {layer: tiny_engine.spade(p.tokens, layer, p.ids, tail=3).logits for layer in (0, 2)}
+    # a confident head: SPADE from its layer, the probe never runs
+    readout, seen = spade_exit(tiny_engine, identity_heads, cascade(math.inf, math.inf), p, tail=3)
+    assert readout.layer == 0 and list(seen.entropies) == [0]
+    np.testing.assert_array_equal(readout.logits, spade[0])
+    # an undecided head, a confident probe: the probe's own tail is the answer
+    readout, seen = spade_exit(tiny_engine, identity_heads, cascade(1e-12, math.inf), p, tail=3)
+    assert readout.layer == 2 and sorted(seen.entropies) == [0, 2]
+    np.testing.assert_array_equal(readout.logits, spade[2])
+    want = entropy(p.choice_logits(spade[2])) if p.ids is not None else topk_entropy(spade[2], 8)
+    assert seen.entropies[2] == pytest.approx(want, abs=1e-5)
+    # neither: the full answer, after both checks; no head stage: only the probe runs
+    readout, seen = spade_exit(tiny_engine, identity_heads, cascade(1e-12, 1e-12), p, tail=3)
+    assert readout.layer == tiny.N_LAYERS - 1 and sorted(seen.entropies) == [0, 2]
+    np.testing.assert_array_equal(readout.logits, tiny_engine.full(p.tokens, p.ids).logits)
+    readout, seen = spade_exit(tiny_engine, identity_heads, cascade(-1.0, math.inf), p, tail=3)
+    assert readout.layer == 2 and list(seen.entropies) == [2]
+    readout, seen = spade_exit(tiny_engine, identity_heads, cascade(-1.0, -1.0).never(), p, tail=3)
+    assert seen.entropies == {} and readout.layer == tiny.N_LAYERS - 1
+    assert not cascade(-1.0, -1.0).exits and cascade(-1.0, 0.5).exits
+
+
+def test_a_cascade_probes_after_its_heads():
+    with pytest.raises(ValueError, match="after its heads"):
+        ExitPolicy(1.0, (2,), {2: 0}, signal="cascade", probe_layers=(1,), probe_threshold=1.0)

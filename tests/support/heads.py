@@ -66,3 +66,17 @@ def with_probe(heads: Path, out: Path, layer: int = 1, plans: list[dict] | None 
     free["plans"] = plans or []
     (out / "heads.json").write_text(json.dumps(raw))
     return out
+
+
+def with_cascade(heads: Path, out: Path, plans: list[dict], head: float = -1.0, probe: float = 1e9) -> Path:
+    """A copy of `heads` whose default free rule is a cascade: the head at layer 1, then a probe at 2."""
+    import json
+    import shutil
+
+    shutil.copytree(heads, out)
+    raw = json.loads((out / "heads.json").read_text())
+    free = raw["sets"]["free"]
+    cascade = {"head_layers": [1], "threshold": head, "probe_layers": [2], "probe_threshold": probe}
+    free.update(signal="cascade", cascade=cascade, plans=plans)
+    (out / "heads.json").write_text(json.dumps(raw))
+    return out

@@ -1,0 +1,485 @@
+"""A cascade for a calibrated free-answer head set: L-SPADE checks first, then a SPADE probe.
+
+An L-SPADE check is cheap (a head on one row) but its entropy lets few prompts exit; a probe's
+own entropy lets more exit, but a probe costs a SPADE tail. A cascade runs the heads at their
+early layers and, for the prompts they did not let exit, one probe later on: the easy prompts
+leave at the heads' layer, the middling ones at the probe, and only the rest pay for both.
+
+This adds a cascade to heads already calibrated (the ONNX heads are not retrained): on the
+calibration's own prompts and train / held-out split (the same data, seed and fraction as its
+`calibration` record), it measures per prompt the shipped head's entropy at its layers and
+SPADE-K's answer and entropy at the candidate probe layers (cached per prompt, so a run can stop
+and resume); picks the probe layer and the ratio of the two thresholds on the training facts
+(the modelled speedup, agreement bounded at the target); then scales both thresholds together
+and keeps the largest scale whose agreement is certified on the held-out facts, per prompt-length
+range (the same bound as `edge-spade calibrate`). Prompts up to `min_tokens` are not measured:
+there a check costs more than the pass it could cut (the set's plans say so), and their plans
+do not check. The cascade becomes the set's default rule when it models faster than the rule
+in force on the held-out prompts.
+
+    python -m edge_spade.convert.cascade --model gemma3-270m --heads models/gemma3-270m \
+        --report benchmarks/calibration/gemma3-270m
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_spade.cache import cache_dir
+from edge_spade.errors import EdgeSpadeError
+from edge_spade.heads import FREE_TOP_K, topk_entropy
+from edge_spade.runtime import Runtime
+
+from .certify import agreement_bound, fact_index, split
+from .costs import tail_costs
+from .datasets import Item
+from .length_plans import LENGTH_EDGES, MIN_PROMPTS_PER_RANGE
+
+log = logging.getLogger(__name__)
+SCALES = np.linspace(0.0, 2.0, 81)  # the held-out path: both thresholds times each scale
+
+
+@dataclass
+class Signals:
+    """One prompt's view of the cascade: head entropies, SPADE's answers and entropies, the full answer."""
+
+    key: str
+    n_tokens: int
+    head_ent: np.ndarray | None = None  # (len(head layers),)
+    spade_answer: np.ndarray | None = None  # (len(spade layers),): head layers, then probe candidates
+    spade_ent: np.ndarray | None = None
+    full: int = -1
+
+
+def measure(
+    rt: Runtime,
+    prompts: list[tuple[Signals, list[int]]],
+    head_layers: Sequence[int],
+    probe_layers: Sequence[int],
+    progress: Callable | None = None,
+) -> int:
+    """Fill each prompt's signals from one traced pass and SPADE tails at the layers (cached per
+    prompt); returns how many prompts were traced now (the rest came from the cache)."""
+    engine, head_set, heads = rt.engine, rt.manifest.sets["free"], rt.heads["free"]
+    k, top_k = head_set.tail, head_set.top_k or FREE_TOP_K
+    spade_layers = [*head_layers, *probe_layers]
+    engine.use_tail_models(spade_layers)  # tails skip the layers below (the same answers, faster)
+    rows = engine.head.rows(np.array(head_set.candidates))
+    index = head_set.head_index()
+    tag = json.dumps([list(head_layers), list(probe_layers), k, top_k, rt.manifest.hashes.get(head_set.file)])
+    folder = cache_dir() / "cascade" / engine.head.fingerprint()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    traced = 0
+    for signals, tokens in progress(prompts) if progress else prompts:
+        path = folder / f"{hashlib.sha256(json.dumps([tokens, tag]).encode()).hexdigest()[:24]}.npz"
+        if path.exists():
+            data = dict(np.load(path))
+        else:
+            traced += 1
+            trace = engine.trace(tokens, None, tail=k)
+            tail_tokens = [tokens[r] for r in trace.tail_rows]
+            spade = [engine.spade_tail(trace.states[layer], layer, None, tail_tokens) for layer in spade_layers]
+            data = {
+                "head_ent": np.array(
+                    [topk_entropy(rows @ heads.normed(trace.states[h][-1], index[h]), top_k) for h in head_layers]
+                ),
+                "spade_answer": np.array([int(np.argmax(lg)) for lg in spade]),
+                "spade_ent": np.array([topk_entropy(lg, top_k) for lg in spade]),
+                "full": np.array(int(np.argmax(trace.full.logits))),
+            }
+            tmp = folder / f"{path.stem}.tmp{os.getpid()}.npz"
+            np.savez(tmp, **data)
+            tmp.replace(path)
+        signals.head_ent, signals.spade_answer = data["head_ent"], data["spade_answer"]
+        signals.spade_ent, signals.full = data["spade_ent"], int(data["full"])
+    return traced
+
+
+@dataclass
+class CostModel:
+    """What a cascade costs one prompt, in ms, from the set's measured costs (`HeadSet.costs`)."""
+
+    full_at_0: float
+    full_per_token: float
+    check_ms: float  # one L-SPADE check inside the pass
+    after_head_ms: float  # the SPADE tail after a head's exit (whole model, main context)
+    probe_ms: dict[int, float]  # a probe's tail per layer, on a tail model
+    probe_whole_ms: float  # ...on the whole model, from a context made for it (a one-question process)
+    context_ms: float
+    n_layers: int
+
+    @classmethod
+    def of(cls, costs: dict, layers: Sequence[int], n_layers: int) -> CostModel:
+        fit = costs["length_fit"]
+        probe = tail_costs(costs, layers, n_layers) * costs["full_ms"]
+        return cls(
+            fit["full_ms_at_0"],
+            fit["full_ms_per_token"],
+            costs.get("check_ms", 0.0),
+            costs["tail_ms"],
+            {layer: float(ms) for layer, ms in zip(layers, probe)},
+            costs["tail_ms"],
+            fit["context_ms"],
+            n_layers,
+        )
+
+    def full(self, n_tokens: np.ndarray) -> np.ndarray:
+        return self.full_at_0 + self.full_per_token * np.asarray(n_tokens, float)
+
+    def cost(
+        self, stage: np.ndarray, n_tokens: np.ndarray, heads: Sequence[int], probe: int | None, whole: bool = False
+    ) -> np.ndarray:
+        """Per prompt: `stage` j < len(heads) exits at heads[j], == len(heads) at the probe, -1 not at all.
+        No head layers: no checks; no probe: none run."""
+        full = self.full(n_tokens)
+        probe_ms = 0.0 if probe is None else self.probe_whole_ms if whole else self.probe_ms[probe]
+        first = self.context_ms if whole and probe is not None else 0.0
+        layers = np.array([*heads, probe if probe is not None else self.n_layers - 1], float)
+        checks = self.check_ms * np.minimum(np.where(stage < 0, len(heads), stage + 1), len(heads))
+        at = (layers[np.maximum(stage, 0)] + 1) / self.n_layers * full
+        exit_head = at + self.after_head_ms
+        exit_probe = at + probe_ms
+        none = full + probe_ms
+        return first + checks + np.where(stage < 0, none, np.where(stage < len(heads), exit_head, exit_probe))
+
+
+def outcome(
+    s: list[Signals], n_heads: int, probe_col: int | None, tau_head: float, tau_probe: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(stage per prompt as CostModel.cost takes it, whether its answer equals the full model's)."""
+    head_ent = np.stack([x.head_ent[:n_heads] for x in s])
+    exits = head_ent <= tau_head if tau_head >= 0 else np.zeros_like(head_ent, bool)
+    stage = np.where(exits.any(axis=1), exits.argmax(axis=1), -1)
+    if probe_col is not None and tau_probe >= 0:
+        probed = np.array([x.spade_ent[probe_col] for x in s]) <= tau_probe
+        stage = np.where((stage < 0) & probed, n_heads, stage)
+    answers = np.stack([x.spade_answer for x in s])
+    col = np.where(stage == n_heads, probe_col if probe_col is not None else 0, np.maximum(stage, 0))
+    given = np.where(stage < 0, [x.full for x in s], answers[np.arange(len(s)), col])
+    return stage, given == np.array([x.full for x in s])
+
+
+def choose(
+    train: list[Signals],
+    heads: Sequence[int],
+    probes: Sequence[int],
+    model: CostModel,
+    target: float,
+    confidence: float,
+    objective: str,
+    by_key: bool = True,
+) -> dict:
+    """The probe layer and both thresholds that speed the training prompts up most (`objective`:
+    "total" or "median" speedup over full depth) with their agreement bounded at the target."""
+    n = np.array([x.n_tokens for x in train])
+    full = model.full(n)
+    facts = fact_index([x.key for x in train]) if by_key else None
+    head_ent = np.concatenate([x.head_ent for x in train])
+    head_taus = [-1.0, *np.unique(np.quantile(head_ent, np.linspace(0, 1, 31)))]
+    best, best_key = {"probe_layer": None, "threshold": -1.0, "probe_threshold": -1.0}, (1.0, 1.0)
+    speed = {"train_speedup_total": 1.0, "train_speedup_median": 1.0}
+    for j, probe in enumerate([None, *probes]):
+        col = None if probe is None else len(heads) + j - 1
+        probe_taus = (
+            [-1.0]
+            if col is None
+            else [-1.0, *np.unique(np.quantile([x.spade_ent[col] for x in train], np.linspace(0, 1, 31)))]
+        )
+        for tau_head in head_taus:
+            for tau_probe in probe_taus:
+                stage, ok = outcome(train, len(heads), col, tau_head, tau_probe)
+                if agreement_bound(ok, facts, confidence) < target:
+                    continue
+                cost = model.cost(stage, n, heads, probe if tau_probe >= 0 else None)
+                total, median = float(full.sum() / cost.sum()), float(np.median(full / cost))
+                typical = float(np.exp(np.mean(np.log(full / cost))))
+                key = {"total": (total, median), "median": (median, total), "geomean": (typical, total)}[objective]
+                if key > best_key:
+                    best_key = key
+                    best = {"probe_layer": probe, "threshold": float(tau_head), "probe_threshold": float(tau_probe)}
+                    speed = {"train_speedup_total": round(total, 4), "train_speedup_median": round(median, 4)}
+    return {**best, **speed}
+
+
+def certify(
+    held: list[Signals],
+    heads: Sequence[int],
+    col: int | None,
+    rule: dict,
+    target: float,
+    confidence: float,
+    by_key: bool,
+) -> tuple[float, float, int] | None:
+    """The rule's thresholds at the largest scale certified on `held` (None: no scale certifies an exit)."""
+    facts = fact_index([x.key for x in held]) if by_key else None
+    for scale in SCALES[::-1]:
+        tau_head = rule["threshold"] * scale if rule["threshold"] >= 0 else -1.0
+        tau_probe = rule["probe_threshold"] * scale if rule["probe_threshold"] >= 0 else -1.0
+        stage, ok = outcome(held, len(heads), col, tau_head, tau_probe)
+        if (stage >= 0).any() and agreement_bound(ok, facts, confidence) >= target:
+            return tau_head, tau_probe, int((stage >= 0).sum())
+    return None
+
+
+def cascade_plans(
+    held: list[Signals],
+    heads: Sequence[int],
+    col: int | None,
+    probe: int | None,
+    rule: dict,
+    model: CostModel,
+    target: float,
+    confidence: float,
+    min_tokens: int,
+    by_key: bool = True,
+    margin: float = 0.02,
+) -> tuple[dict, list[dict]]:
+    """The set-level thresholds (certified on every measured held-out prompt) and one plan per range."""
+    every = certify(held, heads, col, rule, target, confidence, by_key)
+    overall = (
+        {"threshold": -1.0, "probe_threshold": -1.0}
+        if every is None
+        else {"threshold": every[0], "probe_threshold": every[1]}
+    )
+    lengths = np.array([x.n_tokens for x in held])
+    plans, lo = [], 1
+    for hi in [*LENGTH_EDGES, None]:
+        top = hi if hi is not None else 10**9
+        if top <= min_tokens:
+            plans.append(
+                {"max_tokens": hi, "check": False, "check_whole_model": False, "heldout_prompts": 0, "measured": False}
+            )
+            lo = hi + 1
+            continue
+        mask = (lengths >= lo) & (lengths <= top)
+        own = mask.sum() >= MIN_PROMPTS_PER_RANGE
+        here = [x for x, m in zip(held, mask) if m] if own else held
+        taus = certify(here, heads, col, rule, target, confidence, by_key) if own else every
+        plan: dict = {"max_tokens": hi, "heldout_prompts": int(mask.sum()) if own else None}
+        if taus is None:
+            plan.update(check=False, check_whole_model=False, exit_share=0.0)
+        else:
+            stage, _ = outcome(here, len(heads), col, taus[0], taus[1])
+            used = probe if taus[1] >= 0 else None
+            n = np.full(len(here), lo)
+            full = float(model.full(np.array([lo]))[0])
+            cut = float(model.cost(stage, n, heads, used).mean())
+            whole = float(model.cost(stage, n, heads, used, whole=True).mean())
+            plan.update(
+                check=cut <= (1 - margin) * full,
+                check_whole_model=whole <= (1 - margin) * full,
+                exit_share=round(float((stage >= 0).mean()), 3),
+                head_exit_share=round(float(((stage >= 0) & (stage < len(heads))).mean()), 3),
+                speedup_model=round(full / cut, 3),
+                speedup_model_whole=round(full / whole, 3),
+            )
+            if own:
+                plan.update(threshold=taus[0], probe_threshold=taus[1])
+        plans.append(plan)
+        lo = (hi or lo) + 1
+    return overall, plans
+
+
+def add_cascade(
+    model: str,
+    heads_dir: Path,
+    report_dir: Path,
+    data: str | None = None,
+    holdout: float = 0.5,
+    probe_layers: Sequence[int] | None = None,
+    min_tokens: int = 32,
+    objective: str | None = None,
+    threads: int | None = None,
+    progress: Callable | None = None,
+) -> dict:
+    """Measure, choose, certify and write the cascade into `heads_dir`/heads.json (see the module)."""
+    from edge_spade.runtime import load_model
+
+    from .cloze import broad
+    from .datasets import load_items
+
+    rt = load_model(model, heads=heads_dir, threads=threads)
+    try:
+        head_set = rt.manifest.sets["free"]
+        cal = head_set.calibration
+        if head_set.signal != "lspade" or head_set.threshold < 0:
+            raise ValueError(f"a cascade is added to a set whose rule is L-SPADE, not {head_set.signal!r}")
+        L = rt.n_layers
+        heads = list(head_set.eval_layers)
+        probes = list(probe_layers or range(max(heads) + 1, 2 * L // 3 + 1, 2))
+        items = _calibration_items(cal, data, broad, load_items)
+        measured: list[tuple[Signals, list[int]]] = []
+        every: list[Signals] = []
+        for item in items:
+            try:
+                prompt = rt.prompt(item.question, item.choices)
+            except EdgeSpadeError:  # skipped by calibration too (trace.collect)
+                continue
+            s = Signals(item.key or item.id, len(prompt.tokens))
+            every.append(s)
+            if s.n_tokens > min_tokens:
+                measured.append((s, prompt.tokens))
+        by_key = cal.get("holdout_by", "fact") == "fact"
+        train, held = split(every, holdout, 0, by_key)
+        if len(held) != cal["n_holdout"]:
+            raise ValueError(
+                f"the split holds out {len(held)} prompts, the calibration {cal['n_holdout']}: other data or --holdout?"
+            )
+        t0 = time.perf_counter()
+        traced = measure(rt, measured, heads, probes, progress)
+        seconds = time.perf_counter() - t0
+        train = [s for s in train if s.n_tokens > min_tokens]
+        held = [s for s in held if s.n_tokens > min_tokens]
+        cost = CostModel.of(head_set.costs, probes, L)
+        target, confidence = cal["target_agreement"], cal["confidence"]
+        objective = objective or cal.get("probe_objective", "total")
+        rule = choose(train, heads, probes, cost, target, confidence, objective, by_key)
+        probe = rule["probe_layer"]
+        col = None if probe is None else len(heads) + probes.index(probe)
+        overall, plans = cascade_plans(held, heads, col, probe, rule, cost, target, confidence, min_tokens, by_key)
+        before = _modelled(held, head_set, heads, cost)
+        after = _rule_cost(held, heads, col, probe, plans, overall, cost)
+        record = {
+            "data": cal["data"],
+            "measured_prompts": len(measured),
+            "min_tokens": min_tokens,
+            "n_train": len(train),
+            "n_holdout": len(held),
+            "candidate_probe_layers": probes,
+            "objective": objective,
+            "chosen_on_train": rule,
+            "scales": [float(SCALES[0]), float(SCALES[-1]), len(SCALES)],
+            "heldout_speedup_model": {"rule_in_force": before, "cascade": after},
+            "measure_seconds": round(seconds, 1),  # of this run: prompts cached by an earlier one cost nothing
+            "traced_now": traced,
+        }
+        log.info("cascade: %s", json.dumps(record))
+        head_set.cascade = {
+            "head_layers": heads,
+            "threshold": overall["threshold"],
+            "probe_layers": [probe] if probe is not None else [],
+            "probe_threshold": overall["probe_threshold"] if probe is not None else -1.0,
+        }
+        head_set.calibration["cascade"] = record
+        if after > before and any(p["check"] for p in plans):
+            head_set.signal, head_set.plans = "cascade", plans
+        else:
+            log.warning(
+                "the cascade models no faster than the rule in force (%.3fx vs %.3fx): kept as an option", after, before
+            )
+        _write(heads_dir, report_dir, rt.manifest)
+        return record
+    finally:
+        rt.close()
+
+
+def _calibration_items(cal: dict, data: str | None, broad, load_items) -> list[Item]:
+    """The calibration's prompts: `data`, or the broad corpus capped as its record says."""
+    import tempfile
+
+    if data is not None:
+        return load_items(data, variants=1, few_shot=cal["few_shot"])
+    if cal["data"] != ["broad-capped.jsonl"]:
+        raise ValueError(f"these heads were calibrated on {cal['data']}: give that file as --data")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "broad-capped.jsonl"
+        path.write_text(broad.per_category(120))
+        return load_items(path, variants=1, few_shot=cal["few_shot"])
+
+
+def _modelled(held: list[Signals], head_set, heads: Sequence[int], cost: CostModel) -> float:
+    """The rule in force on the measured held-out prompts, as modelled (L-SPADE sets only; else 1.0)."""
+    rule = {"threshold": head_set.threshold, "probe_threshold": -1.0}
+    return _rule_cost(held, heads, None, None, head_set.plans, rule, cost)
+
+
+def _rule_cost(held, heads, col, probe, plans, overall, cost: CostModel) -> float:
+    """Modelled total speedup on `held` when each prompt follows its range's plan."""
+    n = np.array([x.n_tokens for x in held])
+    spent = np.zeros(len(held))
+    for i, s in enumerate(held):
+        plan = _plan_of(plans, s.n_tokens)
+        if plan is not None and not plan["check"]:
+            spent[i] = cost.full(n[i : i + 1])[0]
+            continue
+        taus = (
+            (plan or {}).get("threshold", overall["threshold"]),
+            (plan or {}).get("probe_threshold", overall.get("probe_threshold", -1.0)),
+        )
+        stage, _ = outcome([s], len(heads), col, *taus)
+        spent[i] = cost.cost(stage, n[i : i + 1], heads, probe if taus[1] >= 0 else None)[0]
+    return round(float(cost.full(n).sum() / spent.sum()), 4)
+
+
+def _plan_of(plans: list[dict], n_tokens: int) -> dict | None:
+    for plan in plans:
+        if plan["max_tokens"] is None or n_tokens <= plan["max_tokens"]:
+            return plan
+    return None
+
+
+def _write(heads_dir: Path, report_dir: Path, manifest) -> None:
+    """heads.json rewritten (the ONNX files untouched), its new hash recorded in the report."""
+    path = heads_dir / "heads.json"
+    path.write_text(json.dumps(manifest.to_dict(), indent=1))
+    report_path = report_dir / "report.json"
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+        report["heads_json_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        report_path.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--heads", required=True, type=Path)
+    parser.add_argument("--report", required=True, type=Path)
+    parser.add_argument("--data", help="the file the free heads were calibrated on (default: from their record)")
+    parser.add_argument("--holdout", type=float, default=0.5, help="as given to `edge-spade calibrate`")
+    parser.add_argument(
+        "--probe-layers",
+        type=int,
+        nargs="+",
+        help="candidates (default: every other layer after the heads' up to 2/3 of the depth)",
+    )
+    parser.add_argument("--min-tokens", type=int, default=32)
+    parser.add_argument("--objective", choices=("total", "median"))
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+
+    def show(items):
+        items = list(items)
+        for i, item in enumerate(items):
+            if i % 100 == 0:
+                log.info("measured %d / %d prompts", i, len(items))
+            yield item
+
+    print(
+        json.dumps(
+            add_cascade(
+                args.model,
+                args.heads,
+                args.report,
+                args.data,
+                args.holdout,
+                args.probe_layers,
+                args.min_tokens,
+                args.objective,
+                args.threads,
+                show,
+            ),
+            indent=1,
+        )
+    )

@@ -1,0 +1,76 @@
+"""The cascade's choice and certificate on synthetic signals (numpy only: no model, no timing)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_spade.convert.cascade import CostModel, Signals, cascade_plans, certify, choose, outcome
+
+L = 18
+HEADS = [1]
+PROBES = [4, 8]
+
+
+def model() -> CostModel:
+    return CostModel(10.0, 2.0, 2.0, 30.0, {4: 25.0, 8: 20.0}, 35.0, 40.0, L)
+
+
+def signals(n: int, seed: int = 0, n_tokens: int = 80) -> list[Signals]:
+    """A third of the prompts sure at the head (SPADE there agrees), a third sure only at layer 8
+    (SPADE at 1 and 4 wrong), a third unsure everywhere and wrong before full depth."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        kind = i % 3
+        full = 100 + i
+        wrong = 7
+        head_ent = np.array([0.1 if kind == 0 else 3.0 + rng.random()])
+        answers = np.array([full if kind == 0 else wrong, full if kind == 0 else wrong, full if kind < 2 else wrong])
+        ent = np.array([0.2 if kind == 0 else 3.0, 2.5 + rng.random(), 0.3 if kind < 2 else 2.9 + rng.random()])
+        out.append(Signals(f"fact{i}", n_tokens, head_ent, answers, ent, full))
+    return out
+
+
+def test_the_cost_of_each_outcome():
+    m = model()
+    n = np.array([50, 50, 50])  # a full pass: 110 ms
+    cost = m.cost(np.array([0, 1, -1]), n, HEADS, 8)
+    assert cost == pytest.approx([2 / L * 110 + 2 + 30, 9 / L * 110 + 2 + 20, 110 + 2 + 20])
+    whole = m.cost(np.array([-1]), n[:1], HEADS, 8, whole=True)  # one question: a context, the whole-model tail
+    assert whole == pytest.approx([40 + 110 + 2 + 35])
+    assert m.cost(np.array([-1]), n[:1], HEADS, None) == pytest.approx([112.0])  # no probe: only the check
+
+
+def test_outcome_takes_the_head_first_then_the_probe():
+    s = signals(6)
+    stage, ok = outcome(s, 1, 1 + PROBES.index(8), 1.0, 1.0)
+    assert list(stage) == [0, 1, -1] * 2 and ok.all()
+    stage, ok = outcome(s, 1, 1 + PROBES.index(4), 1.0, 5.0)  # the probe at 4 exits everything left, wrongly
+    assert list(stage) == [0, 1, 1] * 2 and list(ok) == [True, False, False] * 2
+
+
+def test_the_choice_exits_the_sure_prompts_and_keeps_agreement():
+    train = signals(300)
+    rule = choose(train, HEADS, PROBES, model(), target=0.95, confidence=0.95, objective="total")
+    assert rule["probe_layer"] == 8 and 0.1 <= rule["threshold"] < 3.0 and 0.3 <= rule["probe_threshold"] < 2.9
+    stage, ok = outcome(train, 1, 2, rule["threshold"], rule["probe_threshold"])
+    assert ok.all() and (stage >= 0).mean() == pytest.approx(2 / 3)
+    full = 10 + 2 * 80
+    mean = ((2 / L * full + 2 + 30) + (9 / L * full + 2 + 20) + (full + 2 + 20)) / 3
+    assert rule["train_speedup_total"] == pytest.approx(full / mean, abs=1e-4)
+
+
+def test_the_certificate_scales_back_and_the_plans_follow_length():
+    rule = {"probe_layer": 8, "threshold": 3.5, "probe_threshold": 2.95}  # too loose: wrong exits
+    held = signals(150, seed=1, n_tokens=50) + signals(150, seed=2, n_tokens=100)
+    taus = certify(held, HEADS, 2, rule, 0.95, 0.95, by_key=True)
+    assert taus is not None and taus[0] < 3.0 and taus[1] < 2.9  # scaled under the unsure prompts' entropies
+    overall, plans = cascade_plans(held, HEADS, 2, 8, rule, model(), 0.95, 0.95, min_tokens=32)
+    by_end = {p["max_tokens"]: p for p in plans}
+    assert not by_end[16]["check"] and not by_end[32]["measured"]  # not measured: no checks
+    assert by_end[64]["heldout_prompts"] == 150 and by_end[64]["check"] and by_end[64]["exit_share"] == 0.667
+    assert by_end[256]["heldout_prompts"] is None and "threshold" not in by_end[256]  # the set's own apply
+    assert overall["threshold"] == taus[0]
+    wrong = [Signals(s.key, s.n_tokens, s.head_ent, np.full(3, 7), s.spade_ent, s.full) for s in held]
+    assert certify(wrong, HEADS, 2, rule, 0.95, 0.95, by_key=True) is None  # no exit ever agrees
