@@ -195,6 +195,8 @@ def run_dataset(
                 "prompt_tokens_median": prompt_tokens,
                 "signal": policy.signal,
                 "eval_layers": list(policy.eval_layers),
+                "probe_layers": list(policy.probe_layers),  # a cascade's, after its heads at `eval_layers`
+                "probe_threshold": policy.probe_threshold,
                 "accuracy": accuracy(answers[name], gold),
                 "agreement": agreement(answers[name], full_answers),
                 "kappa": cohen_kappa(answers[name], full_answers),

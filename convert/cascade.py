@@ -136,15 +136,21 @@ class CostModel:
         return self.full_at_0 + self.full_per_token * np.asarray(n_tokens, float)
 
     def cost(
-        self, stage: np.ndarray, n_tokens: np.ndarray, heads: Sequence[int], probe: int | None, whole: bool = False
+        self,
+        stage: np.ndarray,
+        n_tokens: np.ndarray,
+        heads: Sequence[int],
+        probe: int | None,
+        whole: bool = False,
+        checked: bool = True,
     ) -> np.ndarray:
         """Per prompt: `stage` j < len(heads) exits at heads[j], == len(heads) at the probe, -1 not at all.
-        No head layers: no checks; no probe: none run."""
+        `checked=False`: the heads do not run (a cascade without its head stage); no probe: none runs."""
         full = self.full(n_tokens)
         probe_ms = 0.0 if probe is None else self.probe_whole_ms if whole else self.probe_ms[probe]
         first = self.context_ms if whole and probe is not None else 0.0
         layers = np.array([*heads, probe if probe is not None else self.n_layers - 1], float)
-        checks = self.check_ms * np.minimum(np.where(stage < 0, len(heads), stage + 1), len(heads))
+        checks = self.check_ms * np.minimum(np.where(stage < 0, len(heads), stage + 1), len(heads)) * checked
         at = (layers[np.maximum(stage, 0)] + 1) / self.n_layers * full
         exit_head = at + self.after_head_ms
         exit_probe = at + probe_ms
@@ -199,7 +205,7 @@ def choose(
                 stage, ok = outcome(train, len(heads), col, tau_head, tau_probe)
                 if agreement_bound(ok, facts, confidence) < target:
                     continue
-                cost = model.cost(stage, n, heads, probe if tau_probe >= 0 else None)
+                cost = model.cost(stage, n, heads, probe if tau_probe >= 0 else None, checked=tau_head >= 0)
                 total, median = float(full.sum() / cost.sum()), float(np.median(full / cost))
                 typical = float(np.exp(np.mean(np.log(full / cost))))
                 key = {"total": (total, median), "median": (median, total), "geomean": (typical, total)}[objective]
@@ -272,8 +278,8 @@ def cascade_plans(
             used = probe if taus[1] >= 0 else None
             n = np.full(len(here), lo)
             full = float(model.full(np.array([lo]))[0])
-            cut = float(model.cost(stage, n, heads, used).mean())
-            whole = float(model.cost(stage, n, heads, used, whole=True).mean())
+            cut = float(model.cost(stage, n, heads, used, checked=taus[0] >= 0).mean())
+            whole = float(model.cost(stage, n, heads, used, whole=True, checked=taus[0] >= 0).mean())
             plan.update(
                 check=cut <= (1 - margin) * full,
                 check_whole_model=whole <= (1 - margin) * full,
@@ -311,11 +317,15 @@ def add_cascade(
     try:
         head_set = rt.manifest.sets["free"]
         cal = head_set.calibration
-        if head_set.signal != "lspade" or head_set.threshold < 0:
-            raise ValueError(f"a cascade is added to a set whose rule is L-SPADE, not {head_set.signal!r}")
+        if head_set.threshold < 0 or head_set.signal not in ("lspade", "spade") or len(head_set.probe_layers) > 1:
+            raise ValueError(
+                f"a cascade is added to a set with a certified L-SPADE threshold whose rule is L-SPADE or one "
+                f"SPADE probe (this one: {head_set.signal!r}, threshold {head_set.threshold}, probes "
+                f"{head_set.probe_layers})"
+            )
         L = rt.n_layers
         heads = list(head_set.eval_layers)
-        probes = list(probe_layers or range(max(heads) + 1, 2 * L // 3 + 1, 2))
+        probes = sorted({*(probe_layers or range(max(heads) + 1, 2 * L // 3 + 1, 2)), *head_set.probe_layers})
         items = _calibration_items(cal, data, broad, load_items)
         measured: list[tuple[Signals, list[int]]] = []
         every: list[Signals] = []
@@ -346,7 +356,7 @@ def add_cascade(
         probe = rule["probe_layer"]
         col = None if probe is None else len(heads) + probes.index(probe)
         overall, plans = cascade_plans(held, heads, col, probe, rule, cost, target, confidence, min_tokens, by_key)
-        before = _modelled(held, head_set, heads, cost)
+        before = _modelled(held, head_set, heads, probes, cost)
         after = _rule_cost(held, heads, col, probe, plans, overall, cost)
         record = {
             "data": cal["data"],
@@ -370,11 +380,11 @@ def add_cascade(
             "probe_threshold": overall["probe_threshold"] if probe is not None else -1.0,
         }
         head_set.calibration["cascade"] = record
-        if after > before and any(p["check"] for p in plans):
+        if after["total"] > before["total"] and any(p["check"] for p in plans):
             head_set.signal, head_set.plans = "cascade", plans
         else:
             log.warning(
-                "the cascade models no faster than the rule in force (%.3fx vs %.3fx): kept as an option", after, before
+                "the cascade models no faster than the rule in force (%s vs %s): kept as an option", after, before
             )
         _write(heads_dir, report_dir, rt.manifest)
         return record
@@ -396,10 +406,18 @@ def _calibration_items(cal: dict, data: str | None, broad, load_items) -> list[I
         return load_items(path, variants=1, few_shot=cal["few_shot"])
 
 
-def _modelled(held: list[Signals], head_set, heads: Sequence[int], cost: CostModel) -> float:
-    """The rule in force on the measured held-out prompts, as modelled (L-SPADE sets only; else 1.0)."""
-    rule = {"threshold": head_set.threshold, "probe_threshold": -1.0}
-    return _rule_cost(held, heads, None, None, head_set.plans, rule, cost)
+def _modelled(held: list[Signals], head_set, heads: Sequence[int], probes: Sequence[int], cost: CostModel) -> float:
+    """The rule in force on the measured held-out prompts, as modelled: its L-SPADE checks, or its
+    probe (a cascade without heads, the plans' own thresholds being the probe's)."""
+    if head_set.signal == "lspade":
+        rule = {"threshold": head_set.threshold, "probe_threshold": -1.0}
+        return _rule_cost(held, heads, None, None, head_set.plans, rule, cost)
+    probe = head_set.probe_layers[0]
+    rule = {"threshold": -1.0, "probe_threshold": head_set.thresholds["spade"]}
+    plans = [
+        {**p, "threshold": -1.0, "probe_threshold": p["threshold"]} if "threshold" in p else p for p in head_set.plans
+    ]
+    return _rule_cost(held, heads, len(heads) + list(probes).index(probe), probe, plans, rule, cost)
 
 
 def _rule_cost(held, heads, col, probe, plans, overall, cost: CostModel) -> float:
@@ -416,7 +434,7 @@ def _rule_cost(held, heads, col, probe, plans, overall, cost: CostModel) -> floa
             (plan or {}).get("probe_threshold", overall.get("probe_threshold", -1.0)),
         )
         stage, _ = outcome([s], len(heads), col, *taus)
-        spent[i] = cost.cost(stage, n[i : i + 1], heads, probe if taus[1] >= 0 else None)[0]
+        spent[i] = cost.cost(stage, n[i : i + 1], heads, probe if taus[1] >= 0 else None, checked=taus[0] >= 0)[0]
     return round(float(cost.full(n).sum() / spent.sum()), 4)
 
 
