@@ -433,6 +433,19 @@ def results_md(results: list[tuple[Path, dict]]) -> str:
     ]
     for path, result in results:
         parts += [detail(path, result), ""]
+    previous = load_results(RESULTS / "previous")
+    if previous:
+        parts += [
+            "## Rules replaced, measured beside their successors",
+            "",
+            "A default rule that was replaced, run by the same command on the same machine as the rule",
+            "that replaced it (above), so that the two compare without a change of machine between them.",
+            "Its heads are the shipped ones of an earlier commit: `--heads` names a copy of `models/<model>/`",
+            "with that commit's heads.json (the sha256 in the provenance; Gemma's L-SPADE rule: commit 7ce3e3a).",
+            "",
+        ]
+        for path, result in previous:
+            parts += [detail(path, result), ""]
     parts += ["## The answer path, one question per process, memory, the server", "", *other_results_md()]
     return "\n".join(parts).rstrip() + "\n"
 

@@ -66,6 +66,12 @@ class HeadSet:
             lo = hi + 1
         return f"{self.kind}:all", True, {}
 
+    @property
+    def runs_heads(self) -> bool:
+        """Whether the default rule runs L-SPADE heads (and so onnxruntime, where it checks)."""
+        tau = {"lspade": self.threshold, "cascade": self.cascade.get("threshold", -1.0)}.get(self.signal, -1.0)
+        return tau >= 0
+
     def head_index(self) -> dict[int, int]:
         return {layer: i for i, layer in enumerate(self.layers)}
 
@@ -161,9 +167,6 @@ def _checked_session(data: bytes, path: Path, head_set: HeadSet, n_embd: int, ch
         return HeadsMismatchError(f"{path} is not a usable heads file for this model ({type(exc).__name__})")
 
     heads = OnnxHeads(data, check, unusable)
-    runs_heads = {"lspade": head_set.threshold, "cascade": head_set.cascade.get("threshold", -1.0)}.get(
-        head_set.signal, -1.0
-    ) >= 0
-    if check_now and runs_heads:
+    if check_now and head_set.runs_heads:
         heads.session  # noqa: B018 - made and checked now, at load
     return heads

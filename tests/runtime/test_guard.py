@@ -161,3 +161,8 @@ def test_a_cascade_default_follows_its_plans_and_their_own_thresholds(tmp_path, 
         assert (b.plan, b.exit_layer, sorted(b.entropy)) == (None, 2, [2])
         assert b.probs == rt.ask(long, layer=2, tail=rt.manifest.sets["free"].tail).probs
         assert rt.ask("the sky").exit_layer is None  # its plan does not check
+    from edge_spade.manifest import HeadsMismatchError
+
+    with load_model(str(tiny_model[0]), heads=tiny_heads, n_ctx=256, kv_type="f32") as plain:
+        with pytest.raises(HeadsMismatchError, match="no cascade"):
+            plain.ask(long, signal="cascade")

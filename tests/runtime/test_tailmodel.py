@@ -204,8 +204,11 @@ for line in open("/proc/self/smaps"):
     elif line.startswith("Rss:") and path:
         resident[path] = resident.get(path, 0) + int(line.split()[1]) * 1024
 main = resident.get(str(rt.engine.path), 0)
-runs_heads = any(s.signal == "lspade" and s.threshold >= 0 for s in rt.manifest.sets.values())
-print(rt.engine.head_model, rt.engine.tail_model_layers == [4], ("onnxruntime" in sys.modules) == runs_heads)
+sets = rt.manifest.sets.values()
+runs_heads = any(s.runs_heads for s in sets)
+probes = {layer for s in sets if s.signal == "cascade" for layer in s.cascade["probe_layers"]}  # its checks ran
+tails = sorted({4} | probes)
+print(rt.engine.head_model, rt.engine.tail_model_layers == tails, ("onnxruntime" in sys.modules) == runs_heads)
 print(main < rt.engine.head.matrix_bytes / 2)
 """
     env = {**os.environ, "EDGE_SPADE_CACHE": str(tmp_path)}
