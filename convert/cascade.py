@@ -406,7 +406,9 @@ def _calibration_items(cal: dict, data: str | None, broad, load_items) -> list[I
         return load_items(path, variants=1, few_shot=cal["few_shot"])
 
 
-def _modelled(held: list[Signals], head_set, heads: Sequence[int], probes: Sequence[int], cost: CostModel) -> float:
+def _modelled(
+    held: list[Signals], head_set, heads: Sequence[int], probes: Sequence[int], cost: CostModel
+) -> dict[str, float]:
     """The rule in force on the measured held-out prompts, as modelled: its L-SPADE checks, or its
     probe (a cascade without heads, the plans' own thresholds being the probe's)."""
     if head_set.signal == "lspade":
@@ -420,8 +422,8 @@ def _modelled(held: list[Signals], head_set, heads: Sequence[int], probes: Seque
     return _rule_cost(held, heads, len(heads) + list(probes).index(probe), probe, plans, rule, cost)
 
 
-def _rule_cost(held, heads, col, probe, plans, overall, cost: CostModel) -> float:
-    """Modelled total speedup on `held` when each prompt follows its range's plan."""
+def _rule_cost(held, heads, col, probe, plans, overall, cost: CostModel) -> dict[str, float]:
+    """Modelled total and median speedup on `held` when each prompt follows its range's plan."""
     n = np.array([x.n_tokens for x in held])
     spent = np.zeros(len(held))
     for i, s in enumerate(held):
@@ -435,7 +437,8 @@ def _rule_cost(held, heads, col, probe, plans, overall, cost: CostModel) -> floa
         )
         stage, _ = outcome([s], len(heads), col, *taus)
         spent[i] = cost.cost(stage, n[i : i + 1], heads, probe if taus[1] >= 0 else None, checked=taus[0] >= 0)[0]
-    return round(float(cost.full(n).sum() / spent.sum()), 4)
+    full = cost.full(n)
+    return {"total": round(float(full.sum() / spent.sum()), 4), "median": round(float(np.median(full / spent)), 4)}
 
 
 def _plan_of(plans: list[dict], n_tokens: int) -> dict | None:
