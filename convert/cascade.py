@@ -301,6 +301,7 @@ def add_cascade(
     report_dir: Path,
     data: str | None = None,
     holdout: float = 0.5,
+    variants: int = 1,
     probe_layers: Sequence[int] | None = None,
     min_tokens: int = 32,
     objective: str | None = None,
@@ -326,7 +327,7 @@ def add_cascade(
         L = rt.n_layers
         heads = list(head_set.eval_layers)
         probes = sorted({*(probe_layers or range(max(heads) + 1, 2 * L // 3 + 1, 2)), *head_set.probe_layers})
-        items = _calibration_items(cal, data, broad, load_items)
+        items = _calibration_items(cal, data, variants, broad, load_items)
         measured: list[tuple[Signals, list[int]]] = []
         every: list[Signals] = []
         for item in items:
@@ -392,12 +393,12 @@ def add_cascade(
         rt.close()
 
 
-def _calibration_items(cal: dict, data: str | None, broad, load_items) -> list[Item]:
+def _calibration_items(cal: dict, data: str | None, variants: int, broad, load_items) -> list[Item]:
     """The calibration's prompts: `data`, or the broad corpus capped as its record says."""
     import tempfile
 
     if data is not None:
-        return load_items(data, variants=1, few_shot=cal["few_shot"])
+        return load_items(data, variants=variants, few_shot=cal.get("few_shot") or (3,))
     if cal["data"] != ["broad-capped.jsonl"]:
         raise ValueError(f"these heads were calibrated on {cal['data']}: give that file as --data")
     with tempfile.TemporaryDirectory() as tmp:
@@ -468,6 +469,7 @@ if __name__ == "__main__":
     parser.add_argument("--report", required=True, type=Path)
     parser.add_argument("--data", help="the file the free heads were calibrated on (default: from their record)")
     parser.add_argument("--holdout", type=float, default=0.5, help="as given to `edge-spade calibrate`")
+    parser.add_argument("--variants", type=int, default=1, help="as given to `edge-spade calibrate` (with --data)")
     parser.add_argument(
         "--probe-layers",
         type=int,
@@ -493,13 +495,14 @@ if __name__ == "__main__":
                 args.model,
                 args.heads,
                 args.report,
-                args.data,
-                args.holdout,
-                args.probe_layers,
-                args.min_tokens,
-                args.objective,
-                args.threads,
-                show,
+                data=args.data,
+                holdout=args.holdout,
+                variants=args.variants,
+                probe_layers=args.probe_layers,
+                min_tokens=args.min_tokens,
+                objective=args.objective,
+                threads=args.threads,
+                progress=show,
             ),
             indent=1,
         )

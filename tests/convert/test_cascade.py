@@ -74,3 +74,44 @@ def test_the_certificate_scales_back_and_the_plans_follow_length():
     assert overall["threshold"] == taus[0]
     wrong = [Signals(s.key, s.n_tokens, s.head_ent, np.full(3, 7), s.spade_ent, s.full) for s in held]
     assert certify(wrong, HEADS, 2, rule, 0.95, 0.95, by_key=True) is None  # no exit ever agrees
+
+
+def test_a_cascade_added_to_calibrated_heads_end_to_end(tiny_heads, tiny_model, tmp_path, monkeypatch):
+    """On the tiny model's calibrated heads and their own prompts (as an `ask --file` JSONL): the
+    split matches the calibration's, the cascade is written beside the heads, and the runtime runs
+    it; the ONNX files are untouched."""
+    import json
+    import shutil
+
+    from edge_spade import load_model
+    from edge_spade.convert.cascade import add_cascade
+    from tests.support.heads import free_items
+
+    monkeypatch.setenv("EDGE_SPADE_CACHE", str(tmp_path / "cache"))
+    heads = tmp_path / "heads"
+    shutil.copytree(tiny_heads, heads)
+    before = json.loads((heads / "heads.json").read_text())
+    free = before["sets"]["free"]
+    assert free["threshold"] >= 0 and free["signal"] == "lspade"
+    free["eval_layers"] = [1]  # the head at layer 1, so that a probe can follow at layer 2
+    (heads / "heads.json").write_text(json.dumps(before))
+    data = tmp_path / "free.jsonl"
+    data.write_text("".join(json.dumps({"id": i.id, "question": i.question}) + "\n" for i in free_items()))
+    record = add_cascade(
+        str(tiny_model[0]), heads, tmp_path / "report", data=str(data), holdout=0.3, probe_layers=[2], min_tokens=0
+    )
+    after = json.loads((heads / "heads.json").read_text())
+    assert record["n_holdout"] == after["sets"]["free"]["calibration"]["n_holdout"]  # the calibration's split
+    assert record["measured_prompts"] == len(free_items())
+    assert record["traced_now"] == len({i.question for i in free_items()})  # repeated questions: cached
+    assert after["sets"]["free"]["calibration"]["cascade"] == record and after["hashes"] == before["hashes"]
+    cascade = after["sets"]["free"]["cascade"]
+    assert cascade["head_layers"] == free["eval_layers"] and cascade["probe_layers"] in ([2], [])
+    with load_model(str(tiny_model[0]), heads=heads, n_ctx=256, kv_type="f32") as rt:
+        a = rt.ask(free_items()[0].question, signal="cascade", threshold=1e9)  # the head exits at once
+        assert a.exit_layer == cascade["head_layers"][0]
+    (heads / "heads.json").write_text(json.dumps(before))  # again: cached per prompt, nothing traced
+    again = add_cascade(
+        str(tiny_model[0]), heads, tmp_path / "report", data=str(data), holdout=0.3, probe_layers=[2], min_tokens=0
+    )
+    assert again["traced_now"] == 0 and again["chosen_on_train"] == record["chosen_on_train"]
