@@ -23,11 +23,16 @@ if __package__ in (None, ""):
 
 from benchmarks.common import save_json
 
+_CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Egypt", "Cairo"), ("Peru", "Lima")]
+_CAPITALS += [("Kenya", "Nairobi"), ("Norway", "Oslo"), ("Canada", "Ottawa")]
 QUESTIONS = [
     ("The capital city of Chile is", None),
     ("One mouse, two", None),
     ("Monday, Tuesday, Wednesday,", None),
     ("Is water wet?", ["yes", "no"]),
+    # long enough (65-128 tokens) for the plans that check in a one-question process
+    ("".join(f"The capital of {c} is {city}.\n" for c, city in _CAPITALS) + "The capital of Chile is", None),
+    ("".join(f"{a} + {b} = {a + b}\n" for a, b in [(2, 3), (4, 1), (7, 2), (5, 5), (6, 3), (8, 1)]) + "3 + 4 =", None),
 ]
 
 
@@ -78,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         r = rows[-1]
         print(
-            f"{question[:32]:<34}{r['wall_ms_full']:>8.0f}{r['wall_ms_default']:>8.0f} ms wall  "
+            f"{question[:32].replace(chr(10), ' '):<34}{r['wall_ms_full']:>8.0f}{r['wall_ms_default']:>8.0f} ms wall  "
             f"{r['answer_ms_full']:>7.1f}{r['answer_ms_default']:>7.1f} ms answer  plan {plan} ({guard})"
         )
     if args.out:

@@ -166,10 +166,16 @@ def _answer_path_rows(r: dict) -> list[list[str]]:
     return rows
 
 
+def _question_cell(question: str) -> str:
+    """A question as one table cell: a few-shot prompt shows its last line and how many came before."""
+    lines = question.split("\n")
+    return question if len(lines) == 1 else f"({len(lines) - 1} lines of examples) {lines[-1]}"
+
+
 def _one_question_rows(r: dict) -> list[list[str]]:
     return [
         [
-            row["question"],
+            _question_cell(row["question"]),
             f"{row['wall_ms_full']:.0f}",
             f"{row['wall_ms_default']:.0f}",
             f"{row['answer_ms_full']:.1f}",
