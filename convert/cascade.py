@@ -116,9 +116,10 @@ class CostModel:
     probe_whole_ms: float  # ...on the whole model, from a context made for it (a one-question process)
     context_ms: float
     n_layers: int
+    heads_load_ms: float = 0.0  # importing onnxruntime and making the heads' session: once per process
 
     @classmethod
-    def of(cls, costs: dict, layers: Sequence[int], n_layers: int) -> CostModel:
+    def of(cls, costs: dict, layers: Sequence[int], n_layers: int, heads_load_ms: float = 0.0) -> CostModel:
         fit = costs["length_fit"]
         probe = tail_costs(costs, layers, n_layers) * costs["full_ms"]
         return cls(
@@ -130,6 +131,7 @@ class CostModel:
             costs["tail_ms"],
             fit["context_ms"],
             n_layers,
+            heads_load_ms,
         )
 
     def full(self, n_tokens: np.ndarray) -> np.ndarray:
@@ -148,7 +150,11 @@ class CostModel:
         `checked=False`: the heads do not run (a cascade without its head stage); no probe: none runs."""
         full = self.full(n_tokens)
         probe_ms = 0.0 if probe is None else self.probe_whole_ms if whole else self.probe_ms[probe]
-        first = self.context_ms if whole and probe is not None else 0.0
+        # A one-question process (`whole`) pays once for what a resident one has made already: the
+        # probes' context, and onnxruntime with the heads' session.
+        first = (self.context_ms if whole and probe is not None else 0.0) + (
+            self.heads_load_ms if whole and checked else 0.0
+        )
         layers = np.array([*heads, probe if probe is not None else self.n_layers - 1], float)
         checks = self.check_ms * np.minimum(np.where(stage < 0, len(heads), stage + 1), len(heads)) * checked
         at = (layers[np.maximum(stage, 0)] + 1) / self.n_layers * full
@@ -156,6 +162,28 @@ class CostModel:
         exit_probe = at + probe_ms
         none = full + probe_ms
         return first + checks + np.where(stage < 0, none, np.where(stage < len(heads), exit_head, exit_probe))
+
+
+def measure_heads_load_ms(onnx_file: Path, repeats: int = 3) -> float:
+    """What a one-question process pays before its first L-SPADE check: importing onnxruntime and
+    making the heads' session, each in a fresh Python (the median of `repeats`), in ms."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time; from pathlib import Path; from edge_spade.heads import OnnxHeads; "
+        "t = time.perf_counter(); OnnxHeads(Path(sys.argv[1]).read_bytes()).session; "
+        "print((time.perf_counter() - t) * 1000)"
+    )
+    runs = [
+        float(
+            subprocess.run(
+                [sys.executable, "-c", code, str(onnx_file)], capture_output=True, text=True, check=True
+            ).stdout
+        )
+        for _ in range(repeats)
+    ]
+    return round(float(np.median(runs)), 1)
 
 
 def outcome(
@@ -350,7 +378,7 @@ def add_cascade(
         seconds = time.perf_counter() - t0
         train = [s for s in train if s.n_tokens > min_tokens]
         held = [s for s in held if s.n_tokens > min_tokens]
-        cost = CostModel.of(head_set.costs, probes, L)
+        cost = CostModel.of(head_set.costs, probes, L, measure_heads_load_ms(heads_dir / head_set.file))
         target, confidence = cal["target_agreement"], cal["confidence"]
         objective = objective or cal.get("probe_objective", "total")
         rule = choose(train, heads, probes, cost, target, confidence, objective, by_key)
@@ -370,6 +398,7 @@ def add_cascade(
             "chosen_on_train": rule,
             "scales": [float(SCALES[0]), float(SCALES[-1]), len(SCALES)],
             "heldout_speedup_model": {"rule_in_force": before, "cascade": after},
+            "heads_load_ms": cost.heads_load_ms,  # charged once to a one-question process whose heads run
             "measure_seconds": round(seconds, 1),  # of this run: prompts cached by an earlier one cost nothing
             "traced_now": traced,
         }

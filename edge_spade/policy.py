@@ -1,6 +1,6 @@
 """The SPADE-EXIT rule: at evaluation layers, stop when a confidence signal is low enough.
 
-Two signals, one rule (entropy in nats <= threshold):
+Three signals, one rule (entropy in nats <= threshold):
 - "lspade" (the paper's): an L-SPADE head maps the answer position's hidden state to a normed
   vector, the decision-set rows of the output matrix turn it into logits. Cheap enough that
   every layer can be checked; the answer after an exit comes from SPADE at that layer.

@@ -40,6 +40,11 @@ def test_the_cost_of_each_outcome():
     whole = m.cost(np.array([-1]), n[:1], HEADS, 8, whole=True)  # one question: a context, the whole-model tail
     assert whole == pytest.approx([40 + 110 + 2 + 35])
     assert m.cost(np.array([-1]), n[:1], HEADS, None) == pytest.approx([112.0])  # no probe: only the check
+    loads = CostModel(10.0, 2.0, 2.0, 30.0, {4: 25.0, 8: 20.0}, 35.0, 40.0, L, heads_load_ms=50.0)
+    assert loads.cost(np.array([-1]), n[:1], HEADS, 8, whole=True) == pytest.approx([50 + 40 + 110 + 2 + 35])
+    # no head stage: neither its checks nor onnxruntime are paid for; a resident process pays neither load
+    assert loads.cost(np.array([-1]), n[:1], HEADS, 8, whole=True, checked=False) == pytest.approx([40 + 110 + 35])
+    assert loads.cost(np.array([-1]), n[:1], HEADS, 8) == pytest.approx([110 + 2 + 20])
 
 
 def test_outcome_takes_the_head_first_then_the_probe():
