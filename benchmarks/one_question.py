@@ -25,13 +25,16 @@ from benchmarks.common import save_json
 
 _CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Egypt", "Cairo"), ("Peru", "Lima")]
 _CAPITALS += [("Kenya", "Nairobi"), ("Norway", "Oslo"), ("Canada", "Ottawa")]
+_MORE = [("Spain", "Madrid"), ("Greece", "Athens"), ("Cuba", "Havana"), ("Ghana", "Accra"), ("Iran", "Tehran")]
+_MORE += [("Chad", "N'Djamena"), ("Mali", "Bamako"), ("Laos", "Vientiane"), ("Nepal", "Kathmandu")]
 QUESTIONS = [
     ("The capital city of Chile is", None),
     ("One mouse, two", None),
     ("Monday, Tuesday, Wednesday,", None),
     ("Is water wet?", ["yes", "no"]),
-    # long enough (65-128 tokens) for the plans that check in a one-question process
+    # few-shot prompts of 55 to 150 tokens: plans by length, one-question ones included
     ("".join(f"The capital of {c} is {city}.\n" for c, city in _CAPITALS) + "The capital of Chile is", None),
+    ("".join(f"The capital of {c} is {city}.\n" for c, city in _CAPITALS + _MORE) + "The capital of Chile is", None),
     ("".join(f"{a} + {b} = {a + b}\n" for a, b in [(2, 3), (4, 1), (7, 2), (5, 5), (6, 3), (8, 1)]) + "3 + 4 =", None),
 ]
 
