@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -281,8 +282,8 @@ def cascade_plans(
     """The set-level thresholds (certified on every measured held-out prompt) and one plan per range.
 
     A range checks where the modelled time is under (1 - `margin`) of full depth; in a one-question
-    process (whole-model tails) under (1 - `whole_margin`): there the speed guard never sees enough
-    answers to correct a cost model measured on another machine."""
+    process (whole-model tails), which runs the heads alone, under (1 - `whole_margin`): there the
+    speed guard never sees enough answers to correct a cost model measured on another machine."""
     every = certify(held, heads, col, rule, target, confidence, by_key)
     overall = (
         {"threshold": -1.0, "probe_threshold": -1.0}
@@ -312,14 +313,18 @@ def cascade_plans(
             n = np.full(len(here), lo)
             full = float(model.full(np.array([lo]))[0])
             cut = float(model.cost(stage, n, heads, used, checked=taus[0] >= 0).mean())
-            whole = float(model.cost(stage, n, heads, used, whole=True, checked=taus[0] >= 0).mean())
+            # A one-question process runs the heads alone (ExitPolicy.heads_only): no probe context or tail.
+            head_stage, _ = outcome(here, len(heads), col, taus[0], -1.0)
+            whole = float(model.cost(head_stage, n, heads, None, whole=True, checked=taus[0] >= 0).mean())
+            if taus[0] < 0:
+                whole = math.inf  # nothing to check without the probe
             plan.update(
                 check=cut <= (1 - margin) * full,
                 check_whole_model=whole <= (1 - whole_margin) * full,
                 exit_share=round(float((stage >= 0).mean()), 3),
                 head_exit_share=round(float(((stage >= 0) & (stage < len(heads))).mean()), 3),
                 speedup_model=round(full / cut, 3),
-                speedup_model_whole=round(full / whole, 3),
+                speedup_model_whole=round(full / whole, 3),  # the heads alone
             )
             if own:
                 plan.update(threshold=taus[0], probe_threshold=taus[1])

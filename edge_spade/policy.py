@@ -85,6 +85,11 @@ class ExitPolicy:
         """This rule switched off: no checks, the plain full-depth pass."""
         return replace(self, threshold=-1.0, probe_threshold=-1.0)
 
+    def heads_only(self) -> ExitPolicy:
+        """A cascade without its probes: what a one-question process runs, where a probe's context and
+        whole-model tail cost more than its exits save (a rule of heads or of probes is unchanged)."""
+        return replace(self, probe_threshold=-1.0) if self.signal == "cascade" else self
+
     def with_own(self, own: dict[str, float]) -> ExitPolicy:
         """With a plan's own thresholds (certified on its prompt-length range), where it has them."""
         return replace(

@@ -200,6 +200,8 @@ class Runtime:
                 policy = policy.never()  # no hooks at all: the plain full-depth pass
             else:
                 policy = policy.with_own(own)  # certified on this length range's held-out prompts
+                if not self.engine.settings.tail_models:  # one question: its plans model the heads alone
+                    policy = policy.heads_only()
         readout, seen = spade_exit(self.engine, self.heads[kind], policy, prompt, tail=k)
         answer = self.answer(prompt, readout, "spade-exit", t0, tail=k, top_k=top_k)
         exited = readout.layer < self.engine.n_layers - 1

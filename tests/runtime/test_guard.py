@@ -166,3 +166,20 @@ def test_a_cascade_default_follows_its_plans_and_their_own_thresholds(tmp_path, 
     with load_model(str(tiny_model[0]), heads=tiny_heads, n_ctx=256, kv_type="f32") as plain:
         with pytest.raises(HeadsMismatchError, match="no cascade"):
             plain.ask(long, signal="cascade")
+
+
+def test_a_one_question_process_runs_a_cascade_without_its_probe(tmp_path, tiny_heads, tiny_model):
+    """Without tail models (a one-question process) the default cascade runs its heads alone: a probe
+    there needs a context of its own and a whole-model tail, which its plans do not count on."""
+    from tests.support.heads import with_cascade
+
+    long = "the capital of france is paris and the sky is blue and the water is"
+    plans = [{"max_tokens": None, "check": True, "check_whole_model": True}]
+    heads = with_cascade(tiny_heads, tmp_path / "heads", plans, head=1e-12, probe=1e9)  # the probe would exit
+    kwargs = dict(heads=heads, n_ctx=256, kv_type="f32", speed_guard=False)
+    with load_model(str(tiny_model[0]), tail_models=False, **kwargs) as one:
+        a = one.ask(long)
+        assert (a.exit_layer, sorted(a.entropy)) == (None, [1]) and a.probs == one.ask(long, full=True).probs
+        assert one.ask(long, signal="cascade").exit_layer == 2  # asked for by name: as given
+    with load_model(str(tiny_model[0]), **kwargs) as many:
+        assert many.ask(long).exit_layer == 2  # with tail models the probe runs
