@@ -278,12 +278,17 @@ def cascade_plans(
     by_key: bool = True,
     margin: float = 0.02,
     whole_margin: float = 0.10,
+    one_question_checks: bool = False,
 ) -> tuple[dict, list[dict]]:
     """The set-level thresholds (certified on every measured held-out prompt) and one plan per range.
 
-    A range checks where the modelled time is under (1 - `margin`) of full depth; in a one-question
-    process (whole-model tails), which runs the heads alone, under (1 - `whole_margin`): there the
-    speed guard never sees enough answers to correct a cost model measured on another machine."""
+    A range checks where the modelled time is under (1 - `margin`) of full depth. A one-question
+    process (whole-model tails) runs the heads alone, and only with `one_question_checks`, where
+    the model promises (1 - `whole_margin`): its first check pays for importing onnxruntime and the
+    heads' session, every question that does not exit loses that, and no speed guard sees enough
+    answers there to correct a cost model measured on another machine. On the few-shot prompts of
+    benchmarks/one_question.py such checks cost more than they saved (CHANGELOG,
+    cascades), so by default a one-question `ask` answers at full depth."""
     every = certify(held, heads, col, rule, target, confidence, by_key)
     overall = (
         {"threshold": -1.0, "probe_threshold": -1.0}
@@ -320,7 +325,7 @@ def cascade_plans(
                 whole = math.inf  # nothing to check without the probe
             plan.update(
                 check=cut <= (1 - margin) * full,
-                check_whole_model=whole <= (1 - whole_margin) * full,
+                check_whole_model=one_question_checks and whole <= (1 - whole_margin) * full,
                 exit_share=round(float((stage >= 0).mean()), 3),
                 head_exit_share=round(float(((stage >= 0) & (stage < len(heads))).mean()), 3),
                 speedup_model=round(full / cut, 3),
