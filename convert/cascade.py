@@ -77,7 +77,7 @@ def measure(
     rows = engine.head.rows(np.array(head_set.candidates))
     index = head_set.head_index()
     tag = json.dumps([list(head_layers), list(probe_layers), k, top_k, rt.manifest.hashes.get(head_set.file)])
-    folder = cache_dir() / "cascade" / engine.head.fingerprint()[:16]
+    folder = cache_dir() / "calibration" / "cascade" / engine.head.fingerprint()[:16]  # `edge-spade cache` lists it
     folder.mkdir(parents=True, exist_ok=True)
     traced = 0
     for signals, tokens in progress(prompts) if progress else prompts:

@@ -89,7 +89,7 @@ def verify_sha256(path: Path, expected: str, *, allow_unverified: bool = False, 
 KINDS = {
     "index": "GGUF indexes (hyperparameters and tensor offsets read once per model file)",
     "tails": "tail models (the layers above a probe layer) and head models (the LM head), per model file",
-    "calibration": "calibration traces, one file per prompt (edge-spade calibrate resumes from them)",
+    "calibration": "calibration traces and cascade measurements, one file per prompt (calibrate resumes from them)",
     "models": "model files assembled from packages",
 }
 ORPHAN_AGE_S = 3600  # a temporary file this old belongs to no running writer
