@@ -44,12 +44,10 @@ def prompts(row: dict) -> str:
     return {"ARC-Easy-Test": "ARC-Easy test", "dev": "BoolQ dev"}.get(name, name)
 
 
-def rule(row: dict, heads: dict | None = None) -> str:
-    """The rule a row ran, in words. A cascade's probe comes from the row, or else from the shipped
-    heads the row was measured with (`heads`: that model's free set, when its sha256 matches)."""
+def rule(row: dict) -> str:
+    """The rule a row ran, in words."""
     if row["signal"] == "cascade":
-        probe = row.get("probe_layers") or (heads or {}).get("probe_layers")
-        tau = row.get("probe_threshold", (heads or {}).get("probe_threshold"))
+        probe, tau = row["probe_layers"], row["probe_threshold"]
         then = f", then a probe at layer {', '.join(map(str, probe))} ({tau:.3g} nats)" if probe else ""
         layers = ", ".join(map(str, row["eval_layers"]))
         return f"L-SPADE at layer {layers} ({row['threshold']:.3g} nats){then}, K={row['tail_k']}"
@@ -98,11 +96,10 @@ def detail(path: Path, result: dict) -> str:
         "mean exit layer | median speedup | total speedup | L-SPADE checks, no exit | oracle median |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    heads = _shipped_cascade(result)
     for row, never in shipped_rows(result):
         cost = f"x{1 / never['speedup_median']:.3f}" if never and row["threshold"] >= 0 else "-"
         lines.append(
-            f"| {prompts(row)} | {rule(row, heads)} | {row['n']} | {row['prompt_tokens_median']:.0f} | "
+            f"| {prompts(row)} | {rule(row)} | {row['n']} | {row['prompt_tokens_median']:.0f} | "
             f"{row['agreement']:.3f} | {row['kappa']:.3f} | {row['constant_agreement']:.3f} | "
             f"{_num(row.get('nonconstant_agreement'))} | "
             f"{row['accuracy']:.3f} ({row['full_accuracy']:.3f}) | {row['exit_rate']:.0%} | "
@@ -373,19 +370,6 @@ def other_results_md(folder: Path = RESULTS) -> list[str]:
             ],
         )
     return parts
-
-
-def _shipped_cascade(result: dict) -> dict | None:
-    """The free set's cascade of the shipped heads a result was measured with (sha256 checked), or None."""
-    import hashlib
-
-    p = result["provenance"]
-    path = ROOT / "models" / result["model"] / "heads.json"
-    if not p.get("models") or not path.is_file():
-        return None
-    if hashlib.sha256(path.read_bytes()).hexdigest() != p["models"][0].get("heads_sha256"):
-        return None
-    return json.loads(path.read_text())["sets"].get("free", {}).get("cascade")
 
 
 def _num(x: float | None, digits: int = 3) -> str:

@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,7 +42,9 @@ from edge_spade.runtime import Runtime
 from .certify import agreement_bound, fact_index, split
 from .costs import tail_costs
 from .datasets import Item
+from .heads_files import rewrite_manifest
 from .length_plans import LENGTH_EDGES, MIN_PROMPTS_PER_RANGE
+from .trace import load_or_make
 
 log = logging.getLogger(__name__)
 SCALES = np.linspace(0.0, 2.0, 81)  # the held-out path: both thresholds times each scale
@@ -79,27 +80,25 @@ def measure(
     tag = json.dumps([list(head_layers), list(probe_layers), k, top_k, rt.manifest.hashes.get(head_set.file)])
     folder = cache_dir() / "calibration" / "cascade" / engine.head.fingerprint()[:16]  # `edge-spade cache` lists it
     folder.mkdir(parents=True, exist_ok=True)
+
+    def signals_of(tokens: list[int]) -> dict[str, np.ndarray]:
+        trace = engine.trace(tokens, None, tail=k)
+        tail_tokens = [tokens[r] for r in trace.tail_rows]
+        spade = [engine.spade_tail(trace.states[layer], layer, None, tail_tokens) for layer in spade_layers]
+        return {
+            "head_ent": np.array(
+                [topk_entropy(rows @ heads.normed(trace.states[h][-1], index[h]), top_k) for h in head_layers]
+            ),
+            "spade_answer": np.array([int(np.argmax(lg)) for lg in spade]),
+            "spade_ent": np.array([topk_entropy(lg, top_k) for lg in spade]),
+            "full": np.array(int(np.argmax(trace.full.logits))),
+        }
+
     traced = 0
     for signals, tokens in progress(prompts) if progress else prompts:
-        path = folder / f"{hashlib.sha256(json.dumps([tokens, tag]).encode()).hexdigest()[:24]}.npz"
-        if path.exists():
-            data = dict(np.load(path))
-        else:
-            traced += 1
-            trace = engine.trace(tokens, None, tail=k)
-            tail_tokens = [tokens[r] for r in trace.tail_rows]
-            spade = [engine.spade_tail(trace.states[layer], layer, None, tail_tokens) for layer in spade_layers]
-            data = {
-                "head_ent": np.array(
-                    [topk_entropy(rows @ heads.normed(trace.states[h][-1], index[h]), top_k) for h in head_layers]
-                ),
-                "spade_answer": np.array([int(np.argmax(lg)) for lg in spade]),
-                "spade_ent": np.array([topk_entropy(lg, top_k) for lg in spade]),
-                "full": np.array(int(np.argmax(trace.full.logits))),
-            }
-            tmp = folder / f"{path.stem}.tmp{os.getpid()}.npz"
-            np.savez(tmp, **data)
-            tmp.replace(path)
+        key = hashlib.sha256(json.dumps([tokens, tag]).encode()).hexdigest()[:24]
+        data, made = load_or_make(folder / f"{key}.npz", lambda tokens=tokens: signals_of(tokens))
+        traced += made
         signals.head_ent, signals.spade_answer = data["head_ent"], data["spade_answer"]
         signals.spade_ent, signals.full = data["spade_ent"], int(data["full"])
     return traced
@@ -431,7 +430,7 @@ def add_cascade(
             log.warning(
                 "the cascade models no faster than the rule in force (%s vs %s): kept as an option", after, before
             )
-        _write(heads_dir, report_dir, rt.manifest)
+        rewrite_manifest(heads_dir, report_dir, rt.manifest)
         return record
     finally:
         rt.close()
@@ -491,17 +490,6 @@ def _plan_of(plans: list[dict], n_tokens: int) -> dict | None:
         if plan["max_tokens"] is None or n_tokens <= plan["max_tokens"]:
             return plan
     return None
-
-
-def _write(heads_dir: Path, report_dir: Path, manifest) -> None:
-    """heads.json rewritten (the ONNX files untouched), its new hash recorded in the report."""
-    path = heads_dir / "heads.json"
-    path.write_text(json.dumps(manifest.to_dict(), indent=1))
-    report_path = report_dir / "report.json"
-    if report_path.is_file():
-        report = json.loads(report_path.read_text())
-        report["heads_json_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-        report_path.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

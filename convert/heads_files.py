@@ -82,6 +82,18 @@ def kept_reports(folder: Path, kinds: set[str]) -> tuple[dict[str, dict], dict[s
     return entries, files
 
 
+def rewrite_manifest(heads_dir: Path, report_dir: Path, manifest: HeadsManifest) -> None:
+    """heads.json rewritten in place (the ONNX files untouched) and its new sha256 recorded in the
+    calibration report, where there is one: tools that add to calibrated heads without retraining."""
+    path = heads_dir / "heads.json"
+    path.write_text(json.dumps(manifest.to_dict(), indent=1))
+    report_path = report_dir / REPORT_JSON
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+        report["heads_json_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        report_path.write_text(json.dumps(report, indent=1))
+
+
 def write_report(folder: Path, manifest: HeadsManifest, sets: dict[str, dict], files: dict[str, bytes]) -> Path:
     """The calibration report: per answer kind, the threshold curves of L-SPADE, the probes and the lens
     baselines, per-layer statistics and the tail-width frontier, with the tuned-lens heads beside it."""

@@ -133,13 +133,13 @@ def plan_shipped_heads(model: str, heads_dir: Path, report_dir: Path) -> dict[st
     the full-depth time by length is measured here, the exit share of the default rule comes from
     the calibration report's held-out curve at the rule's threshold. Rewrites heads.json (the ONNX
     files are untouched) and records the new heads.json hash in the report."""
-    import hashlib
     import json
 
     from edge_spade.manifest import load_manifest
     from edge_spade.runtime import load_model
 
     from .costs import tail_costs
+    from .heads_files import rewrite_manifest
 
     manifest = load_manifest(heads_dir)
     report = json.loads((report_dir / "report.json").read_text())
@@ -175,10 +175,7 @@ def plan_shipped_heads(model: str, heads_dir: Path, report_dir: Path) -> dict[st
             out[kind] = head_set.plans
     finally:
         rt.close()
-    path = heads_dir / "heads.json"
-    path.write_text(json.dumps(manifest.to_dict(), indent=1))
-    report["heads_json_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    (report_dir / "report.json").write_text(json.dumps(report, indent=1))
+    rewrite_manifest(heads_dir, report_dir, manifest)
     return out
 
 

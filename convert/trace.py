@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -81,14 +82,7 @@ def collect(
             continue
         ids = prompt.ids.tolist() if prompt.ids is not None else f"top{top_k}"
         key = hashlib.sha256(json.dumps([prompt.tokens, ids]).encode()).hexdigest()[:24]
-        path = folder / f"{key}.npz"
-        if path.exists():
-            data = dict(np.load(path))
-        else:
-            data = _trace_sample(engine, prompt, tail, top_k)
-            tmp = folder / f"{key}.tmp{os.getpid()}.npz"
-            np.savez(tmp, **data)
-            tmp.replace(path)
+        data, _ = load_or_make(folder / f"{key}.npz", lambda p=prompt: _trace_sample(engine, p, tail, top_k))
         samples.append(
             Sample(
                 data["hidden"].astype(np.float32),
@@ -100,6 +94,18 @@ def collect(
             )
         )
     return samples
+
+
+def load_or_make(path: Path, make: Callable[[], dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], bool]:
+    """One prompt's cached arrays: read from `path`, or made and written there whole (a temporary
+    file swapped in, so an interrupted run leaves no half-written entry); and whether they were made now."""
+    if path.exists():
+        return dict(np.load(path)), False
+    data = make()
+    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npz")
+    np.savez(tmp, **data)
+    tmp.replace(path)
+    return data, True
 
 
 def _trace_sample(engine, prompt, tail: int, top_k: int) -> dict[str, np.ndarray]:

@@ -65,8 +65,10 @@ def extra_buffers() -> bool:
     return not cpu_has_amx()
 
 
+@lru_cache(maxsize=1)
 def cpu_has_amx() -> bool:
-    """Whether the CPU reports AMX tiles (Linux's /proc/cpuinfo; False where there is none)."""
+    """Whether the CPU reports AMX tiles (Linux's /proc/cpuinfo, read once: every model load asks;
+    False where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
