@@ -400,12 +400,17 @@ def calibrate_model(
     few_shot: Sequence[int] = (3,),
     threads: int | None = None,
     progress: Callable | None = None,
+    cascade: bool = False,
+    cascade_min_tokens: int = 32,
     **options,
 ) -> tuple[HeadsManifest, Path]:
     """`edge-spade calibrate`: load the model and the data files, calibrate, write the heads.
 
     `out` defaults to a bundle's own heads/ folder (recorded in its bundle.json afterwards);
-    `options` go to `calibrate`. Returns the manifest and the heads folder.
+    `options` go to `calibrate`. `cascade`: then add a cascade to the free-answer heads on the same
+    prompts and split (convert/cascade.py; prompts up to `cascade_min_tokens` are not measured);
+    where the heads cannot carry one, the heads stay as calibrated and a warning says why.
+    Returns the manifest (as written last) and the heads folder.
     """
     from edge_spade.bundle import HEADS_DIR, is_bundle, open_bundle
     from edge_spade.errors import QuestionError
@@ -415,6 +420,8 @@ def calibrate_model(
     from .datasets import load_items
 
     items = [item for path in data for item in load_items(path, limit=limit, variants=variants, few_shot=few_shot)]
+    if cascade and all(item.choices for item in items):
+        raise QuestionError("--cascade is for free answers, and the data has no free-answer prompts")
     bundle = open_bundle(model) if model and is_bundle(Path(model)) else None
     if out is None:
         if bundle is None:
@@ -435,6 +442,33 @@ def calibrate_model(
         )
     finally:
         rt.close()
+    if cascade:
+        manifest = _add_cascade(model, out, report, items, options.get("holdout", 0.3), cascade_min_tokens, threads)
     if bundle and out.resolve() == bundle.folder / HEADS_DIR:
         record_heads(bundle)
     return manifest, out
+
+
+def _add_cascade(
+    model: str | None,
+    out: Path,
+    report: str | Path | None,
+    items: list,
+    holdout: float,
+    min_tokens: int,
+    threads: int | None,
+) -> HeadsManifest:
+    """The cascade step of `calibrate --cascade` on the calibration's own items and split."""
+    from edge_spade.manifest import load_manifest
+
+    from .cascade import NoCascadeError, add_cascade
+
+    report_dir = Path(report) if report is not None else default_report_dir(out)
+    try:
+        record = add_cascade(
+            model, out, report_dir, holdout=holdout, min_tokens=min_tokens, threads=threads, items=items
+        )
+        log.info("cascade added: %s", record["chosen_on_train"])
+    except NoCascadeError as exc:
+        log.warning("no cascade added: %s", exc)
+    return load_manifest(out)

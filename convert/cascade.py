@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 SCALES = np.linspace(0.0, 2.0, 81)  # the held-out path: both thresholds times each scale
 
 
+class NoCascadeError(ValueError):
+    """These heads or prompts cannot carry a cascade (no certified head threshold, no long prompts)."""
+
+
 @dataclass
 class Signals:
     """One prompt's view of the cascade: head entropies, SPADE's answers and entropies, the full answer."""
@@ -349,8 +353,12 @@ def add_cascade(
     objective: str | None = None,
     threads: int | None = None,
     progress: Callable | None = None,
+    items: Sequence[Item] | None = None,
 ) -> dict:
-    """Measure, choose, certify and write the cascade into `heads_dir`/heads.json (see the module)."""
+    """Measure, choose, certify and write the cascade into `heads_dir`/heads.json (see the module).
+
+    `items`: the calibration's own items in its order (`edge-spade calibrate --cascade` passes them);
+    otherwise they are rebuilt from `data` or the heads' calibration record."""
     from edge_spade.runtime import load_model
 
     from .cloze import broad
@@ -358,10 +366,12 @@ def add_cascade(
 
     rt = load_model(model, heads=heads_dir, threads=threads)
     try:
+        if "free" not in rt.manifest.sets:
+            raise NoCascadeError(f"the heads in {heads_dir} have no free-answer set: a cascade is for free answers")
         head_set = rt.manifest.sets["free"]
         cal = head_set.calibration
         if head_set.threshold < 0 or head_set.signal not in ("lspade", "spade") or len(head_set.probe_layers) > 1:
-            raise ValueError(
+            raise NoCascadeError(
                 f"a cascade is added to a set with a certified L-SPADE threshold whose rule is L-SPADE or one "
                 f"SPADE probe (this one: {head_set.signal!r}, threshold {head_set.threshold}, probes "
                 f"{head_set.probe_layers})"
@@ -369,7 +379,9 @@ def add_cascade(
         L = rt.n_layers
         heads = list(head_set.eval_layers)
         probes = sorted({*(probe_layers or range(max(heads) + 1, 2 * L // 3 + 1, 2)), *head_set.probe_layers})
-        items = _calibration_items(cal, data, variants, broad, load_items)
+        if items is None:
+            items = _calibration_items(cal, data, variants, broad, load_items)
+        items = [item for item in items if not item.choices]  # the free set's prompts, as calibrate splits them
         measured: list[tuple[Signals, list[int]]] = []
         every: list[Signals] = []
         for item in items:
@@ -387,11 +399,16 @@ def add_cascade(
             raise ValueError(
                 f"the split holds out {len(held)} prompts, the calibration {cal['n_holdout']}: other data or --holdout?"
             )
+        train = [s for s in train if s.n_tokens > min_tokens]
+        held = [s for s in held if s.n_tokens > min_tokens]
+        if not train or not held:
+            raise NoCascadeError(
+                f"no prompt over {min_tokens} tokens on both sides of the split ({len(train)} training, {len(held)} "
+                "held out): shorter prompts do not check, so there is nothing to calibrate a cascade on"
+            )
         t0 = time.perf_counter()
         traced = measure(rt, measured, heads, probes, progress)
         seconds = time.perf_counter() - t0
-        train = [s for s in train if s.n_tokens > min_tokens]
-        held = [s for s in held if s.n_tokens > min_tokens]
         cost = CostModel.of(head_set.costs, probes, L, measure_heads_load_ms(heads_dir / head_set.file))
         target, confidence = cal["target_agreement"], cal["confidence"]
         objective = objective or cal.get("probe_objective", "total")

@@ -133,6 +133,18 @@ def _parser() -> argparse.ArgumentParser:
         help="what SPADE probe layers are chosen to speed up: the median answer or the total time",
     )
     c.add_argument(
+        "--cascade",
+        action="store_true",
+        help="then add a cascade to the free-answer heads (heads first, then a SPADE probe) on the same prompts",
+    )
+    c.add_argument(
+        "--cascade-min-tokens",
+        type=int,
+        default=32,
+        metavar="N",
+        help="the cascade measures prompts over N tokens; shorter ones never check (default: 32)",
+    )
+    c.add_argument(
         "--merge",
         action="store_true",
         help="keep the answer kinds this data does not cover from the heads already in --out",
@@ -418,6 +430,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         max_overhead=args.max_overhead,
         merge=args.merge,
         objective=args.objective,
+        cascade=args.cascade,
+        cascade_min_tokens=args.cascade_min_tokens,
         progress=lambda xs: tqdm(
             xs, desc=f"calibrate {args.model or 'default model'}", file=sys.stderr, disable=args.quiet
         ),
@@ -426,6 +440,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(
             f"{m.model} {kind} heads (layers {head_set.layers[0]}-{head_set.layers[-1]}, tail {head_set.tail}) in "
             f"{out}; thresholds (nats): " + ", ".join(f"{k} {v:.4g}" for k, v in head_set.thresholds.items())
+        )
+    free = m.sets.get("free")
+    if args.cascade and free is not None:
+        rule = free.cascade
+        print(
+            f"cascade: heads at {rule['head_layers']} (<= {rule['threshold']:.4g} nats), then a probe at "
+            f"{rule['probe_layers']} (<= {rule['probe_threshold']:.4g}); default rule: {free.signal}"
+            if rule
+            else "cascade: none added (see the warning above); the heads are as calibrated"
         )
     return 0
 

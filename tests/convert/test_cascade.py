@@ -120,3 +120,38 @@ def test_a_cascade_added_to_calibrated_heads_end_to_end(tiny_heads, tiny_model, 
         str(tiny_model[0]), heads, tmp_path / "report", data=str(data), holdout=0.3, probe_layers=[2], min_tokens=0
     )
     assert again["traced_now"] == 0 and again["chosen_on_train"] == record["chosen_on_train"]
+
+
+def test_calibrate_with_cascade_from_the_cli(tiny_model, tmp_path, monkeypatch, capsys):
+    """`edge-spade calibrate --cascade` on an `ask --file` JSONL: heads, then a cascade on the same
+    prompts and split, in one command; choice-only data gets a clear error, not a traceback."""
+    import json
+
+    from edge_spade.cli import main
+    from tests.support.heads import free_items, items
+
+    monkeypatch.setenv("EDGE_SPADE_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "free.jsonl"
+    data.write_text("".join(json.dumps({"id": i.id, "question": i.question}) + "\n" for i in free_items()))
+    out = tmp_path / "heads"
+    common = ["calibrate", "--model", str(tiny_model[0]), "--out", str(out), "--rank", "4", "--steps", "40"]
+    argv = [*common, "--data", str(data), "--target-agreement", "0.5", "--free-tail", "2", "3", "--max-layer", "1"]
+    argv.append("--cascade")
+    assert main([*argv, "--cascade-min-tokens", "0"]) == 0
+    printed = capsys.readouterr().out
+    free = json.loads((out / "heads.json").read_text())["sets"]["free"]
+    assert free["cascade"]["head_layers"] == [1], printed
+    assert f"cascade: heads at [1] (<= {free['cascade']['threshold']:.4g} nats)" in printed
+    record = free["calibration"]["cascade"]
+    assert record["n_holdout"] == free["calibration"]["n_holdout"] and record["measured_prompts"] == len(free_items())
+    assert main([*argv, "--cascade-min-tokens", "500"]) == 0  # no prompt that long: heads only, and it says so
+    assert "cascade: none added" in capsys.readouterr().out
+    assert "cascade" not in json.loads((out / "heads.json").read_text())["sets"]["free"]["calibration"]
+
+    choices = tmp_path / "choices.jsonl"
+    choices.write_text(
+        "".join(json.dumps({"question": i.question, "choices": list(i.choices)}) + "\n" for i in items(12))
+    )
+    assert main([*common, "--data", str(choices), "--cascade"]) == 1
+    err = capsys.readouterr().err
+    assert "--cascade is for free answers" in err and "Traceback" not in err
