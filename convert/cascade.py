@@ -48,6 +48,7 @@ from .trace import load_or_make
 
 log = logging.getLogger(__name__)
 SCALES = np.linspace(0.0, 2.0, 81)  # the held-out path: both thresholds times each scale
+SCREEN_MIN_MS = 1.0  # probes screen (HeadSet.screen_probes) where that saves at least this much
 
 
 class NoCascadeError(ValueError):
@@ -121,9 +122,12 @@ class CostModel:
     context_ms: float
     n_layers: int
     heads_load_ms: float = 0.0  # importing onnxruntime and making the heads' session: once per process
+    screen_ms: float = 0.0  # what a probe on a tail model that does not exit saves by screening (probe_checks)
 
     @classmethod
-    def of(cls, costs: dict, layers: Sequence[int], n_layers: int, heads_load_ms: float = 0.0) -> CostModel:
+    def of(
+        cls, costs: dict, layers: Sequence[int], n_layers: int, heads_load_ms: float = 0.0, screen_ms: float = 0.0
+    ) -> CostModel:
         fit = costs["length_fit"]
         probe = tail_costs(costs, layers, n_layers) * costs["full_ms"]
         return cls(
@@ -136,6 +140,7 @@ class CostModel:
             fit["context_ms"],
             n_layers,
             heads_load_ms,
+            screen_ms,
         )
 
     def full(self, n_tokens: np.ndarray) -> np.ndarray:
@@ -164,8 +169,39 @@ class CostModel:
         at = (layers[np.maximum(stage, 0)] + 1) / self.n_layers * full
         exit_head = at + self.after_head_ms
         exit_probe = at + probe_ms
-        none = full + probe_ms
+        none = full + probe_ms - (self.screen_ms if probe is not None and not whole else 0.0)
         return first + checks + np.where(stage < 0, none, np.where(stage < len(heads), exit_head, exit_probe))
+
+
+def measure_screen_ms(
+    rt: Runtime,
+    prompts: Sequence[tuple[Signals, list[int]]],
+    layer: int,
+    k: int,
+    candidates: Sequence[int],
+    n: int = 12,
+) -> float:
+    """What screening saves a free-answer probe at `layer` that does not exit (policy.probe_checks), in
+    ms: its tail with the vocabulary's LM head minus its tail with the candidates' logits, each timed
+    right after a prompt pass (which leaves the caches as a probe finds them); the median over the
+    first `n` prompts. 0 where the layer has no tail model (whole-model tails are not screened)."""
+    if not candidates:
+        return 0.0
+    engine, ids, saved = rt.engine, np.asarray(candidates), []
+    engine.use_tail_models([layer])
+    for _, tokens in prompts[:n]:
+        states = engine.trace(tokens, None, tail=k).states[layer]
+        t0 = time.perf_counter()
+        engine.spade_tail(states, layer, None)
+        plain = time.perf_counter() - t0
+        engine.full(tokens, None)
+        t0 = time.perf_counter()
+        rows = engine.spade_tail_normed(states, layer)
+        if rows is None:
+            return 0.0
+        engine.head.logits(rows[1], ids)
+        saved.append((plain - (time.perf_counter() - t0)) * 1000)
+    return round(float(np.median(saved)), 2) if saved else 0.0
 
 
 def measure_heads_load_ms(onnx_file: Path, repeats: int = 3) -> float:
@@ -409,7 +445,9 @@ def add_cascade(
         t0 = time.perf_counter()
         traced = measure(rt, measured, heads, probes, progress)
         seconds = time.perf_counter() - t0
-        cost = CostModel.of(head_set.costs, probes, L, measure_heads_load_ms(heads_dir / head_set.file))
+        screened = measure_screen_ms(rt, measured, probes[len(probes) // 2], head_set.tail, head_set.candidates or [])
+        screen_ms = screened if screened >= SCREEN_MIN_MS else 0.0
+        cost = CostModel.of(head_set.costs, probes, L, measure_heads_load_ms(heads_dir / head_set.file), screen_ms)
         target, confidence = cal["target_agreement"], cal["confidence"]
         objective = objective or cal.get("probe_objective", "total")
         rule = choose(train, heads, probes, cost, target, confidence, objective, by_key)
@@ -430,6 +468,7 @@ def add_cascade(
             "scales": [float(SCALES[0]), float(SCALES[-1]), len(SCALES)],
             "heldout_speedup_model": {"rule_in_force": before, "cascade": after},
             "heads_load_ms": cost.heads_load_ms,  # charged once to a one-question process whose heads run
+            "screen_ms": screened,  # what screening saved a probe that did not exit (median; >= 1 ms: probes screen)
             "measure_seconds": round(seconds, 1),  # of this run: prompts cached by an earlier one cost nothing
             "traced_now": traced,
         }
@@ -441,6 +480,7 @@ def add_cascade(
             "probe_threshold": overall["probe_threshold"] if probe is not None else -1.0,
         }
         head_set.calibration["cascade"] = record
+        head_set.screen_probes = screen_ms > 0
         if after["total"] > before["total"] and any(p["check"] for p in plans):
             head_set.signal, head_set.plans = "cascade", plans
         else:

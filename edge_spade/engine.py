@@ -406,6 +406,31 @@ class Engine:
         taps = {self.arch.layer_node(layer): Tap(write=states), **self._final_taps(ids)}
         return self._final_logits(self._decode(tokens, taps, side=side), ids)
 
+    def spade_tail_normed(
+        self, states: np.ndarray, layer: int, side: bool = True
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """A free answer's SPADE tail without its LM head: the answer row after the last layer, (1, n_embd),
+        and after the final norm, (n_embd,). The vocabulary's logits cost a whole LM head (Gemma 3:
+        262,144 x 640, read from memory on every call); a probe's decision needs only a few candidates'
+        (numpy, `head.logits`), and `head_logits` makes the vocabulary's from the first row where they
+        are needed. None where no tail model holds the layers above `layer` (then: spade_tail)."""
+        self._check_layer(layer)
+        cut = self._tails.get(layer)
+        if cut is None or self._head is None or states.shape[0] > cut.context.n_ctx:
+            return None
+        last, norm = self.arch.layer_node(cut.n_layers - 1), self.arch.final_norm
+        taps = {last: Tap(read_rows=(-1,)), norm: Tap(read_rows=(-1,), cut=True)}
+        capture = self._decode(states, taps, side=side, context=cut.context)
+        return capture.rows[last], capture.rows[norm][0]
+
+    def head_logits(self, hidden: np.ndarray) -> np.ndarray:
+        """The vocabulary's logits of answer rows before the final norm, (1, n_embd), on the head model
+        (where none is loaded: the final norm and LM head in numpy)."""
+        if self._head is None:
+            return self.lens(hidden[-1], None)
+        taps = {self.arch.layer_node(0): Tap(write=hidden)}  # block 0's output replaced: norm + LM head remain
+        return self._decode(hidden, taps, context=self._head.context).logits()
+
     def use_tail_models(self, layers: Sequence[int]) -> None:
         """Run SPADE tails from these layers on tail models (only the layers above; see tailmodel).
 
@@ -579,9 +604,7 @@ class Engine:
             return self.head.logits(capture.rows[self.arch.final_norm][0], ids)
         if self._head is None:
             return capture.logits()
-        hidden = capture.rows[last or self.arch.layer_node(self.n_layers - 1)]
-        taps = {self.arch.layer_node(0): Tap(write=hidden)}  # block 0's output replaced: norm + LM head remain
-        return self._decode(hidden, taps, context=self._head.context).logits()
+        return self.head_logits(capture.rows[last or self.arch.layer_node(self.n_layers - 1)])
 
 
 def release_mapped(path: Path, ranges: Sequence[tuple[int, int]]) -> int:

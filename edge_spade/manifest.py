@@ -47,6 +47,9 @@ class HeadSet:
     # The "cascade" signal: L-SPADE at "head_layers" (exit at or under "threshold"), then SPADE probes at
     # "probe_layers" (exit at or under "probe_threshold"), certified together; empty: no cascade.
     cascade: dict = field(default_factory=dict)
+    # Free-answer probes screen with the candidates' logits before the vocabulary's (policy.probe_checks):
+    # set where calibration measured that it saves time (a large vocabulary's LM head), else off.
+    screen_probes: bool = False
     costs: dict = field(default_factory=dict)  # measured ms: full answer, one tail (the probe cost model)
     # Per prompt-length range (ascending "max_tokens", the last None): whether checks pay, with tail
     # models ("check") and with whole-model probe tails ("check_whole_model"); none: always check.

@@ -41,11 +41,13 @@ class ExitPolicy:
     signal: str = "lspade"  # "lspade": an L-SPADE head's entropy; "spade": the SPADE tail's own (a probe)
     probe_layers: tuple[int, ...] = ()  # "cascade": probes after the head checks at `eval_layers`...
     probe_threshold: float = -1.0  # ...exiting at or below this SPADE entropy (nats)
+    screen_probes: bool = False  # free answers: probes screen with the candidates' logits first (probe_checks)
 
     @classmethod
     def from_head_set(cls, head_set, threshold: float | None = None, signal: str | None = None) -> ExitPolicy:
         """The head set's default exit (its `signal`), or the one named: "lspade" or "spade" (probe)."""
         signal = signal or head_set.signal
+        candidates = tuple(head_set.candidates) if head_set.candidates else None
         if signal == "spade":
             if not head_set.probe_layers:
                 raise HeadsMismatchError(
@@ -53,8 +55,15 @@ class ExitPolicy:
                     "none that keep the target agreement); use --signal lspade"
                 )
             tau = head_set.thresholds.get("spade", -1.0) if threshold is None else threshold
-            return cls(tau, tuple(head_set.probe_layers), {}, head_set.top_k or FREE_TOP_K, None, "spade")
-        candidates = tuple(head_set.candidates) if head_set.candidates else None
+            return cls(
+                tau,
+                tuple(head_set.probe_layers),
+                {},
+                head_set.top_k or FREE_TOP_K,
+                candidates,
+                "spade",
+                screen_probes=head_set.screen_probes,
+            )
         if signal == "cascade":
             rule = head_set.cascade
             if not rule:
@@ -71,6 +80,7 @@ class ExitPolicy:
                 "cascade",
                 tuple(rule["probe_layers"]),
                 rule["probe_threshold"],
+                head_set.screen_probes,
             )
         tau = head_set.threshold if threshold is None else threshold
         return cls(tau, tuple(head_set.eval_layers), head_set.head_index(), head_set.top_k, candidates)
@@ -142,18 +152,37 @@ def probe_checks(
     prompt: Prompt,
     seen: ExitTrace,
     tail: int,
+    candidates: Sequence[int] | None = None,
 ) -> dict[int, Callable[[np.ndarray], bool]]:
-    """Per probe layer: run the SPADE tail on the side context, exit if its own entropy is low."""
+    """Per probe layer: run the SPADE tail on the side context, exit if its own entropy is low.
+
+    A free answer with `candidates` (and a tail model for the layer) is screened first: the top-k
+    entropy over the candidates' logits, from the tail's normed row in numpy, instead of the whole
+    vocabulary's LM head. Over the threshold, the probe does not exit; at or under it, the
+    vocabulary's logits decide as always (and answer). Where the vocabulary's top k are all
+    candidates, as calibration chose them to be, both entropies are the same; elsewhere the screen
+    can only keep a prompt from exiting, never change an answer. Most probes do not exit: they
+    skip the LM head."""
     tokens = [prompt.tokens[r] for r in tail_positions(len(prompt.tokens), tail)]
+    screen = np.asarray(candidates) if prompt.ids is None and candidates is not None else None
 
     def check_at(layer: int) -> Callable[[np.ndarray], bool]:
         def check(states: np.ndarray) -> bool:
             t0 = time.perf_counter()
-            logits = engine.spade_tail(states, layer, prompt.ids, tokens, side=True)
-            h = judge_logits(prompt, logits, top_k)
-            seen.entropies[layer], seen.logits[layer] = h, logits
-            seen.check_ms += (time.perf_counter() - t0) * 1000.0
-            return h <= threshold
+            try:
+                rows = engine.spade_tail_normed(states, layer) if screen is not None else None
+                if rows is not None:
+                    h = judge_logits(prompt, engine.head.logits(rows[1], screen), top_k)
+                    if h > threshold:  # not the vocabulary's entropy: it is recorded only when computed
+                        return False
+                    logits = engine.head_logits(rows[0])
+                else:
+                    logits = engine.spade_tail(states, layer, prompt.ids, tokens, side=True)
+                h = judge_logits(prompt, logits, top_k)
+                seen.entropies[layer], seen.logits[layer] = h, logits
+                return h <= threshold
+            finally:
+                seen.check_ms += (time.perf_counter() - t0) * 1000.0
 
         return check
 
@@ -210,7 +239,8 @@ def spade_exit(
     if probes and probe_tau >= 0:
         if engine.settings.tail_models:
             engine.use_tail_models(probes)  # once per layer: probes then skip the layers below
-        checks.update(probe_checks(engine, probes, probe_tau, policy.top_k, prompt, seen, tail))
+        screen = policy.candidates if policy.screen_probes else None
+        checks.update(probe_checks(engine, probes, probe_tau, policy.top_k, prompt, seen, tail, screen))
     # After a head's exit SPADE runs from there (unless a lens baseline answers); a probe's tail is the answer.
     then_spade = frozenset(policy.eval_layers) if answer_from == "spade" and not probe else frozenset()
     readout = engine.early_exit(prompt.tokens, prompt.ids, checks, tail=tail, then_spade=then_spade)

@@ -110,6 +110,7 @@ def test_a_cascade_added_to_calibrated_heads_end_to_end(tiny_heads, tiny_model, 
     assert record["measured_prompts"] == len(free_items())
     assert record["traced_now"] == len({i.question for i in free_items()})  # repeated questions: cached
     assert after["sets"]["free"]["calibration"]["cascade"] == record and after["hashes"] == before["hashes"]
+    assert after["sets"]["free"]["screen_probes"] == (record["screen_ms"] >= 1.0)  # measured, then decided
     cascade = after["sets"]["free"]["cascade"]
     assert cascade["head_layers"] == free["eval_layers"] and cascade["probe_layers"] in ([2], [])
     with load_model(str(tiny_model[0]), heads=heads, n_ctx=256, kv_type="f32") as rt:

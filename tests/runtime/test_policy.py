@@ -110,6 +110,29 @@ def test_probe_exits_answer_with_spade_k_at_the_probe_layer(tiny_engine, prompt,
     np.testing.assert_array_equal(readout.logits, tiny_engine.full(p.tokens, p.ids).logits)
 
 
+def test_screened_probes_answer_as_unscreened_ones_and_only_ever_exit_less(tiny_engine, tmp_path, monkeypatch):
+    """A free-answer probe screened with candidates' logits: with every token a candidate, the same
+    exit and logits; with candidates whose entropy is over the threshold while the vocabulary's is
+    under it, no exit (the full answer) where the unscreened probe exits."""
+    from dataclasses import replace
+
+    monkeypatch.setenv("EDGE_SPADE_CACHE", str(tmp_path))
+    p = build_prompt(tiny_engine, "the capital of france is", None)
+    spade = tiny_engine.spade(p.tokens, 1, None, tail=3).logits
+    full_ent = topk_entropy(spade, 8)
+    every = replace(probe(full_ent + 1e-6, (1,)), candidates=tuple(range(tiny_engine.n_vocab)), screen_probes=True)
+    plain, _ = spade_exit(tiny_engine, None, replace(every, screen_probes=False), p, tail=3)
+    screened, seen = spade_exit(tiny_engine, None, every, p, tail=3)
+    assert plain.layer == screened.layer == 1 and seen.entropies[1] == pytest.approx(full_ent, abs=1e-5)
+    np.testing.assert_array_equal(screened.logits, plain.logits)
+    np.testing.assert_array_equal(screened.logits, spade)
+    middle = np.argsort(spade)[len(spade) // 2 - 4 : len(spade) // 2 + 4]  # close logits: a flat top 8
+    assert topk_entropy(spade[middle], 8) > full_ent + 1e-3
+    blocked, seen = spade_exit(tiny_engine, None, replace(every, candidates=tuple(int(i) for i in middle)), p, tail=3)
+    assert blocked.layer == tiny.N_LAYERS - 1 and seen.entropies == {}
+    np.testing.assert_array_equal(blocked.logits, tiny_engine.full(p.tokens, None).logits)
+
+
 # -- a cascade: L-SPADE checks first, then a SPADE probe for what they did not let exit --------------
 
 

@@ -51,6 +51,22 @@ def test_tiny_tail_models_equal_whole_model_tails_and_the_numpy_reference(tiny_m
         np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max())
 
 
+def test_a_tail_without_its_lm_head_gives_the_same_rows_and_logits(tiny_model, tmp_path, monkeypatch):
+    """spade_tail_normed: the answer row before and after the final norm, from which the decision set's
+    logits (numpy) and the vocabulary's (head_logits) equal spade_tail's bit for bit; None without a
+    tail model for the layer."""
+    monkeypatch.setenv("EDGE_SPADE_CACHE", str(tmp_path))
+    with Engine(tiny_model[0], EXACT) as engine:
+        tokens = engine.tokenize("the capital of france is paris . the answer is")
+        states = engine.trace(tokens, None, tail=3).states[1]
+        assert engine.spade_tail_normed(states, 1) is None
+        engine.use_tail_models([1])
+        hidden, normed = engine.spade_tail_normed(states, 1)
+        assert hidden.shape == (1, engine.n_embd) and normed.shape == (engine.n_embd,)
+        np.testing.assert_array_equal(engine.head_logits(hidden), engine.spade_tail(states, 1, None))
+        np.testing.assert_array_equal(engine.head.logits(normed, CHOICES), engine.spade_tail(states, 1, CHOICES))
+
+
 def n_vocab(src: Path) -> int:
     return len(gguf.GGUFReader(src).fields["tokenizer.ggml.tokens"].contents())
 
