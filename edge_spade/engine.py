@@ -633,6 +633,9 @@ def release_mapped(path: Path, ranges: Sequence[tuple[int, int]]) -> int:
     return released
 
 
+QUICK_PASS_TOKENS = 64  # plain passes up to this long run without an abort callback (_Context.decode)
+
+
 class _Context:
     """One llama context on the engine's model (or a tail model): its own KV cache, batch and eval hooks."""
 
@@ -651,6 +654,7 @@ class _Context:
             cparams.flash_attn_type = int(engine.settings.flash_attn)
         cparams.cb_eval = self.hooks.eval_callback
         cparams.abort_callback = self.hooks.abort_callback
+        self._abort_set, self._no_abort = True, ll.ggml_abort_callback()  # NULL: the backend checks nothing
         cparams.no_perf = True
         self.ctx = ll.llama_init_from_model(model or engine._model, cparams)
         if not self.ctx:
@@ -681,6 +685,14 @@ class _Context:
         # Metadata only: emptied cells are masked out, so their stale (finite) K/V never count, and
         # zeroing the buffers costs time on every clear (the exact tests compare bit for bit).
         ll.llama_memory_clear(self.mem, False)
+        # The CPU backend calls the abort callback after every node, into Python: on a short pass
+        # that no tap stops, that is a share of the pass worth saving. Ctrl-C there is raised when
+        # the pass ends (LayerHooks.run), as soon as a person would notice; a failing tap (reading
+        # rows) lets the short pass finish before its error is raised.
+        wanted = n > QUICK_PASS_TOKENS or any(tap.stop or tap.decide is not None for tap in taps.values())
+        if wanted != self._abort_set:
+            ll.llama_set_abort_callback(self.ctx, self.hooks.abort_callback if wanted else self._no_abort, None)
+            self._abort_set = wanted
         try:
             return self.hooks.run(taps, lambda: ll.llama_decode(self.ctx, batch))
         finally:

