@@ -406,9 +406,7 @@ class Engine:
         taps = {self.arch.layer_node(layer): Tap(write=states), **self._final_taps(ids)}
         return self._final_logits(self._decode(tokens, taps, side=side), ids)
 
-    def spade_tail_normed(
-        self, states: np.ndarray, layer: int, side: bool = True
-    ) -> tuple[np.ndarray, np.ndarray] | None:
+    def spade_tail_normed(self, states: np.ndarray, layer: int) -> tuple[np.ndarray, np.ndarray] | None:
         """A free answer's SPADE tail without its LM head: the answer row after the last layer, (1, n_embd),
         and after the final norm, (n_embd,). The vocabulary's logits cost a whole LM head (Gemma 3:
         262,144 x 640, read from memory on every call); a probe's decision needs only a few candidates'
@@ -420,7 +418,7 @@ class Engine:
             return None
         last, norm = self.arch.layer_node(cut.n_layers - 1), self.arch.final_norm
         taps = {last: Tap(read_rows=(-1,)), norm: Tap(read_rows=(-1,), cut=True)}
-        capture = self._decode(states, taps, side=side, context=cut.context)
+        capture = self._decode(states, taps, context=cut.context)  # the tail model's own context, even in a pass
         return capture.rows[last], capture.rows[norm][0]
 
     def head_logits(self, hidden: np.ndarray) -> np.ndarray:
