@@ -251,17 +251,22 @@ def choose(
     confidence: float,
     objective: str,
     by_key: bool = True,
+    head_stage: bool = True,
+    min_probe_layer: int = 0,
 ) -> dict:
     """The probe layer and both thresholds that speed the training prompts up most (`objective`:
-    "total" or "median" speedup over full depth) with their agreement bounded at the target."""
+    "total" or "median" speedup over full depth) with their agreement bounded at the target.
+    `head_stage=False`: the heads never exit (a probe alone); probes below `min_probe_layer` are not chosen."""
     n = np.array([x.n_tokens for x in train])
     full = model.full(n)
     facts = fact_index([x.key for x in train]) if by_key else None
     head_ent = np.concatenate([x.head_ent for x in train])
-    head_taus = [-1.0, *np.unique(np.quantile(head_ent, np.linspace(0, 1, 31)))]
+    head_taus = [-1.0, *np.unique(np.quantile(head_ent, np.linspace(0, 1, 31)))] if head_stage else [-1.0]
     best, best_key = {"probe_layer": None, "threshold": -1.0, "probe_threshold": -1.0}, (1.0, 1.0)
     speed = {"train_speedup_total": 1.0, "train_speedup_median": 1.0}
     for j, probe in enumerate([None, *probes]):
+        if probe is not None and probe < min_probe_layer:
+            continue
         col = None if probe is None else len(heads) + j - 1
         probe_taus = (
             [-1.0]
@@ -390,11 +395,16 @@ def add_cascade(
     threads: int | None = None,
     progress: Callable | None = None,
     items: Sequence[Item] | None = None,
+    head_stage: bool = True,
+    min_probe_layer: int = 0,
 ) -> dict:
     """Measure, choose, certify and write the cascade into `heads_dir`/heads.json (see the module).
 
     `items`: the calibration's own items in its order (`edge-spade calibrate --cascade` passes them);
-    otherwise they are rebuilt from `data` or the heads' calibration record."""
+    otherwise they are rebuilt from `data` or the heads' calibration record. `head_stage=False`: the
+    heads never exit, a probe alone decides (where the heads' certificate does not carry over to the
+    prompt formats users write: benchmarks/formats.py); it replaces a rule in force that runs heads.
+    `min_probe_layer`: the earliest probe chosen (all candidates are still measured, so the cache holds)."""
     from edge_spade.runtime import load_model
 
     from .cloze import broad
@@ -450,7 +460,7 @@ def add_cascade(
         cost = CostModel.of(head_set.costs, probes, L, measure_heads_load_ms(heads_dir / head_set.file), screen_ms)
         target, confidence = cal["target_agreement"], cal["confidence"]
         objective = objective or cal.get("probe_objective", "total")
-        rule = choose(train, heads, probes, cost, target, confidence, objective, by_key)
+        rule = choose(train, heads, probes, cost, target, confidence, objective, by_key, head_stage, min_probe_layer)
         probe = rule["probe_layer"]
         col = None if probe is None else len(heads) + probes.index(probe)
         overall, plans = cascade_plans(held, heads, col, probe, rule, cost, target, confidence, min_tokens, by_key)
@@ -464,6 +474,8 @@ def add_cascade(
             "n_holdout": len(held),
             "candidate_probe_layers": probes,
             "objective": objective,
+            "head_stage": head_stage,
+            "min_probe_layer": min_probe_layer,
             "chosen_on_train": rule,
             "scales": [float(SCALES[0]), float(SCALES[-1]), len(SCALES)],
             "heldout_speedup_model": {"rule_in_force": before, "cascade": after},
@@ -481,7 +493,8 @@ def add_cascade(
         }
         head_set.calibration["cascade"] = record
         head_set.screen_probes = screen_ms > 0
-        if after["total"] > before["total"] and any(p["check"] for p in plans):
+        replaces_heads = not head_stage and head_set.runs_heads
+        if (after["total"] > before["total"] or replaces_heads) and any(p["check"] for p in plans):
             head_set.signal, head_set.plans = "cascade", plans
         else:
             log.warning(
@@ -567,6 +580,10 @@ if __name__ == "__main__":
     )
     parser.add_argument("--min-tokens", type=int, default=32)
     parser.add_argument("--objective", choices=("total", "median"))
+    parser.add_argument(
+        "--no-heads", action="store_true", help="a probe alone: the heads never exit (see benchmarks/formats.py)"
+    )
+    parser.add_argument("--min-probe-layer", type=int, default=0, help="the earliest probe layer to choose")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -592,6 +609,8 @@ if __name__ == "__main__":
                 objective=args.objective,
                 threads=args.threads,
                 progress=show,
+                head_stage=not args.no_heads,
+                min_probe_layer=args.min_probe_layer,
             ),
             indent=1,
         )
