@@ -268,6 +268,22 @@ def other_results_md(folder: Path = RESULTS) -> list[str]:
             ],
             _one_question_rows(r),
         )
+    for path in sorted(folder.glob("formats-*.json")):
+        r = json.loads(path.read_text())
+        parts += _section(
+            path,
+            "prompt formats",
+            [
+                "Agreement with full depth on calibration-side facts (5 per category, never the test split) written in",
+                "three formats, prefixes from the fact's own category; each rule the heads carry (`default`: the",
+                "shipped rule with its plans, the speed guard off). No timing.",
+            ],
+            ["shots", "format", "rule", "n", "agreement", "exits"],
+            [
+                [str(x["shots"]), x["format"], x["rule"], str(x["n"]), f"{x['agreement']:.3f}", f"{x['exit_rate']:.0%}"]
+                for x in sorted(r["rows"], key=lambda x: (x["shots"], x["format"], x["rule"]))
+            ],
+        )
     for path in sorted(folder.glob("memory-*.json")):
         parts += _section(
             path,
