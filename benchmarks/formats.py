@@ -27,6 +27,7 @@ if __package__ in (None, ""):
 from benchmarks.common import progress, save_json
 from edge_spade import load_model
 from edge_spade.manifest import HeadsMismatchError
+from edge_spade.policy import ExitPolicy
 
 CORPUS = Path(__file__).resolve().parents[1] / "convert" / "cloze" / "cloze-broad.jsonl"
 PER_CATEGORY = 5
@@ -68,10 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     rules: dict[str, dict] = {"default": {}}
     for signal in ("lspade", "spade", "cascade"):
         try:
-            rt.ask("The capital of France is", signal=signal)
-            rules[signal] = {"signal": signal}
+            ExitPolicy.from_head_set(free, signal=signal)
         except HeadsMismatchError:  # the heads carry no such rule
             continue
+        rules[signal] = {"signal": signal}
     rows = []
     for shots in args.shots:
         items = prompts(shots)

@@ -48,8 +48,11 @@ def rule(row: dict) -> str:
     """The rule a row ran, in words."""
     if row["signal"] == "cascade":
         probe, tau = row["probe_layers"], row["probe_threshold"]
-        then = f", then a probe at layer {', '.join(map(str, probe))} ({tau:.3g} nats)" if probe else ""
+        at = f"a probe at layer {', '.join(map(str, probe))} ({tau:.3g} nats)" if probe else ""
+        if row["threshold"] < 0:  # the heads never exit: the probe alone
+            return f"{at or 'no exit'}, K={row['tail_k']}"
         layers = ", ".join(map(str, row["eval_layers"]))
+        then = f", then {at}" if at else ""
         return f"L-SPADE at layer {layers} ({row['threshold']:.3g} nats){then}, K={row['tail_k']}"
     if row["threshold"] < 0:
         return "full depth (no exit certified)"

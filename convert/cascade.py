@@ -363,8 +363,8 @@ def cascade_plans(
             full = float(model.full(np.array([lo]))[0])
             cut = float(model.cost(stage, n, heads, used, checked=taus[0] >= 0).mean())
             # A one-question process runs the heads alone (ExitPolicy.heads_only): no probe context or tail.
-            head_stage, _ = outcome(here, len(heads), col, taus[0], -1.0)
-            whole = float(model.cost(head_stage, n, heads, None, whole=True, checked=taus[0] >= 0).mean())
+            heads_alone, _ = outcome(here, len(heads), col, taus[0], -1.0)
+            whole = float(model.cost(heads_alone, n, heads, None, whole=True, checked=taus[0] >= 0).mean())
             if taus[0] < 0:
                 whole = math.inf  # nothing to check without the probe
             plan.update(
