@@ -22,11 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_spade.domain import gates_to_bytes
 from edge_spade.errors import LayerError
 from edge_spade.heads import FREE_TOP_K
 from edge_spade.manifest import HEADS_FORMAT, HeadSet, HeadsManifest
 from edge_spade.runtime import Runtime
 
+from . import domain_gates
 from .certify import exit_curve, keys_of, pick_threshold, split
 from .costs import measure_check_ms, measure_costs, tail_costs
 from .datasets import Item
@@ -79,7 +81,13 @@ def calibrate_set(
     full = np.array([s.answer(L - 1) for s in held])
     spade_answers = np.array([[s.answer(layer) for layer in layers] for s in held])
     costs = dict(plan.get("costs", {}))
+    # Each head decides only on states like the training prompts' (edge_spade/domain.py): outside its
+    # gate a prompt's entropy is infinite, so thresholds are picked and certified as the runtime runs them.
+    gates = domain_gates.fit_gates(np.stack([s.hidden[layers] for s in train]), layers)
+    train_in = domain_gates.inside(gates, np.stack([s.hidden[layers] for s in train]), layers)
+    held_in = domain_gates.inside(gates, np.stack([s.hidden[layers] for s in held]), layers)
     train_ent, _ = judge(rt, lspade, layers, train, top_k, candidates)
+    train_ent = np.where(train_in, train_ent, np.inf)
     if "full_ms" in costs:  # an L-SPADE exit runs its tail on the whole model
         exit_cost = (np.array(layers) + 1) / L + costs["tail_ms"] / costs["full_ms"]
         eval_layers = thin_layers(
@@ -100,6 +108,8 @@ def calibrate_set(
     curves, thresholds, held_keys = {}, {}, keys_of(held, by_key)
     for name, heads in (("lspade", lspade), ("tuned", tuned), ("logit_lens", identity)):
         ent, own = judge(rt, heads, layers, held, top_k, candidates)
+        if name == "lspade":  # the lens baselines are the paper's rules, ungated
+            ent = np.where(held_in, ent, np.inf)
         answers = spade_answers if name == "lspade" else own  # lens baselines answer from their own head
         curves[name] = exit_curve(full, answers[:, cols], ent[:, cols], eval_layers, L, confidence, held_keys)
         thresholds[name] = pick_threshold(curves[name], target_agreement)
@@ -157,6 +167,15 @@ def calibrate_set(
         signal="spade" if plan.get("pays") else "lspade",
         probe_layers=plan.get("probe_layers", []),
         costs=costs,
+        domain=domain_gates.entry(
+            f"domain-{kind}.npz",
+            eval_layers,
+            domain_gates.QUANTILE,
+            {
+                "train": round(float(train_in[:, cols].all(1).mean()), 4),
+                "held_out": round(float(held_in[:, cols].all(1).mean()), 4),
+            },
+        ),
     )
     if "length_fit" in plan:
         head_set.plans = default_rule_plans(head_set, held, lspade_held_ent, L, plan["length_fit"], by_key)
@@ -172,7 +191,10 @@ def calibrate_set(
     norm, eps = engine.head.norm_weight, engine.index.rms_eps
     return (
         head_set,
-        {head_set.file: export_onnx(lspade, norm, eps)},
+        {
+            head_set.file: export_onnx(lspade, norm, eps),
+            head_set.domain["file"]: gates_to_bytes({layer: gates[layer] for layer in eval_layers}),
+        },
         report,
         {tuned_file: export_onnx(tuned, norm, eps)},
     )

@@ -35,10 +35,12 @@ from pathlib import Path
 import numpy as np
 
 from edge_spade.cache import cache_dir
+from edge_spade.domain import gates_to_bytes
 from edge_spade.errors import EdgeSpadeError
 from edge_spade.heads import FREE_TOP_K, topk_entropy
 from edge_spade.runtime import Runtime
 
+from . import domain_gates
 from .certify import agreement_bound, fact_index, split
 from .costs import tail_costs
 from .datasets import Item
@@ -107,6 +109,44 @@ def measure(
         signals.head_ent, signals.spade_answer = data["head_ent"], data["spade_answer"]
         signals.spade_ent, signals.full = data["spade_ent"], int(data["full"])
     return traced
+
+
+def domain_states(
+    rt: Runtime, prompts: list[tuple[Signals, list[int]]], layers: Sequence[int]
+) -> dict[int, np.ndarray]:
+    """Per prompt (by its Signals' id): the last row after each head layer (cached per
+    prompt; a pass stopped after the deepest head, a small share of a full one)."""
+    engine = rt.engine
+    folder = cache_dir() / "calibration" / "cascade" / engine.head.fingerprint()[:16] / "domain"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for signals, tokens in prompts:
+        key = hashlib.sha256(json.dumps([tokens, list(layers)]).encode()).hexdigest()[:24]
+        data, _ = load_or_make(folder / f"{key}.npz", lambda tokens=tokens: {"rows": engine.last_rows(tokens, layers)})
+        out[id(signals)] = data["rows"]
+    return out
+
+
+def gate_heads(
+    train: Sequence[Signals],
+    measured: Sequence[Signals],
+    states: dict[int, np.ndarray],
+    heads: Sequence[int],
+    quantile: float,
+) -> tuple[bytes, dict[str, float]]:
+    """Fit a domain gate per head layer on the training prompts' states; every measured prompt outside
+    a layer's gate gets an infinite head entropy there (its head cannot let it exit, as at run time).
+    Returns the domain file and the shares of training and held-out prompts every gate admits."""
+    gates = domain_gates.fit_gates(np.stack([states[id(s)] for s in train]), heads, quantile)
+    admitted = domain_gates.inside(gates, np.stack([states[id(s)] for s in measured]), heads)
+    for s, ok in zip(measured, admitted):
+        s.head_ent = np.where(ok, s.head_ent, np.inf)
+    in_train = np.array([id(s) in {id(t) for t in train} for s in measured])
+    shares = {
+        "train": round(float(admitted[in_train].all(1).mean()), 4),
+        "held_out": round(float(admitted[~in_train].all(1).mean()) if (~in_train).any() else 0.0, 4),
+    }
+    return gates_to_bytes(gates), shares
 
 
 @dataclass
@@ -261,7 +301,9 @@ def choose(
     full = model.full(n)
     facts = fact_index([x.key for x in train]) if by_key else None
     head_ent = np.concatenate([x.head_ent for x in train])
-    head_taus = [-1.0, *np.unique(np.quantile(head_ent, np.linspace(0, 1, 31)))] if head_stage else [-1.0]
+    head_ent = head_ent[np.isfinite(head_ent)]  # outside a domain gate: infinite, never a threshold
+    use_heads = head_stage and head_ent.size > 0
+    head_taus = [-1.0, *np.unique(np.quantile(head_ent, np.linspace(0, 1, 31)))] if use_heads else [-1.0]
     best, best_key = {"probe_layer": None, "threshold": -1.0, "probe_threshold": -1.0}, (1.0, 1.0)
     speed = {"train_speedup_total": 1.0, "train_speedup_median": 1.0}
     for j, probe in enumerate([None, *probes]):
@@ -397,6 +439,7 @@ def add_cascade(
     items: Sequence[Item] | None = None,
     head_stage: bool = True,
     min_probe_layer: int = 0,
+    domain_quantile: float | None = domain_gates.QUANTILE,
 ) -> dict:
     """Measure, choose, certify and write the cascade into `heads_dir`/heads.json (see the module).
 
@@ -404,7 +447,9 @@ def add_cascade(
     otherwise they are rebuilt from `data` or the heads' calibration record. `head_stage=False`: the
     heads never exit, a probe alone decides (where the heads' certificate does not carry over to the
     prompt formats users write: benchmarks/formats.py); it replaces a rule in force that runs heads.
-    `min_probe_layer`: the earliest probe chosen (all candidates are still measured, so the cache holds)."""
+    `min_probe_layer`: the earliest probe chosen (all candidates are still measured, so the cache holds).
+    `domain_quantile`: the heads decide only on states like the training prompts' (edge_spade/domain.py),
+    a gate admitting this share of them, fitted and certified with the cascade; None: no gate."""
     from edge_spade.runtime import load_model
 
     from .cloze import broad
@@ -454,6 +499,10 @@ def add_cascade(
             )
         t0 = time.perf_counter()
         traced = measure(rt, measured, heads, probes, progress)
+        gate, admitted = None, None
+        if head_stage and domain_quantile is not None:
+            states = domain_states(rt, measured, heads)  # train holds the prompts over min_tokens only
+            gate, admitted = gate_heads(train, [s for s, _ in measured], states, heads, domain_quantile)
         seconds = time.perf_counter() - t0
         screened = measure_screen_ms(rt, measured, probes[len(probes) // 2], head_set.tail, head_set.candidates or [])
         screen_ms = screened if screened >= SCREEN_MIN_MS else 0.0
@@ -484,6 +533,8 @@ def add_cascade(
             "measure_seconds": round(seconds, 1),  # of this run: prompts cached by an earlier one cost nothing
             "traced_now": traced,
         }
+        if gate is not None:
+            record["domain"] = domain_gates.entry(f"domain-{head_set.kind}.npz", heads, domain_quantile, admitted)
         log.info("cascade: %s", json.dumps(record))
         head_set.cascade = {
             "head_layers": heads,
@@ -493,6 +544,7 @@ def add_cascade(
         }
         head_set.calibration["cascade"] = record
         head_set.screen_probes = screen_ms > 0
+        _set_domain(heads_dir, rt.manifest, head_set, gate, record.get("domain"))
         replaces_heads = not head_stage and head_set.runs_heads
         if (after["total"] > before["total"] or replaces_heads) and any(p["check"] for p in plans):
             head_set.signal, head_set.plans = "cascade", plans
@@ -504,6 +556,19 @@ def add_cascade(
         return record
     finally:
         rt.close()
+
+
+def _set_domain(heads_dir: Path, manifest, head_set, gate: bytes | None, entry: dict | None) -> None:
+    """Write the set's domain file beside its heads (hashed in the manifest), or drop an old one."""
+    old = head_set.domain.get("file")
+    if old:
+        manifest.hashes.pop(old, None)
+        (heads_dir / old).unlink(missing_ok=True)
+    head_set.domain = {}
+    if gate is not None and entry is not None:
+        (heads_dir / entry["file"]).write_bytes(gate)
+        manifest.hashes[entry["file"]] = hashlib.sha256(gate).hexdigest()
+        head_set.domain = entry
 
 
 def _calibration_items(cal: dict, data: str | None, variants: int, broad, load_items) -> list[Item]:
@@ -584,6 +649,13 @@ if __name__ == "__main__":
         "--no-heads", action="store_true", help="a probe alone: the heads never exit (see benchmarks/formats.py)"
     )
     parser.add_argument("--min-probe-layer", type=int, default=0, help="the earliest probe layer to choose")
+    parser.add_argument(
+        "--domain-quantile",
+        type=float,
+        default=domain_gates.QUANTILE,
+        help="the heads' domain gate admits this share of the training prompts (edge_spade/domain.py)",
+    )
+    parser.add_argument("--no-domain-gate", action="store_true", help="the heads decide on every prompt")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -611,6 +683,7 @@ if __name__ == "__main__":
                 progress=show,
                 head_stage=not args.no_heads,
                 min_probe_layer=args.min_probe_layer,
+                domain_quantile=None if args.no_domain_gate else args.domain_quantile,
             ),
             indent=1,
         )

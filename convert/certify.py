@@ -87,12 +87,13 @@ def exit_curve(
     some prompt of that fact does). With one prompt per key this is the per-prompt bound.
     """
     facts = fact_index(keys)
-    candidates = np.unique(np.concatenate([[0.0], entropies.ravel()]))
+    decides = np.isfinite(entropies)  # infinite: outside the head's domain gate, which never exits there
+    candidates = np.unique(np.concatenate([[0.0], entropies[decides]]))
     if len(candidates) > 300:
         candidates = np.unique(np.quantile(candidates, np.linspace(0, 1, 300)))
     curve = []
     for tau in [*candidates, math.inf]:
-        exits = entropies <= tau
+        exits = (entropies <= tau) & decides
         first = np.where(exits.any(axis=1), exits.argmax(axis=1), -1)
         idx = np.maximum(first, 0)
         answer = np.where(first >= 0, answers[np.arange(len(full)), idx], full)

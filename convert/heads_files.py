@@ -20,7 +20,7 @@ REPORT_JSON = "report.json"
 def kept_heads(
     folder: Path, fingerprint: str, rank: int, replaced: set[str]
 ) -> tuple[dict[str, HeadSet], dict[str, bytes]]:
-    """The head sets (and their ONNX files) of `folder` that a calibration of `replaced` kinds keeps.
+    """The head sets (and their ONNX and domain files) of `folder` that a calibration of `replaced` kinds keeps.
 
     Checked before any work: the heads must be this model's (output fingerprint), of the same rank
     (the manifest records one), and their files must match their sha256.
@@ -39,14 +39,14 @@ def kept_heads(
     sets = {kind: head_set for kind, head_set in old.sets.items() if kind not in replaced}
     files = {}
     for head_set in sets.values():
-        name = head_set.file
-        try:
-            data = (folder / name).read_bytes()
-        except OSError as exc:
-            raise HeadsMismatchError(f"cannot read {folder / name}: {exc}") from None
-        if hashlib.sha256(data).hexdigest() != old.hashes.get(name):
-            raise HeadsMismatchError(f"{folder / name} does not match its sha256 in heads.json")
-        files[name] = data
+        for name in [head_set.file, *([head_set.domain["file"]] if head_set.domain else [])]:  # heads, domain gate
+            try:
+                data = (folder / name).read_bytes()
+            except OSError as exc:
+                raise HeadsMismatchError(f"cannot read {folder / name}: {exc}") from None
+            if hashlib.sha256(data).hexdigest() != old.hashes.get(name):
+                raise HeadsMismatchError(f"{folder / name} does not match its sha256 in heads.json")
+            files[name] = data
     return sets, files
 
 
@@ -91,6 +91,7 @@ def rewrite_manifest(heads_dir: Path, report_dir: Path, manifest: HeadsManifest)
     if report_path.is_file():
         report = json.loads(report_path.read_text())
         report["heads_json_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        report["heads_hashes"] = manifest.hashes  # a tool may add files (a domain gate) beside the heads
         report_path.write_text(json.dumps(report, indent=1))
 
 

@@ -28,9 +28,11 @@ class Answer:
     tail: int = 1  # SPADE tail width (prompt rows forwarded besides the start token)
     exit_layer: int | None = None  # spade-exit: the layer it stopped at (None: no exit, full answer)
     entropy: dict[int, float] | None = None  # spade-exit: head entropy (nats) at each evaluated layer
-    threshold: float | None = None  # spade-exit: the threshold in force
+    threshold: float | None = None  # spade-exit: the threshold in force (a cascade's exit at a probe: the probe's)
     plan: str | None = None  # spade-exit: the prompt-length plan that applied ("free:33-64")
     guard: str | None = None  # spade-exit: why checks ran or not (see guard.SpeedGuard.decide; "plan": not here)
+    outside_domain: list[int] | None = None  # spade-exit: head layers where the prompt lay outside the heads'
+    # calibration domain (edge_spade/domain.py), so the head there did not decide
 
     def to_dict(self) -> dict:
         return asdict(self)

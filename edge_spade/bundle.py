@@ -76,8 +76,8 @@ def open_bundle(folder: str | Path) -> Bundle:
     except ModelFileError:
         raise BundleError(f"bundle {folder.name}: {model['file']} does not match the sha256 in bundle.json") from None
     recorded = meta.get("heads") or {}
-    for name, digest in recorded.items():
-        file = folder / HEADS_DIR / name
+    for name in sorted(recorded, key=lambda n: n != "heads.json"):  # the manifest first: it names the others
+        digest, file = recorded[name], folder / HEADS_DIR / name
         if not file.is_file() or sha256_file(file) != digest:
             raise BundleError(
                 f"bundle {folder.name}: heads/{name} is missing or differs from bundle.json; "

@@ -379,6 +379,8 @@ def format_answer(a: Answer) -> str:
         where = f"spade-exit at layer {a.exit_layer} (entropy {a.entropy[a.exit_layer]:.3f} <= {a.threshold:g})"
     else:
         where = f"{a.mode} at layer {a.layer}"
+    if a.outside_domain:
+        where += f" (outside the heads' calibration domain at layer {', '.join(map(str, a.outside_domain))})"
     t = a.timings_ms
     lines.append(
         f"{where} of {a.n_layers} layers | {a.prompt_tokens} prompt tokens | {a.model} | "
@@ -447,6 +449,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(
             f"cascade: heads at {rule['head_layers']} (<= {rule['threshold']:.4g} nats), then a probe at "
             f"{rule['probe_layers']} (<= {rule['probe_threshold']:.4g}); default rule: {free.signal}"
+            + (f"; heads gated to their calibration's domain ({free.domain['file']})" if free.domain else "")
             if rule
             else "cascade: none added (see the warning above); the heads are as calibrated"
         )

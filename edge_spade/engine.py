@@ -358,6 +358,16 @@ class Engine:
         logits = self.lens(capture.rows[node][0], ids)
         return Readout(logits, layer, _ms(t0, t1), _ms(t1))
 
+    def last_rows(self, tokens: Sequence[int], layers: Sequence[int]) -> np.ndarray:
+        """(len(layers), n_embd): the last prompt row after each of `layers`, the pass stopped after
+        the deepest (what a head at each of them sees; calibration fits domain gates on these)."""
+        for layer in layers:
+            self._check_layer(layer)
+        deepest = max(layers)
+        taps = {self.arch.layer_node(layer): Tap(read_rows=(-1,), stop=layer == deepest) for layer in layers}
+        capture = self._decode(tokens, taps)
+        return np.stack([capture.rows[self.arch.layer_node(layer)][0] for layer in layers])
+
     def lens(self, hidden: np.ndarray, ids: np.ndarray | None) -> np.ndarray:
         """The logit lens of one captured hidden state (n_embd,)."""
         return self.head.logits(self.head.final_norm(hidden), ids)

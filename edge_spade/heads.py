@@ -9,8 +9,12 @@ logits. The head only estimates confidence during SPADE-EXIT: the exit answer co
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .domain import DomainGate
 
 # Free answers: entropy over the top-k tokens (the vocabulary's tail only adds noise to it).
 FREE_TOP_K = 32
@@ -48,6 +52,7 @@ class OnnxHeads:
         on_error: Callable[[Exception], Exception] | None = None,
     ) -> None:
         self._data, self._check, self._on_error, self._session = data, check, on_error, None
+        self.domain: dict[int, DomainGate] = {}  # layer -> where its head may decide (none: everywhere)
 
     @property
     def session(self):

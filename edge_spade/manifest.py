@@ -51,6 +51,9 @@ class HeadSet:
     # set where calibration measured that it saves time (a large vocabulary's LM head), else off.
     screen_probes: bool = False
     costs: dict = field(default_factory=dict)  # measured ms: full answer, one tail (the probe cost model)
+    # Where the heads may decide (edge_spade/domain.py): "file" (an .npz beside the ONNX file, hashed like
+    # it), "layers", and how it was fitted; empty: no gate, every head decides on every prompt.
+    domain: dict = field(default_factory=dict)
     # Per prompt-length range (ascending "max_tokens", the last None): whether checks pay, with tail
     # models ("check") and with whole-model probe tails ("check_whole_model"); none: always check.
     plans: list = field(default_factory=list)
@@ -147,7 +150,22 @@ def load_heads(
         if data is None or hashlib.sha256(data).hexdigest() != manifest.hashes.get(head_set.file):
             raise HeadsMismatchError(f"{path} is missing or does not match its sha256 in heads.json")
         sessions[kind] = _checked_session(data, path, head_set, engine.n_embd, check_now)
+        if head_set.domain:
+            sessions[kind].domain = _domain_gates(folder, manifest, head_set, engine.n_embd)
     return manifest, sessions
+
+
+def _domain_gates(folder: Path, manifest: HeadsManifest, head_set: HeadSet, n_embd: int) -> dict:
+    """A set's domain gates, from its hashed .npz (a file that is missing or altered is refused)."""
+    from .domain import gates_from_bytes
+
+    if not isinstance(head_set.domain.get("file"), str) or not isinstance(head_set.domain.get("layers"), list):
+        raise HeadsMismatchError(f"{folder / 'heads.json'}: the {head_set.kind} set's domain needs a file and layers")
+    path = folder / head_set.domain["file"]
+    data = path.read_bytes() if path.is_file() else None
+    if data is None or hashlib.sha256(data).hexdigest() != manifest.hashes.get(head_set.domain["file"]):
+        raise HeadsMismatchError(f"{path} is missing or does not match its sha256 in heads.json")
+    return gates_from_bytes(data, list(head_set.domain["layers"]), n_embd, str(path))
 
 
 def _checked_session(data: bytes, path: Path, head_set: HeadSet, n_embd: int, check_now: bool) -> OnnxHeads:

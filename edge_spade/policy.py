@@ -135,6 +135,7 @@ class ExitTrace:
     entropies: dict[int, float] = field(default_factory=dict)
     logits: dict[int, np.ndarray] = field(default_factory=dict)  # the head's decision logits per layer
     check_ms: float = 0.0
+    outside: list[int] = field(default_factory=list)  # head layers whose domain gate kept the head from deciding
 
 
 def judge_logits(prompt: Prompt, logits: np.ndarray, top_k: int | None) -> float:
@@ -192,7 +193,8 @@ def probe_checks(
 def exit_checks(
     engine: Engine, heads: OnnxHeads, policy: ExitPolicy, prompt: Prompt, seen: ExitTrace
 ) -> dict[int, Callable[[np.ndarray], bool]]:
-    """Per evaluation layer, the callback-side test: head -> decision logits -> entropy <= threshold."""
+    """Per evaluation layer, the callback-side test: head -> decision logits -> entropy <= threshold.
+    Where the heads carry a domain gate (edge_spade/domain.py), a state outside it does not exit there."""
     # Free answers: a full-vocabulary head is a whole LM head per layer (Gemma: 262,144 x 640), so the
     # entropy is taken over the calibration's candidate tokens; the answer still comes from SPADE.
     if prompt.ids is not None:
@@ -203,10 +205,14 @@ def exit_checks(
         rows = None
 
     def check_at(layer: int) -> Callable[[np.ndarray], bool]:
-        index = policy.head_index[layer]
+        index, gate = policy.head_index[layer], heads.domain.get(layer)
 
         def check(states: np.ndarray) -> bool:
             t0 = time.perf_counter()
+            if gate is not None and not gate.admits(states[-1]):  # not a state the head was certified on
+                seen.outside.append(layer)
+                seen.check_ms += (time.perf_counter() - t0) * 1000.0
+                return False
             normed = heads.normed(states[-1], index)
             logits = engine.head.logits(normed, None) if rows is None else rows @ normed
             h = judge_logits(prompt, logits, policy.top_k)

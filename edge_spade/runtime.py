@@ -208,7 +208,9 @@ class Runtime:
         exited = readout.layer < self.engine.n_layers - 1
         answer.exit_layer = readout.layer if exited else None
         answer.entropy = {layer: round(h, 5) for layer, h in seen.entropies.items()}
-        answer.threshold = policy.threshold
+        at_probe = policy.signal == "cascade" and answer.exit_layer in policy.probe_layers
+        answer.threshold = policy.probe_threshold if at_probe else policy.threshold  # the one that decided
+        answer.outside_domain = seen.outside or None
         answer.timings_ms["heads"] = round(seen.check_ms, 3)
         if decision is not None:
             answer.plan, answer.guard = plan, decision.reason

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from types import SimpleNamespace
@@ -18,9 +19,10 @@ from edge_spade.convert.heads_files import REPORT_JSON, default_report_dir
 from edge_spade.convert.heads_train import LayerHead, rms_norm, train_heads
 from edge_spade.convert.plan import choose_tail, thin_layers
 from edge_spade.convert.trace import Sample
+from edge_spade.domain import DomainGate, gates_from_bytes, gates_to_bytes
 from edge_spade.manifest import HeadsMismatchError
 from tests.support import tiny
-from tests.support.heads import WORDS
+from tests.support.heads import WORDS, free_items, items
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +56,12 @@ def test_calibration_writes_a_complete_heads_folder(heads_dir, tiny_model):
         assert 0 <= row["mean_agreement"] <= 1 and 0 <= row["oracle_mean_exit_layer"] <= tiny.N_LAYERS - 1
     assert free["candidates"] and choice["candidates"] is None
     # the heads folder holds what the runtime loads; the tuned-lens baseline goes with the report
-    assert sorted(p.name for p in heads_dir.iterdir()) == ["heads.json", "lspade-choice.onnx", "lspade-free.onnx"]
+    names = ["domain-choice.npz", "domain-free.npz", "heads.json", "lspade-choice.onnx", "lspade-free.onnx"]
+    assert sorted(p.name for p in heads_dir.iterdir()) == names
+    for head_set in (choice, free):  # each set's domain gate, at its evaluation layers, hashed like its heads
+        domain = head_set["domain"]
+        assert domain["layers"] == head_set["eval_layers"] and domain["file"] in manifest["hashes"]
+        assert 0.9 <= domain["admitted"]["train"] <= 1.0 and 0.0 <= domain["admitted"]["held_out"] <= 1.0
     for name in ("tuned-choice.onnx", "tuned-free.onnx"):
         assert (default_report_dir(heads_dir) / name).stat().st_size > 0
     curve = report["sets"]["choice"]["curves"]["lspade"]
@@ -65,6 +72,17 @@ def first_layer(heads_dir, kind: str) -> int:
     """Where an infinite threshold exits: the first probe layer or the first head layer (whichever signal won)."""
     head_set = json.loads((heads_dir / "heads.json").read_text())["sets"][kind]
     return (head_set["probe_layers"] if head_set["signal"] == "spade" else head_set["eval_layers"])[0]
+
+
+def gate_says(heads_dir, tiny_model, kind: str, questions: list[tuple[str, tuple | None]]) -> list[list[bool]]:
+    """Per question, whether the set's domain gate admits it at each evaluation layer, computed here from
+    the gate file and the prompt's traced rows (what the runtime must agree with)."""
+    head_set = json.loads((heads_dir / "heads.json").read_text())["sets"][kind]
+    layers = head_set["eval_layers"]
+    gates = gates_from_bytes((heads_dir / head_set["domain"]["file"]).read_bytes(), layers, tiny.N_EMBD, "gates")
+    with load_model(str(tiny_model[0]), heads=False, n_ctx=256, kv_type="f32") as rt:
+        rows = [rt.engine.last_rows(rt.prompt(q, c).tokens, layers) for q, c in questions]
+    return [[gates[layer].admits(r) for layer, r in zip(layers, row)] for row in rows]
 
 
 def test_heads_drive_spade_exit(heads_dir, tiny_model, capsys):
@@ -105,12 +123,20 @@ def test_heads_drive_spade_exit(heads_dir, tiny_model, capsys):
     )
     a = json.loads(capsys.readouterr().out)
     assert code == 0 and a["exit_layer"] is None and a["layer"] == tiny.N_LAYERS - 1 and a["threshold"] == -1
-    code = main(
-        ["ask", "the sky of", "--model", str(tiny_model[0]), "--heads", str(heads_dir), "--threshold", "inf", "--json"]
-    )
-    a = json.loads(capsys.readouterr().out)
-    assert code == 0 and a["mode"] == "spade-exit" and a["exit_layer"] == first_layer(heads_dir, "free")
-    assert a["tail"] == json.loads((heads_dir / "heads.json").read_text())["sets"]["free"]["tail"]
+    # free answers: a calibration prompt inside the heads' domain gate exits at once; one outside it at
+    # every head layer does not, and says where it was refused
+    free = json.loads((heads_dir / "heads.json").read_text())["sets"]["free"]
+    assert free["signal"] == "lspade"  # the heads decide (a probe has no gate)
+    first, layers = first_layer(heads_dir, "free"), free["eval_layers"]
+    questions = [(i.question, None) for i in free_items()]
+    inside = next(q for (q, _), says in zip(questions, gate_says(heads_dir, tiny_model, "free", questions)) if says[0])
+    assert not any(gate_says(heads_dir, tiny_model, "free", [("the sky of", None)])[0])
+    for question, exit_layer, outside in ((inside, first, None), ("the sky of", None, layers)):
+        argv = ["ask", question, "--model", str(tiny_model[0]), "--heads", str(heads_dir), "--threshold", "inf"]
+        code = main([*argv, "--json"])
+        a = json.loads(capsys.readouterr().out)
+        assert code == 0 and a["mode"] == "spade-exit" and a["exit_layer"] == exit_layer
+        assert a["outside_domain"] == outside and a["tail"] == free["tail"]
 
 
 def test_heads_for_another_model_are_refused(heads_dir, tmp_path, capsys):
@@ -161,6 +187,17 @@ def test_exit_curve_bounds_facts_not_prompts():
     # one prompt per key: the per-prompt bound exactly
     single = exit_curve(full, answers, entropy, [1], 4, 0.95, [str(i) for i in range(30)])[-1]
     assert single.lower_bound == by_prompt.lower_bound
+
+
+def test_prompts_outside_a_domain_gate_never_exit_on_the_curve():
+    """An infinite entropy (outside the head's domain gate) is no threshold and never exits, not even at
+    the curve's infinite threshold: the runtime's gate refuses those prompts whatever the threshold."""
+    full = np.zeros(10, int)
+    answers = np.ones((10, 1), int)  # every exit is wrong
+    entropy = np.full((10, 1), np.inf)
+    curve = exit_curve(full, answers, entropy, [1], 4, 0.95)
+    assert [p.threshold for p in curve] == [0.0, math.inf]
+    assert all(p.exit_rate == 0.0 and p.agreement == 1.0 for p in curve)
 
 
 def test_threshold_is_the_largest_that_keeps_the_bound():
@@ -239,12 +276,13 @@ def test_several_few_shot_counts_share_the_fact_key(tmp_path):
 
 def test_exit_signal_can_be_chosen(heads_dir, tiny_model, capsys):
     head_set = json.loads((heads_dir / "heads.json").read_text())["sets"]["choice"]
+    asked = [(i.question, i.choices) for i in items(40)]  # a calibration question inside the heads' domain
+    question, choices = next(q for q, says in zip(asked, gate_says(heads_dir, tiny_model, "choice", asked)) if says[0])
     argv = [
         "ask",
-        "which sky is blue?",
+        question,
         "--choices",
-        "sky",
-        "water",
+        *choices,
         "--model",
         str(tiny_model[0]),
         "--heads",
@@ -342,6 +380,13 @@ def test_merge_keeps_the_kinds_not_recalibrated(heads_dir, tiny_model, tmp_path,
     shutil.copytree(heads_dir, merged)
     shutil.copytree(default_report_dir(heads_dir), default_report_dir(merged))
     before = json.loads((heads_dir / "heads.json").read_text())
+    # the kept set has a domain gate (edge_spade/domain.py): its file comes along, checked like the heads
+    layer = before["sets"]["choice"]["eval_layers"][0]
+    gate = gates_to_bytes({layer: DomainGate(np.zeros(tiny.N_EMBD), np.eye(tiny.N_EMBD)[:1], np.ones(1), 1.0, 1e30)})
+    (merged / "domain-choice.npz").write_bytes(gate)
+    before["hashes"]["domain-choice.npz"] = hashlib.sha256(gate).hexdigest()
+    before["sets"]["choice"]["domain"] = {"file": "domain-choice.npz", "layers": [layer]}
+    (merged / "heads.json").write_text(json.dumps(before))
     free = [Item(f"g{i}", f"the {w} is", None, None) for i, w in enumerate(WORDS * 2)]
     other_path = tmp_path / "other.gguf"
     tiny.write_tiny_gguf(other_path, seed=7)
@@ -365,6 +410,8 @@ def test_merge_keeps_the_kinds_not_recalibrated(heads_dir, tiny_model, tmp_path,
     name = "lspade-choice.onnx"
     assert (merged / name).read_bytes() == (heads_dir / name).read_bytes()
     assert after["hashes"][name] == before["hashes"][name]
+    assert (merged / "domain-choice.npz").read_bytes() == gate
+    assert after["hashes"]["domain-choice.npz"] == before["hashes"]["domain-choice.npz"]
     assert after["sets"]["free"]["calibration"]["n_prompts"] == 16
     # the kept set's report entry and tuned-lens baseline come along with it
     old_report, new_report = default_report_dir(heads_dir), default_report_dir(merged)

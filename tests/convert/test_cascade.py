@@ -66,6 +66,18 @@ def test_the_choice_exits_the_sure_prompts_and_keeps_agreement():
     assert rule["train_speedup_total"] == pytest.approx(full / mean, abs=1e-4)
 
 
+def test_prompts_outside_the_heads_domain_never_exit_at_a_head():
+    """An infinite head entropy (what gate_heads gives a prompt outside the gate) is never a threshold and
+    never exits there: those prompts go on to the probe."""
+    train = signals(300)
+    for s in train[::3]:  # the prompts sure at the head, but outside its domain
+        s.head_ent = np.array([np.inf])
+    rule = choose(train, HEADS, PROBES, model(), target=0.95, confidence=0.95, objective="total")
+    assert np.isfinite(rule["threshold"]) and rule["probe_layer"] == 8
+    stage, ok = outcome(train, 1, 2, rule["threshold"], rule["probe_threshold"])
+    assert (stage[::3] == 1).all() and ok[::3].all()  # the probe at 8 takes them, and agrees
+
+
 def test_the_certificate_scales_back_and_the_plans_follow_length():
     rule = {"probe_layer": 8, "threshold": 3.5, "probe_threshold": 2.95}  # too loose: wrong exits
     held = signals(150, seed=1, n_tokens=50) + signals(150, seed=2, n_tokens=100)
@@ -85,6 +97,7 @@ def test_a_cascade_added_to_calibrated_heads_end_to_end(tiny_heads, tiny_model, 
     """On the tiny model's calibrated heads and their own prompts (as an `ask --file` JSONL): the
     split matches the calibration's, the cascade is written beside the heads, and the runtime runs
     it; the ONNX files are untouched."""
+    import hashlib
     import json
     import shutil
 
@@ -100,6 +113,11 @@ def test_a_cascade_added_to_calibrated_heads_end_to_end(tiny_heads, tiny_model, 
     assert free["threshold"] >= 0 and free["signal"] == "lspade"
     free["eval_layers"] = [1]  # the head at layer 1, so that a probe can follow at layer 2
     (heads / "heads.json").write_text(json.dumps(before))
+    calibrated_gate = (heads / "domain-free.npz").read_bytes()  # calibrate's own gate, which the cascade refits
+
+    def others(manifest: dict) -> dict:  # every file but the free set's gate
+        return {name: h for name, h in manifest["hashes"].items() if name != "domain-free.npz"}
+
     data = tmp_path / "free.jsonl"
     data.write_text("".join(json.dumps({"id": i.id, "question": i.question}) + "\n" for i in free_items()))
     record = add_cascade(
@@ -109,18 +127,38 @@ def test_a_cascade_added_to_calibrated_heads_end_to_end(tiny_heads, tiny_model, 
     assert record["n_holdout"] == after["sets"]["free"]["calibration"]["n_holdout"]  # the calibration's split
     assert record["measured_prompts"] == len(free_items())
     assert record["traced_now"] == len({i.question for i in free_items()})  # repeated questions: cached
-    assert after["sets"]["free"]["calibration"]["cascade"] == record and after["hashes"] == before["hashes"]
+    assert after["sets"]["free"]["calibration"]["cascade"] == record
     assert after["sets"]["free"]["screen_probes"] == (record["screen_ms"] >= 1.0)  # measured, then decided
     cascade = after["sets"]["free"]["cascade"]
     assert cascade["head_layers"] == free["eval_layers"] and cascade["probe_layers"] in ([2], [])
+    # the heads' domain gate: fitted on the training prompts, stored beside them and hashed
+    domain = after["sets"]["free"]["domain"]
+    assert domain["file"] == "domain-free.npz" and domain["layers"] == [1]
+    assert after["hashes"]["domain-free.npz"] == hashlib.sha256((heads / "domain-free.npz").read_bytes()).hexdigest()
+    assert 0.9 <= record["domain"]["admitted"]["train"] <= 1.0
+    assert others(after) == others(before)  # the ONNX files (and the choice set's gate) untouched
     with load_model(str(tiny_model[0]), heads=heads, n_ctx=256, kv_type="f32") as rt:
         a = rt.ask(free_items()[0].question, signal="cascade", threshold=1e9)  # the head exits at once
         assert a.exit_layer == cascade["head_layers"][0]
     (heads / "heads.json").write_text(json.dumps(before))  # again: cached per prompt, nothing traced
+    (heads / "domain-free.npz").write_bytes(calibrated_gate)
     again = add_cascade(
         str(tiny_model[0]), heads, tmp_path / "report", data=str(data), holdout=0.3, probe_layers=[2], min_tokens=0
     )
     assert again["traced_now"] == 0 and again["chosen_on_train"] == record["chosen_on_train"]
+    ungated = add_cascade(
+        str(tiny_model[0]),
+        heads,
+        tmp_path / "report",
+        data=str(data),
+        holdout=0.3,
+        probe_layers=[2],
+        min_tokens=0,
+        domain_quantile=None,
+    )  # no gate: the domain file and its hash are gone, the heads decide everywhere
+    after = json.loads((heads / "heads.json").read_text())
+    assert "domain" not in ungated and after["sets"]["free"]["domain"] == {} and after["hashes"] == others(before)
+    assert not (heads / "domain-free.npz").exists()
 
 
 def test_calibrate_with_cascade_from_the_cli(tiny_model, tmp_path, monkeypatch, capsys):
@@ -143,6 +181,8 @@ def test_calibrate_with_cascade_from_the_cli(tiny_model, tmp_path, monkeypatch, 
     free = json.loads((out / "heads.json").read_text())["sets"]["free"]
     assert free["cascade"]["head_layers"] == [1], printed
     assert f"cascade: heads at [1] (<= {free['cascade']['threshold']:.4g} nats)" in printed
+    assert "heads gated to their calibration's domain (domain-free.npz)" in printed
+    assert (out / "domain-free.npz").is_file() and free["domain"]["layers"] == [1]
     record = free["calibration"]["cascade"]
     assert record["n_holdout"] == free["calibration"]["n_holdout"] and record["measured_prompts"] == len(free_items())
     assert main([*argv, "--cascade-min-tokens", "500"]) == 0  # no prompt that long: heads only, and it says so

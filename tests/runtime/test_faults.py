@@ -152,6 +152,7 @@ def test_heads_that_do_not_fit_are_refused(tiny_model, tiny_heads, tmp_path, cap
     )
     (heads / "lspade-choice.onnx").write_bytes(data)
     raw["hashes"]["lspade-choice.onnx"] = hashlib.sha256(data).hexdigest()
+    raw["sets"]["choice"]["domain"] = {}  # no domain gate: the head runs on this question, whatever its state
     lines = tmp_path / "q.jsonl"
     lines.write_text('{"question": "is the sky blue?", "choices": ["yes", "no"]}\n')
     model = ["--model", str(tiny_model[0]), "--heads", str(heads)]

@@ -102,7 +102,9 @@ def test_shipped_heads_fit_and_stay_small(request, fixture):
     assert set(rt.heads) == {"choice", "free"}  # loading checked the fingerprint and file hashes
     # models/ ships what the runtime loads: the manifest and the L-SPADE heads, no baselines or curves
     shipped = {p.name for p in rt.heads_dir.iterdir()}
-    assert shipped == {"heads.json"} | {head_set.file for head_set in rt.manifest.sets.values()}
+    files = {head_set.file for head_set in rt.manifest.sets.values()}
+    gates = {head_set.domain["file"] for head_set in rt.manifest.sets.values() if head_set.domain}
+    assert shipped == {"heads.json"} | files | gates and set(rt.manifest.hashes) == files | gates
     size = sum(p.stat().st_size for p in rt.heads_dir.iterdir())  # budget: about 10 MB per model
     assert size < 10 * 2**20, f"heads of {rt.name} take {size / 2**20:.1f} MiB"
 
@@ -124,6 +126,12 @@ def test_spade_exit_extremes(request, fixture, question, choices):
     head_set = rt.manifest.sets["free" if choices is None else "choice"]
     first = rt.ask(question, choices, threshold=float("inf"))
     layer = (head_set.probe_layers if head_set.signal == "spade" else head_set.eval_layers)[0]  # the default rule's
-    assert first.exit_layer == layer and list(first.entropy) == [layer]
+    gate = rt.heads["free" if choices is None else "choice"].domain.get(layer) if head_set.signal != "spade" else None
+    prompt = rt.prompt(question, choices)
+    if gate is not None and not gate.admits(rt.engine.last_rows(prompt.tokens, [layer])[0]):
+        # outside the heads' calibration domain (edge_spade/domain.py): the head does not decide
+        assert first.outside_domain == [layer] and first.exit_layer != layer and layer not in first.entropy
+        return
+    assert first.exit_layer == layer and list(first.entropy) == [layer] and first.outside_domain is None
     spade = rt.ask(question, choices, layer=first.exit_layer, tail=head_set.tail)
     assert first.probs == spade.probs and first.tail == head_set.tail

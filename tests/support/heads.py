@@ -69,7 +69,9 @@ def with_probe(heads: Path, out: Path, layer: int = 1, plans: list[dict] | None 
 
 
 def with_cascade(heads: Path, out: Path, plans: list[dict], head: float = -1.0, probe: float = 1e9) -> Path:
-    """A copy of `heads` whose default free rule is a cascade: the head at layer 1, then a probe at 2."""
+    """A copy of `heads` whose default free rule is a cascade: the head at layer 1, then a probe at 2.
+    Without the free set's domain gate, so that the head decides on any prompt: these copies test how
+    rules, plans and the guard run (tests/runtime/test_domain.py tests the gate)."""
     import json
     import shutil
 
@@ -77,6 +79,6 @@ def with_cascade(heads: Path, out: Path, plans: list[dict], head: float = -1.0, 
     raw = json.loads((out / "heads.json").read_text())
     free = raw["sets"]["free"]
     cascade = {"head_layers": [1], "threshold": head, "probe_layers": [2], "probe_threshold": probe}
-    free.update(signal="cascade", cascade=cascade, plans=plans)
+    free.update(signal="cascade", cascade=cascade, plans=plans, domain={})
     (out / "heads.json").write_text(json.dumps(raw))
     return out
