@@ -7,8 +7,8 @@ few-shot prefix of other facts, one per line. People also write `Q: ... A:` pair
 arrows. This takes five facts of every category of the calibration side of the broad corpus
 (convert/cloze/cloze-broad.jsonl: never the test split), builds 3- and 8-shot prompts in three
 formats (prefixes drawn from the fact's own category), and answers each with every exit rule
-the heads carry (the default, and each signal by name) and at full depth, in one process.
-Agreement only: no timing.
+the heads carry (the default, and each signal by name) and at full depth, in one process; where
+the heads carry a domain gate, the rules that run heads also without it. Agreement only: no timing.
 """
 
 from __future__ import annotations
@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         except HeadsMismatchError:  # the heads carry no such rule
             continue
         rules[signal] = {"signal": signal}
+    gates = rt.heads["free"].domain
+    if gates:  # what the heads' domain gate (edge_spade/domain.py) prevents: the rules that run heads, without it
+        rules.update({f"{r} ungated": {"signal": r} for r in ("lspade", "cascade") if r in rules})
     rows = []
     for shots in args.shots:
         items = prompts(shots)
@@ -80,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, prompt in progress(items, len(items), f"formats {args.model} {shots}-shot"):
             full = rt.ask(prompt, full=True).token
             for rule, options in rules.items():
+                rt.heads["free"].domain = {} if rule.endswith("ungated") else gates
                 a = rt.ask(prompt, **options)
                 t = tally.setdefault((name, rule), [0, 0, 0])
                 t[0] += a.token == full
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                     "exit_rate": round(exits / n, 4),
                 }
             )
-            print(f"{args.model} {shots}-shot {name:<6} {rule:<8} agreement {agree / n:.3f}  exits {exits / n:.2f}")
+            print(f"{args.model} {shots}-shot {name:<6} {rule:<16} agreement {agree / n:.3f}  exits {exits / n:.2f}")
     result = {"model": rt.name, "signal": free.signal, "cascade": free.cascade, "rows": rows}
     if args.out:
         save_json(result, args.out, [rt])

@@ -451,8 +451,9 @@ def results_md(results: list[tuple[Path, dict]]) -> str:
             "that replaced it (above), so that the two compare without a change of machine between them.",
             "Its heads are the shipped ones of an earlier commit: `--heads` names a copy of `models/<model>/`",
             "with that commit's heads.json (the sha256 in the provenance; Gemma's L-SPADE rule: commit 7ce3e3a).",
-            "The cascades (a head at layer 1, then a probe) ran as shipped at commits 2728673 (Gemma) and 7a57be2",
-            "(SmolLM2); they were replaced for fidelity across prompt formats, not speed (the prompt formats below).",
+            "The cascades without a domain gate (`-cascade`: a head at layer 1, then a probe; shipped at commits",
+            "2728673 and 7a57be2) were replaced for fidelity across prompt formats, not speed (the prompt formats",
+            "below); the probes alone that replaced them (`-probe-alone`, commit 01d64cf) by the gated cascades.",
             "",
         ]
         for path, result in previous:
