@@ -39,8 +39,8 @@ FORMATS: dict[str, Callable[[list[Shot], Shot], str]] = {
 }
 
 
-def prompts(shots: int, seed: int = 7) -> list[tuple[str, str]]:
-    """(format, prompt) for PER_CATEGORY facts of each category, prefixes from the same category."""
+def prompts(shots: int, seed: int = 7, per_category: int = PER_CATEGORY) -> list[tuple[str, str]]:
+    """(format, prompt) for `per_category` facts of each category, prefixes from the same category."""
     rows = [json.loads(line) for line in CORPUS.read_text().splitlines()]
     by_category: dict[str, list[Shot]] = {}
     for row in rows:
@@ -49,7 +49,7 @@ def prompts(shots: int, seed: int = 7) -> list[tuple[str, str]]:
     out = []
     for category in sorted(by_category):
         facts = by_category[category]
-        for fact in rng.sample(facts, min(PER_CATEGORY, len(facts))):
+        for fact in rng.sample(facts, min(per_category, len(facts))):
             others = [f for f in facts if f is not fact]
             prefix = rng.sample(others, min(shots, len(others)))
             out.extend((name, build(prefix, fact)) for name, build in FORMATS.items())
@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="gemma3-270m")
     p.add_argument("--heads", default=None, help="heads folder (default: the shipped ones)")
     p.add_argument("--shots", type=int, nargs="+", default=[3, 8])
+    p.add_argument("--per-category", type=int, default=PER_CATEGORY, help="facts per category and cell")
+    p.add_argument("--default-only", action="store_true", help="only the default rule (a larger run, sooner)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
@@ -73,12 +75,15 @@ def main(argv: list[str] | None = None) -> int:
         except HeadsMismatchError:  # the heads carry no such rule
             continue
         rules[signal] = {"signal": signal}
+    if args.default_only:
+        rules = {"default": {}}
     gates = rt.heads["free"].domain
-    if gates:  # what the heads' domain gate (edge_spade/domain.py) prevents: the rules that run heads, without it
+    # what the heads' domain gate (edge_spade/domain.py) prevents: the rules that run heads, without it
+    if gates and not args.default_only:
         rules.update({f"{r} ungated": {"signal": r} for r in ("lspade", "cascade") if r in rules})
     rows = []
     for shots in args.shots:
-        items = prompts(shots)
+        items = prompts(shots, per_category=args.per_category)
         tally: dict[tuple[str, str], list[int]] = {}
         for name, prompt in progress(items, len(items), f"formats {args.model} {shots}-shot"):
             full = rt.ask(prompt, full=True).token
@@ -101,7 +106,13 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
             print(f"{args.model} {shots}-shot {name:<6} {rule:<16} agreement {agree / n:.3f}  exits {exits / n:.2f}")
-    result = {"model": rt.name, "signal": free.signal, "cascade": free.cascade, "rows": rows}
+    result = {
+        "model": rt.name,
+        "signal": free.signal,
+        "cascade": free.cascade,
+        "per_category": args.per_category,
+        "rows": rows,
+    }
     if args.out:
         save_json(result, args.out, [rt])
     rt.close()

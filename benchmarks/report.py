@@ -277,9 +277,10 @@ def other_results_md(folder: Path = RESULTS) -> list[str]:
             path,
             "prompt formats",
             [
-                "Agreement with full depth on calibration-side facts (5 per category, never the test split) written in",
-                "three formats, prefixes from the fact's own category; each rule the heads carry (`default`: the",
-                "shipped rule with its plans, the speed guard off). No timing.",
+                f"Agreement with full depth on calibration-side facts ({r.get('per_category', 5)} per category,",
+                "never the test split) written in three formats, prefixes from the fact's own category; each rule",
+                "the heads carry (`default`: the shipped rule with its plans, the speed guard off; `ungated`:",
+                "without the heads' domain gate). No timing.",
             ],
             ["shots", "format", "rule", "n", "agreement", "exits"],
             [
