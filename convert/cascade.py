@@ -141,7 +141,8 @@ def gate_heads(
     admitted = domain_gates.inside(gates, np.stack([states[id(s)] for s in measured]), heads)
     for s, ok in zip(measured, admitted):
         s.head_ent = np.where(ok, s.head_ent, np.inf)
-    in_train = np.array([id(s) in {id(t) for t in train} for s in measured])
+    train_ids = {id(t) for t in train}
+    in_train = np.array([id(s) in train_ids for s in measured])
     shares = {
         "train": round(float(admitted[in_train].all(1).mean()), 4),
         "held_out": round(float(admitted[~in_train].all(1).mean()) if (~in_train).any() else 0.0, 4),
