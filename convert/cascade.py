@@ -12,7 +12,8 @@ SPADE-K's answer and entropy at the candidate probe layers (cached per prompt, s
 and resume); picks the probe layer and the ratio of the two thresholds on the training facts
 (the modelled speedup, agreement bounded at the target); then scales both thresholds together
 and keeps the largest scale whose agreement is certified on the held-out facts, per prompt-length
-range (the same bound as `edge-spade calibrate`). Prompts up to `min_tokens` are not measured:
+range (the same bound as `edge-spade calibrate`), with the heads' domain gate refitted on the training
+prompts and in place (convert/domain_gates.py). Prompts up to `min_tokens` are not measured:
 there a check costs more than the pass it could cut (the set's plans say so), and their plans
 do not check. The cascade becomes the set's default rule when it models faster than the rule
 in force on the held-out prompts.
