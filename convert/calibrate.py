@@ -8,9 +8,11 @@
    tuned lens (target: the full model's), over each prompt's own decision set (free answers:
    over every candidate token, SPADE's top-k carrying the target).
 3. Pick each threshold on a held-out split: the largest whose agreement with the full model is
-   at least the target with the requested confidence (one-sided Clopper-Pearson lower bound).
-4. Export one head set per answer kind found in the data ("choice", "free"): ONNX files and
-   `heads.json`, written to a temporary folder and swapped in.
+   at least the target with the requested confidence (one-sided Clopper-Pearson lower bound),
+   with each head's domain gate in place (it decides only on states like the training prompts'
+   at its layer: edge_spade/domain.py).
+4. Export one head set per answer kind found in the data ("choice", "free"): ONNX files, domain
+   gates and `heads.json`, written to a temporary folder and swapped in.
 """
 
 from __future__ import annotations
