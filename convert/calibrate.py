@@ -85,8 +85,9 @@ def calibrate_set(
     costs = dict(plan.get("costs", {}))
     # Each head decides only on states like the training prompts' (edge_spade/domain.py): outside its
     # gate a prompt's entropy is infinite, so thresholds are picked and certified as the runtime runs them.
-    gates = domain_gates.fit_gates(np.stack([s.hidden[layers] for s in train]), layers)
-    train_in = domain_gates.inside(gates, np.stack([s.hidden[layers] for s in train]), layers)
+    train_states = np.stack([s.hidden[layers] for s in train])
+    gates = domain_gates.fit_gates(train_states, layers)
+    train_in = domain_gates.inside(gates, train_states, layers)
     held_in = domain_gates.inside(gates, np.stack([s.hidden[layers] for s in held]), layers)
     train_ent, _ = judge(rt, lspade, layers, train, top_k, candidates)
     train_ent = np.where(train_in, train_ent, np.inf)

@@ -145,11 +145,8 @@ def load_heads(
         )
     sessions = {}
     for kind, head_set in manifest.sets.items():
-        path = folder / head_set.file
-        data = path.read_bytes() if path.is_file() else None
-        if data is None or hashlib.sha256(data).hexdigest() != manifest.hashes.get(head_set.file):
-            raise HeadsMismatchError(f"{path} is missing or does not match its sha256 in heads.json")
-        sessions[kind] = _checked_session(data, path, head_set, engine.n_embd, check_now)
+        data = _hashed_file(folder, manifest, head_set.file)
+        sessions[kind] = _checked_session(data, folder / head_set.file, head_set, engine.n_embd, check_now)
         if head_set.domain:
             sessions[kind].domain = _domain_gates(folder, manifest, head_set, engine.n_embd)
     return manifest, sessions
@@ -161,11 +158,17 @@ def _domain_gates(folder: Path, manifest: HeadsManifest, head_set: HeadSet, n_em
 
     if not isinstance(head_set.domain.get("file"), str) or not isinstance(head_set.domain.get("layers"), list):
         raise HeadsMismatchError(f"{folder / 'heads.json'}: the {head_set.kind} set's domain needs a file and layers")
-    path = folder / head_set.domain["file"]
+    data = _hashed_file(folder, manifest, head_set.domain["file"])
+    return gates_from_bytes(data, list(head_set.domain["layers"]), n_embd, str(folder / head_set.domain["file"]))
+
+
+def _hashed_file(folder: Path, manifest: HeadsManifest, name: str) -> bytes:
+    """A file of the heads folder, refused when missing or not the one heads.json hashed."""
+    path = folder / name
     data = path.read_bytes() if path.is_file() else None
-    if data is None or hashlib.sha256(data).hexdigest() != manifest.hashes.get(head_set.domain["file"]):
+    if data is None or hashlib.sha256(data).hexdigest() != manifest.hashes.get(name):
         raise HeadsMismatchError(f"{path} is missing or does not match its sha256 in heads.json")
-    return gates_from_bytes(data, list(head_set.domain["layers"]), n_embd, str(path))
+    return data
 
 
 def _checked_session(data: bytes, path: Path, head_set: HeadSet, n_embd: int, check_now: bool) -> OnnxHeads:

@@ -209,17 +209,18 @@ def exit_checks(
 
         def check(states: np.ndarray) -> bool:
             t0 = time.perf_counter()
-            if gate is not None and not gate.admits(states[-1]):  # not a state the head was certified on
-                seen.outside.append(layer)
+            try:
+                if gate is not None and not gate.admits(states[-1]):  # not a state the head was certified on
+                    seen.outside.append(layer)
+                    return False
+                normed = heads.normed(states[-1], index)
+                logits = engine.head.logits(normed, None) if rows is None else rows @ normed
+                h = judge_logits(prompt, logits, policy.top_k)
+                seen.entropies[layer] = h
+                seen.logits[layer] = logits
+                return h <= policy.threshold
+            finally:
                 seen.check_ms += (time.perf_counter() - t0) * 1000.0
-                return False
-            normed = heads.normed(states[-1], index)
-            logits = engine.head.logits(normed, None) if rows is None else rows @ normed
-            h = judge_logits(prompt, logits, policy.top_k)
-            seen.entropies[layer] = h
-            seen.logits[layer] = logits
-            seen.check_ms += (time.perf_counter() - t0) * 1000.0
-            return h <= policy.threshold
 
         return check
 
