@@ -18,7 +18,6 @@ import json
 import logging
 import random
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -26,17 +25,12 @@ if __package__ in (None, ""):
 
 from benchmarks.common import progress, save_json
 from edge_spade import load_model
+from edge_spade.convert.datasets import CLOZE_FORMATS, Shot
 from edge_spade.manifest import HeadsMismatchError
 from edge_spade.policy import ExitPolicy
 
 CORPUS = Path(__file__).resolve().parents[1] / "convert" / "cloze" / "cloze-broad.jsonl"
 PER_CATEGORY = 5
-Shot = dict[str, str]
-FORMATS: dict[str, Callable[[list[Shot], Shot], str]] = {
-    "cloze": lambda shots, r: "".join(f"{s['prompt']}{s['answer']}\n" for s in shots) + r["prompt"],
-    "Q/A": lambda shots, r: "".join(f"Q: {s['prompt']}\nA:{s['answer']}\n" for s in shots) + f"Q: {r['prompt']}\nA:",
-    "arrow": lambda shots, r: "".join(f"{s['prompt']} ->{s['answer']}\n" for s in shots) + f"{r['prompt']} ->",
-}
 
 
 def prompts(shots: int, seed: int = 7, per_category: int = PER_CATEGORY) -> list[tuple[str, str]]:
@@ -52,7 +46,7 @@ def prompts(shots: int, seed: int = 7, per_category: int = PER_CATEGORY) -> list
         for fact in rng.sample(facts, min(per_category, len(facts))):
             others = [f for f in facts if f is not fact]
             prefix = rng.sample(others, min(shots, len(others)))
-            out.extend((name, build(prefix, fact)) for name, build in FORMATS.items())
+            out.extend((name, build(prefix, fact)) for name, build in CLOZE_FORMATS.items())
     return out
 
 

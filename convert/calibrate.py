@@ -427,13 +427,15 @@ def calibrate_model(
     progress: Callable | None = None,
     cascade: bool = False,
     cascade_min_tokens: int = 32,
+    cascade_probes: int = 2,
     **options,
 ) -> tuple[HeadsManifest, Path]:
     """`edge-spade calibrate`: load the model and the data files, calibrate, write the heads.
 
     `out` defaults to a bundle's own heads/ folder (recorded in its bundle.json afterwards);
     `options` go to `calibrate`. `cascade`: then add a cascade to the free-answer heads on the same
-    prompts and split (convert/cascade.py; prompts up to `cascade_min_tokens` are not measured);
+    prompts and split (convert/cascade.py; prompts up to `cascade_min_tokens` are not measured; up to
+    `cascade_probes` probe layers);
     where the heads cannot carry one, the heads stay as calibrated and a warning says why.
     Returns the manifest (as written last) and the heads folder.
     """
@@ -468,7 +470,8 @@ def calibrate_model(
     finally:
         rt.close()
     if cascade:
-        manifest = _add_cascade(model, out, report, items, options.get("holdout", 0.3), cascade_min_tokens, threads)
+        holdout = options.get("holdout", 0.3)
+        manifest = _add_cascade(model, out, report, items, holdout, cascade_min_tokens, cascade_probes, threads)
     if bundle and out.resolve() == bundle.folder / HEADS_DIR:
         record_heads(bundle)
     return manifest, out
@@ -481,6 +484,7 @@ def _add_cascade(
     items: list,
     holdout: float,
     min_tokens: int,
+    max_probes: int,
     threads: int | None,
 ) -> HeadsManifest:
     """The cascade step of `calibrate --cascade` on the calibration's own items and split."""
@@ -491,7 +495,14 @@ def _add_cascade(
     report_dir = Path(report) if report is not None else default_report_dir(out)
     try:
         record = add_cascade(
-            model, out, report_dir, holdout=holdout, min_tokens=min_tokens, threads=threads, items=items
+            model,
+            out,
+            report_dir,
+            holdout=holdout,
+            min_tokens=min_tokens,
+            threads=threads,
+            items=items,
+            max_probes=max_probes,
         )
         log.info("cascade added: %s", record["chosen_on_train"])
     except NoCascadeError as exc:

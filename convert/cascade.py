@@ -1,30 +1,34 @@
-"""A cascade for a calibrated free-answer head set: L-SPADE checks first, then a SPADE probe.
+"""A cascade for a calibrated free-answer head set: L-SPADE checks first, then SPADE probes.
 
 An L-SPADE check is cheap (a head on one row) but its entropy lets few prompts exit; a probe's
 own entropy lets more exit, but a probe costs a SPADE tail. A cascade runs the heads at their
-early layers and, for the prompts they did not let exit, one probe later on: the easy prompts
-leave at the heads' layer, the middling ones at the probe, and only the rest pay for both.
+early layers and, for the prompts they did not let exit, one or two probes later on (sharing a
+threshold): the easy prompts leave at the heads' layer, the middling ones at a probe, and only
+the rest pay for all of them.
 
 This adds a cascade to heads already calibrated (the ONNX heads are not retrained): on the
 calibration's own prompts and train / held-out split (the same data, seed and fraction as its
 `calibration` record), it measures per prompt the shipped head's entropy at its layers and
 SPADE-K's answer and entropy at the candidate probe layers (cached per prompt, so a run can stop
-and resume); picks the probe layer and the ratio of the two thresholds on the training facts
+and resume); picks the probe layers and the ratio of the two thresholds on the training facts
 (the modelled speedup, agreement bounded at the target); then scales both thresholds together
 and keeps the largest scale whose agreement is certified on the held-out facts, per prompt-length
 range (the same bound as `edge-spade calibrate`), with the heads' domain gate refitted on the training
-prompts and in place (convert/domain_gates.py). Prompts up to `min_tokens` are not measured:
-there a check costs more than the pass it could cut (the set's plans say so), and their plans
-do not check. The cascade becomes the set's default rule when it models faster than the rule
-in force on the held-out prompts.
+prompts and in place (convert/domain_gates.py). With `formats`, the same facts written as `Q: A:`
+pairs or arrows join the choice and the certificate (each on its fact's side of the split): the
+heads' gate keeps them from the heads, so the probes' threshold is certified on them too. Prompts up
+to `min_tokens` are not measured: there a check costs more than the pass it could cut (the set's
+plans say so), and their plans do not check. The cascade becomes the set's default rule when it
+models faster than the rule in force on the held-out prompts.
 
     python -m edge_spade.convert.cascade --model gemma3-270m --heads models/gemma3-270m \
-        --report benchmarks/calibration/gemma3-270m
+        --report benchmarks/calibration/gemma3-270m --max-probes 2 --formats Q/A arrow
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -44,7 +48,7 @@ from edge_spade.runtime import Runtime
 from . import domain_gates
 from .certify import agreement_bound, fact_index, split
 from .costs import tail_costs
-from .datasets import Item
+from .datasets import CLOZE_FORMATS, Item
 from .heads_files import rewrite_manifest
 from .length_plans import LENGTH_EDGES, MIN_PROMPTS_PER_RANGE
 from .trace import load_or_make
@@ -193,25 +197,27 @@ class CostModel:
         stage: np.ndarray,
         n_tokens: np.ndarray,
         heads: Sequence[int],
-        probe: int | None,
+        probes: Sequence[int] = (),
         whole: bool = False,
         checked: bool = True,
     ) -> np.ndarray:
-        """Per prompt: `stage` j < len(heads) exits at heads[j], == len(heads) at the probe, -1 not at all.
-        `checked=False`: the heads do not run (a cascade without its head stage); no probe: none runs."""
+        """Per prompt: `stage` j < len(heads) exits at heads[j], len(heads) + i at probes[i], -1 not at all.
+        `checked=False`: the heads do not run (a cascade without its head stage); no probes: none runs.
+        A probe that does not exit costs its tail less what screening saves; one that exits, its tail."""
         full = self.full(n_tokens)
-        probe_ms = 0.0 if probe is None else self.probe_whole_ms if whole else self.probe_ms[probe]
+        probe_ms = np.array([self.probe_whole_ms if whole else self.probe_ms[p] for p in probes], float)
+        missed = probe_ms - (0.0 if whole else self.screen_ms)  # a probe passed by, not exiting
         # A one-question process (`whole`) pays once for what a resident one has made already: the
         # probes' context, and onnxruntime with the heads' session.
-        first = (self.context_ms if whole and probe is not None else 0.0) + (
-            self.heads_load_ms if whole and checked else 0.0
-        )
-        layers = np.array([*heads, probe if probe is not None else self.n_layers - 1], float)
+        first = (self.context_ms if whole and len(probes) else 0.0) + (self.heads_load_ms if whole and checked else 0.0)
+        layers = np.array([*heads, *probes, self.n_layers - 1], float)
         checks = self.check_ms * np.minimum(np.where(stage < 0, len(heads), stage + 1), len(heads)) * checked
-        at = (layers[np.maximum(stage, 0)] + 1) / self.n_layers * full
+        at = (layers[np.where(stage < 0, len(layers) - 1, stage)] + 1) / self.n_layers * full
+        nth = np.clip(stage - len(heads), 0, None)  # probes passed before the one that exits
+        before = np.concatenate([[0.0], np.cumsum(missed)])
+        exit_probe = at + before[np.minimum(nth, len(probes))] + np.append(probe_ms, 0.0)[np.minimum(nth, len(probes))]
+        none = full + before[-1]
         exit_head = at + self.after_head_ms
-        exit_probe = at + probe_ms
-        none = full + probe_ms - (self.screen_ms if probe is not None and not whole else 0.0)
         return first + checks + np.where(stage < 0, none, np.where(stage < len(heads), exit_head, exit_probe))
 
 
@@ -268,20 +274,40 @@ def measure_heads_load_ms(onnx_file: Path, repeats: int = 3) -> float:
     return round(float(np.median(runs)), 1)
 
 
+@dataclass
+class Table:
+    """Many prompts' signals as arrays, stacked once: the choice evaluates thousands of rules on them."""
+
+    head_ent: np.ndarray  # (prompts, head layers)
+    spade_answer: np.ndarray  # (prompts, spade layers)
+    spade_ent: np.ndarray
+    full: np.ndarray  # (prompts,)
+
+    @classmethod
+    def of(cls, s: Sequence[Signals]) -> Table:
+        return cls(
+            np.stack([x.head_ent for x in s]),
+            np.stack([x.spade_answer for x in s]),
+            np.stack([x.spade_ent for x in s]),
+            np.array([x.full for x in s]),
+        )
+
+
 def outcome(
-    s: list[Signals], n_heads: int, probe_col: int | None, tau_head: float, tau_probe: float
+    s: Sequence[Signals] | Table, n_heads: int, probe_cols: Sequence[int], tau_head: float, tau_probe: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(stage per prompt as CostModel.cost takes it, whether its answer equals the full model's)."""
-    head_ent = np.stack([x.head_ent[:n_heads] for x in s])
+    """(stage per prompt as CostModel.cost takes it, whether its answer equals the full model's).
+    `probe_cols`: the probes' columns in the signals, in layer order, sharing `tau_probe`."""
+    t = s if isinstance(s, Table) else Table.of(s)
+    head_ent = t.head_ent[:, :n_heads]
     exits = head_ent <= tau_head if tau_head >= 0 else np.zeros_like(head_ent, bool)
     stage = np.where(exits.any(axis=1), exits.argmax(axis=1), -1)
-    if probe_col is not None and tau_probe >= 0:
-        probed = np.array([x.spade_ent[probe_col] for x in s]) <= tau_probe
-        stage = np.where((stage < 0) & probed, n_heads, stage)
-    answers = np.stack([x.spade_answer for x in s])
-    col = np.where(stage == n_heads, probe_col if probe_col is not None else 0, np.maximum(stage, 0))
-    given = np.where(stage < 0, [x.full for x in s], answers[np.arange(len(s)), col])
-    return stage, given == np.array([x.full for x in s])
+    cols = np.array([*range(n_heads), *probe_cols] or [0])
+    if len(probe_cols) and tau_probe >= 0:
+        probed = t.spade_ent[:, list(probe_cols)] <= tau_probe
+        stage = np.where((stage < 0) & probed.any(axis=1), n_heads + probed.argmax(axis=1), stage)
+    given = np.where(stage < 0, t.full, t.spade_answer[np.arange(len(t.full)), cols[np.maximum(stage, 0)]])
+    return stage, given == t.full
 
 
 def choose(
@@ -295,10 +321,12 @@ def choose(
     by_key: bool = True,
     head_stage: bool = True,
     min_probe_layer: int = 0,
+    max_probes: int = 1,
 ) -> dict:
-    """The probe layer and both thresholds that speed the training prompts up most (`objective`:
-    "total" or "median" speedup over full depth) with their agreement bounded at the target.
-    `head_stage=False`: the heads never exit (a probe alone); probes below `min_probe_layer` are not chosen."""
+    """The probe layers (up to `max_probes`, sharing one threshold) and both thresholds that speed the
+    training prompts up most (`objective`: "total" or "median" speedup over full depth, or "geomean")
+    with their agreement bounded at the target. `head_stage=False`: the heads never exit (probes
+    alone); probes below `min_probe_layer` are not chosen."""
     n = np.array([x.n_tokens for x in train])
     full = model.full(n)
     facts = fact_index([x.key for x in train]) if by_key else None
@@ -306,29 +334,30 @@ def choose(
     head_ent = head_ent[np.isfinite(head_ent)]  # outside a domain gate: infinite, never a threshold
     use_heads = head_stage and head_ent.size > 0
     head_taus = [-1.0, *np.unique(np.quantile(head_ent, np.linspace(0, 1, 31)))] if use_heads else [-1.0]
-    best, best_key = {"probe_layer": None, "threshold": -1.0, "probe_threshold": -1.0}, (1.0, 1.0)
+    best, best_key = {"probe_layers": [], "threshold": -1.0, "probe_threshold": -1.0}, (1.0, 1.0)
     speed = {"train_speedup_total": 1.0, "train_speedup_median": 1.0}
-    for j, probe in enumerate([None, *probes]):
-        if probe is not None and probe < min_probe_layer:
-            continue
-        col = None if probe is None else len(heads) + j - 1
-        probe_taus = (
-            [-1.0]
-            if col is None
-            else [-1.0, *np.unique(np.quantile([x.spade_ent[col] for x in train], np.linspace(0, 1, 31)))]
-        )
+    allowed = [p for p in probes if p >= min_probe_layer]
+    table = Table.of(train)
+    for chosen in [()] + [c for r in range(1, max_probes + 1) for c in itertools.combinations(allowed, r)]:
+        cols = [len(heads) + list(probes).index(p) for p in chosen]
+        probe_ent = table.spade_ent[:, cols].ravel()
+        probe_taus = [-1.0, *np.unique(np.quantile(probe_ent, np.linspace(0, 1, 31)))] if cols else [-1.0]
         for tau_head in head_taus:
             for tau_probe in probe_taus:
-                stage, ok = outcome(train, len(heads), col, tau_head, tau_probe)
+                stage, ok = outcome(table, len(heads), cols, tau_head, tau_probe)
                 if agreement_bound(ok, facts, confidence) < target:
                     continue
-                cost = model.cost(stage, n, heads, probe if tau_probe >= 0 else None, checked=tau_head >= 0)
+                cost = model.cost(stage, n, heads, chosen if tau_probe >= 0 else (), checked=tau_head >= 0)
                 total, median = float(full.sum() / cost.sum()), float(np.median(full / cost))
                 typical = float(np.exp(np.mean(np.log(full / cost))))
                 key = {"total": (total, median), "median": (median, total), "geomean": (typical, total)}[objective]
                 if key > best_key:
                     best_key = key
-                    best = {"probe_layer": probe, "threshold": float(tau_head), "probe_threshold": float(tau_probe)}
+                    best = {
+                        "probe_layers": list(chosen),
+                        "threshold": float(tau_head),
+                        "probe_threshold": float(tau_probe),
+                    }
                     speed = {"train_speedup_total": round(total, 4), "train_speedup_median": round(median, 4)}
     return {**best, **speed}
 
@@ -336,7 +365,7 @@ def choose(
 def certify(
     held: list[Signals],
     heads: Sequence[int],
-    col: int | None,
+    cols: Sequence[int],
     rule: dict,
     target: float,
     confidence: float,
@@ -344,10 +373,11 @@ def certify(
 ) -> tuple[float, float, int] | None:
     """The rule's thresholds at the largest scale certified on `held` (None: no scale certifies an exit)."""
     facts = fact_index([x.key for x in held]) if by_key else None
+    table = Table.of(held)
     for scale in SCALES[::-1]:
         tau_head = rule["threshold"] * scale if rule["threshold"] >= 0 else -1.0
         tau_probe = rule["probe_threshold"] * scale if rule["probe_threshold"] >= 0 else -1.0
-        stage, ok = outcome(held, len(heads), col, tau_head, tau_probe)
+        stage, ok = outcome(table, len(heads), cols, tau_head, tau_probe)
         if (stage >= 0).any() and agreement_bound(ok, facts, confidence) >= target:
             return tau_head, tau_probe, int((stage >= 0).sum())
     return None
@@ -356,8 +386,8 @@ def certify(
 def cascade_plans(
     held: list[Signals],
     heads: Sequence[int],
-    col: int | None,
-    probe: int | None,
+    cols: Sequence[int],
+    probes: Sequence[int],
     rule: dict,
     model: CostModel,
     target: float,
@@ -377,7 +407,7 @@ def cascade_plans(
     answers there to correct a cost model measured on another machine. On the few-shot prompts of
     benchmarks/one_question.py such checks cost more than they saved (CHANGELOG,
     cascades), so by default a one-question `ask` answers at full depth."""
-    every = certify(held, heads, col, rule, target, confidence, by_key)
+    every = certify(held, heads, cols, rule, target, confidence, by_key)
     overall = (
         {"threshold": -1.0, "probe_threshold": -1.0}
         if every is None
@@ -396,19 +426,19 @@ def cascade_plans(
         mask = (lengths >= lo) & (lengths <= top)
         own = mask.sum() >= MIN_PROMPTS_PER_RANGE
         here = [x for x, m in zip(held, mask) if m] if own else held
-        taus = certify(here, heads, col, rule, target, confidence, by_key) if own else every
+        taus = certify(here, heads, cols, rule, target, confidence, by_key) if own else every
         plan: dict = {"max_tokens": hi, "heldout_prompts": int(mask.sum()) if own else None}
         if taus is None:
             plan.update(check=False, check_whole_model=False, exit_share=0.0)
         else:
-            stage, _ = outcome(here, len(heads), col, taus[0], taus[1])
-            used = probe if taus[1] >= 0 else None
+            stage, _ = outcome(here, len(heads), cols, taus[0], taus[1])
+            used = probes if taus[1] >= 0 else ()
             n = np.full(len(here), lo)
             full = float(model.full(np.array([lo]))[0])
             cut = float(model.cost(stage, n, heads, used, checked=taus[0] >= 0).mean())
             # A one-question process runs the heads alone (ExitPolicy.heads_only): no probe context or tail.
-            heads_alone, _ = outcome(here, len(heads), col, taus[0], -1.0)
-            whole = float(model.cost(heads_alone, n, heads, None, whole=True, checked=taus[0] >= 0).mean())
+            heads_alone, _ = outcome(here, len(heads), cols, taus[0], -1.0)
+            whole = float(model.cost(heads_alone, n, heads, (), whole=True, checked=taus[0] >= 0).mean())
             if taus[0] < 0:
                 whole = math.inf  # nothing to check without the probe
             plan.update(
@@ -442,6 +472,8 @@ def add_cascade(
     head_stage: bool = True,
     min_probe_layer: int = 0,
     domain_quantile: float | None = domain_gates.QUANTILE,
+    max_probes: int = 2,
+    formats: Sequence[str] = (),
 ) -> dict:
     """Measure, choose, certify and write the cascade into `heads_dir`/heads.json (see the module).
 
@@ -451,7 +483,11 @@ def add_cascade(
     prompt formats users write: benchmarks/formats.py); it replaces a rule in force that runs heads.
     `min_probe_layer`: the earliest probe chosen (all candidates are still measured, so the cache holds).
     `domain_quantile`: the heads decide only on states like the training prompts' (edge_spade/domain.py),
-    a gate admitting this share of them, fitted and certified with the cascade; None: no gate."""
+    a gate admitting this share of them, fitted and certified with the cascade; None: no gate.
+    `max_probes`: probes after the heads, sharing one threshold. `formats`: prompt formats besides the
+    calibration's (convert/datasets.CLOZE_FORMATS) whose prompts of the same facts join the choice and
+    the certificate, each on its fact's side of the split; the gate is fitted on the calibration's
+    own format (the heads' training prompts), so the others reach the probes."""
     from edge_spade.runtime import load_model
 
     from .cloze import broad
@@ -472,27 +508,40 @@ def add_cascade(
         L = rt.n_layers
         heads = list(head_set.eval_layers)
         probes = sorted({*(probe_layers or range(max(heads) + 1, 2 * L // 3 + 1, 2)), *head_set.probe_layers})
+        if formats and items is not None:
+            raise ValueError("other prompt formats are built from the calibration's data: give `data`, not `items`")
         if items is None:
             items = _calibration_items(cal, data, variants, broad, load_items)
-        items = [item for item in items if not item.choices]  # the free set's prompts, as calibrate splits them
         measured: list[tuple[Signals, list[int]]] = []
-        every: list[Signals] = []
-        for item in items:
-            try:
-                prompt = rt.prompt(item.question, item.choices)
-            except EdgeSpadeError:  # skipped by calibration too (trace.collect)
-                continue
-            s = Signals(item.key or item.id, len(prompt.tokens))
-            every.append(s)
-            if s.n_tokens > min_tokens:
-                measured.append((s, prompt.tokens))
+
+        def signals(items: Sequence[Item]) -> list[Signals]:
+            out = []
+            for item in items:
+                if item.choices:  # the free set's prompts, as calibrate splits them
+                    continue
+                try:
+                    prompt = rt.prompt(item.question, item.choices)
+                except EdgeSpadeError:  # skipped by calibration too (trace.collect)
+                    continue
+                out.append(Signals(item.key or item.id, len(prompt.tokens)))
+                if out[-1].n_tokens > min_tokens:
+                    measured.append((out[-1], prompt.tokens))
+            return out
+
+        every = signals(items)
         by_key = cal.get("holdout_by", "fact") == "fact"
-        train, held = split(every, holdout, 0, by_key)
+        own_train, held = split(every, holdout, 0, by_key)
         if len(held) != cal["n_holdout"]:
             raise ValueError(
                 f"the split holds out {len(held)} prompts, the calibration {cal['n_holdout']}: other data or --holdout?"
             )
-        train = [s for s in train if s.n_tokens > min_tokens]
+        held_keys = {s.key for s in held}
+        for form in formats:
+            other = signals(_calibration_items(cal, data, variants, broad, load_items, form))
+            held += [s for s in other if s.key in held_keys]
+            own_train += [s for s in other if s.key not in held_keys]
+        own = {id(s) for s in every}
+        train = [s for s in own_train if s.n_tokens > min_tokens]
         held = [s for s in held if s.n_tokens > min_tokens]
         if not train or not held:
             raise NoCascadeError(
@@ -504,19 +553,22 @@ def add_cascade(
         gate, admitted = None, None
         if head_stage and domain_quantile is not None:
             states = domain_states(rt, measured, heads)  # train holds the prompts over min_tokens only
-            gate, admitted = gate_heads(train, [s for s, _ in measured], states, heads, domain_quantile)
+            gate_train = [s for s in train if id(s) in own]  # the heads' own format
+            gate, admitted = gate_heads(gate_train, [s for s, _ in measured], states, heads, domain_quantile)
         seconds = time.perf_counter() - t0
         screened = measure_screen_ms(rt, measured, probes[len(probes) // 2], head_set.tail, head_set.candidates or [])
         screen_ms = screened if screened >= SCREEN_MIN_MS else 0.0
         cost = CostModel.of(head_set.costs, probes, L, measure_heads_load_ms(heads_dir / head_set.file), screen_ms)
         target, confidence = cal["target_agreement"], cal["confidence"]
         objective = objective or cal.get("probe_objective", "total")
-        rule = choose(train, heads, probes, cost, target, confidence, objective, by_key, head_stage, min_probe_layer)
-        probe = rule["probe_layer"]
-        col = None if probe is None else len(heads) + probes.index(probe)
-        overall, plans = cascade_plans(held, heads, col, probe, rule, cost, target, confidence, min_tokens, by_key)
+        rule = choose(
+            train, heads, probes, cost, target, confidence, objective, by_key, head_stage, min_probe_layer, max_probes
+        )
+        chosen = rule["probe_layers"]
+        cols = [len(heads) + probes.index(p) for p in chosen]
+        overall, plans = cascade_plans(held, heads, cols, chosen, rule, cost, target, confidence, min_tokens, by_key)
         before = _modelled(held, head_set, heads, probes, cost)
-        after = _rule_cost(held, heads, col, probe, plans, overall, cost)
+        after = _rule_cost(held, heads, cols, chosen, plans, overall, cost)
         record = {
             "data": cal["data"],
             "measured_prompts": len(measured),
@@ -527,6 +579,8 @@ def add_cascade(
             "objective": objective,
             "head_stage": head_stage,
             "min_probe_layer": min_probe_layer,
+            "max_probes": max_probes,
+            "formats": ["calibration's own", *formats],
             "chosen_on_train": rule,
             "scales": [float(SCALES[0]), float(SCALES[-1]), len(SCALES)],
             "heldout_speedup_model": {"rule_in_force": before, "cascade": after},
@@ -541,8 +595,8 @@ def add_cascade(
         head_set.cascade = {
             "head_layers": heads,
             "threshold": overall["threshold"],
-            "probe_layers": [probe] if probe is not None else [],
-            "probe_threshold": overall["probe_threshold"] if probe is not None else -1.0,
+            "probe_layers": chosen,
+            "probe_threshold": overall["probe_threshold"] if chosen else -1.0,
         }
         head_set.calibration["cascade"] = record
         head_set.screen_probes = screen_ms > 0
@@ -573,18 +627,20 @@ def _set_domain(heads_dir: Path, manifest, head_set, gate: bytes | None, entry: 
         head_set.domain = entry
 
 
-def _calibration_items(cal: dict, data: str | None, variants: int, broad, load_items) -> list[Item]:
-    """The calibration's prompts: `data`, or the broad corpus capped as its record says."""
+def _calibration_items(
+    cal: dict, data: str | None, variants: int, broad, load_items, form: str = "cloze"
+) -> list[Item]:
+    """The calibration's prompts: `data`, or the broad corpus capped as its record says, in `form`."""
     import tempfile
 
     if data is not None:
-        return load_items(data, variants=variants, few_shot=cal.get("few_shot") or (3,))
+        return load_items(data, variants=variants, few_shot=cal.get("few_shot") or (3,), form=form)
     if cal["data"] != ["broad-capped.jsonl"]:
         raise ValueError(f"these heads were calibrated on {cal['data']}: give that file as --data")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "broad-capped.jsonl"
         path.write_text(broad.per_category(120))
-        return load_items(path, variants=1, few_shot=cal["few_shot"])
+        return load_items(path, variants=1, few_shot=cal["few_shot"], form=form)
 
 
 def _modelled(
@@ -594,16 +650,16 @@ def _modelled(
     probe (a cascade without heads, the plans' own thresholds being the probe's)."""
     if head_set.signal == "lspade":
         rule = {"threshold": head_set.threshold, "probe_threshold": -1.0}
-        return _rule_cost(held, heads, None, None, head_set.plans, rule, cost)
-    probe = head_set.probe_layers[0]
+        return _rule_cost(held, heads, [], (), head_set.plans, rule, cost)
+    own = list(head_set.probe_layers)
     rule = {"threshold": -1.0, "probe_threshold": head_set.thresholds["spade"]}
     plans = [
         {**p, "threshold": -1.0, "probe_threshold": p["threshold"]} if "threshold" in p else p for p in head_set.plans
     ]
-    return _rule_cost(held, heads, len(heads) + list(probes).index(probe), probe, plans, rule, cost)
+    return _rule_cost(held, heads, [len(heads) + list(probes).index(p) for p in own], own, plans, rule, cost)
 
 
-def _rule_cost(held, heads, col, probe, plans, overall, cost: CostModel) -> dict[str, float]:
+def _rule_cost(held, heads, cols, chosen, plans, overall, cost: CostModel) -> dict[str, float]:
     """Modelled total and median speedup on `held` when each prompt follows its range's plan."""
     n = np.array([x.n_tokens for x in held])
     spent = np.zeros(len(held))
@@ -616,8 +672,8 @@ def _rule_cost(held, heads, col, probe, plans, overall, cost: CostModel) -> dict
             (plan or {}).get("threshold", overall["threshold"]),
             (plan or {}).get("probe_threshold", overall.get("probe_threshold", -1.0)),
         )
-        stage, _ = outcome([s], len(heads), col, *taus)
-        spent[i] = cost.cost(stage, n[i : i + 1], heads, probe if taus[1] >= 0 else None, checked=taus[0] >= 0)[0]
+        stage, _ = outcome([s], len(heads), cols, *taus)
+        spent[i] = cost.cost(stage, n[i : i + 1], heads, chosen if taus[1] >= 0 else (), checked=taus[0] >= 0)[0]
     full = cost.full(n)
     return {"total": round(float(full.sum() / spent.sum()), 4), "median": round(float(np.median(full / spent)), 4)}
 
@@ -658,6 +714,14 @@ if __name__ == "__main__":
         help="the heads' domain gate admits this share of the training prompts (edge_spade/domain.py)",
     )
     parser.add_argument("--no-domain-gate", action="store_true", help="the heads decide on every prompt")
+    parser.add_argument("--max-probes", type=int, default=2, help="probes after the heads (one shared threshold)")
+    parser.add_argument(
+        "--formats",
+        nargs="+",
+        default=[],
+        choices=[f for f in CLOZE_FORMATS if f != "cloze"],
+        help="prompt formats of the same facts that join the choice and the certificate (cloze data)",
+    )
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -686,6 +750,8 @@ if __name__ == "__main__":
                 head_stage=not args.no_heads,
                 min_probe_layer=args.min_probe_layer,
                 domain_quantile=None if args.no_domain_gate else args.domain_quantile,
+                max_probes=args.max_probes,
+                formats=args.formats,
             ),
             indent=1,
         )

@@ -5,6 +5,7 @@ train / held-out split that keeps the facts apart.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ import numpy as np
 from .trace import Sample
 
 
+@functools.lru_cache(maxsize=65536)  # a cascade's choice asks the same few counts thousands of times
 def clopper_pearson_lower(successes: int, n: int, confidence: float = 0.95) -> float:
     """One-sided lower confidence bound on a binomial proportion (exact, by bisection)."""
     if n == 0 or successes == 0:
@@ -22,18 +24,13 @@ def clopper_pearson_lower(successes: int, n: int, confidence: float = 0.95) -> f
     alpha = 1.0 - confidence
     if successes == n:
         return alpha ** (1.0 / n)
+    k = np.arange(successes, n + 1)
+    log_choose = math.lgamma(n + 1) - np.array([math.lgamma(i + 1) + math.lgamma(n - i + 1) for i in k])
 
     def upper_tail(p: float) -> float:  # P(X >= successes | n, p)
-        logs = [
-            math.lgamma(n + 1)
-            - math.lgamma(k + 1)
-            - math.lgamma(n - k + 1)
-            + k * math.log(p)
-            + (n - k) * math.log1p(-p)
-            for k in range(successes, n + 1)
-        ]
-        top = max(logs)
-        return math.exp(top) * sum(math.exp(x - top) for x in logs)
+        logs = log_choose + k * math.log(p) + (n - k) * math.log1p(-p)
+        top = logs.max()
+        return float(math.exp(top) * np.exp(logs - top).sum())
 
     lo, hi = 0.0, successes / n
     for _ in range(100):

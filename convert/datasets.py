@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +18,16 @@ from edge_spade.errors import EdgeSpadeError
 
 class DatasetError(EdgeSpadeError):
     """A data file in none of the known formats."""
+
+
+Shot = dict[str, str]  # a cloze fact: {"prompt", "answer", ...}
+# How people write a few-shot fact prompt: the calibration's cloze lines, `Q: ... A:` pairs, `... ->`
+# arrows. Calibrating on several (`load_items(form=...)`, convert/cascade.py) certifies exits on them.
+CLOZE_FORMATS: dict[str, Callable[[Sequence[Shot], Shot], str]] = {
+    "cloze": lambda shots, r: "".join(f"{s['prompt']}{s['answer']}\n" for s in shots) + r["prompt"],
+    "Q/A": lambda shots, r: "".join(f"Q: {s['prompt']}\nA:{s['answer']}\n" for s in shots) + f"Q: {r['prompt']}\nA:",
+    "arrow": lambda shots, r: "".join(f"{s['prompt']} ->{s['answer']}\n" for s in shots) + f"{r['prompt']} ->",
+}
 
 
 @dataclass(frozen=True)
@@ -31,11 +41,20 @@ class Item:
 
 
 def load_items(
-    path: str | Path, limit: int | None = None, few_shot: int | Sequence[int] = 3, seed: int = 0, variants: int = 1
+    path: str | Path,
+    limit: int | None = None,
+    few_shot: int | Sequence[int] = 3,
+    seed: int = 0,
+    variants: int = 1,
+    form: str = "cloze",
 ) -> list[Item]:
     """Items of one file; cloze prompts get a few-shot prefix from other items of their category
     (`variants` prefixes per fact and per count in `few_shot`, for calibration: all prompts of one
-    fact share its key)."""
+    fact share its key), written in the prompt format `form` (CLOZE_FORMATS; the same prefixes in
+    every format, and ids with the format's name unless it is "cloze")."""
+    if form not in CLOZE_FORMATS:
+        raise DatasetError(f"unknown prompt format {form!r} (known: {', '.join(CLOZE_FORMATS)})")
+    cloze = False
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -63,6 +82,7 @@ def load_items(
         elif isinstance(first.get("question"), str):
             items = [_ask_line(i, r, path) for i, r in enumerate(rows)]
         elif {"prompt", "answer"} <= set(first):
+            cloze = True
             counts = [few_shot] if isinstance(few_shot, int) else list(few_shot)
             if not counts or min(counts) < 0:
                 raise DatasetError(f"few-shot counts must be zero or more, got {few_shot!r}")
@@ -70,12 +90,14 @@ def load_items(
                 item
                 for n, shots in enumerate(counts)
                 for v in range(variants if shots else 1)  # without a prefix every variant is the same prompt
-                for item in _cloze(rows, shots, seed + v, f"-{shots}shot" * (n > 0) + f"-v{v}" * (v > 0))
+                for item in _cloze(rows, shots, seed + v, f"-{shots}shot" * (n > 0) + f"-v{v}" * (v > 0), form)
             ]
         else:
             raise DatasetError(
                 f"{path}: not `ask --file` lines, ARC, BoolQ, HEAD-QA or cloze facts (keys: {sorted(first)})"
             )
+    if form != "cloze" and not cloze:
+        raise DatasetError(f"{path}: prompt formats ({form!r}) are for cloze facts, not this file's questions")
     return items[:limit] if limit else items
 
 
@@ -118,7 +140,7 @@ def _headqa(data: dict, group: str) -> list[Item]:
     return items
 
 
-def _cloze(rows: list[dict], few_shot: int, seed: int, suffix: str = "") -> list[Item]:
+def _cloze(rows: list[dict], few_shot: int, seed: int, suffix: str = "", form: str = "cloze") -> list[Item]:
     rng = random.Random(seed)
     by_cat: dict[str, list[dict]] = {}
     for r in rows:
@@ -127,11 +149,10 @@ def _cloze(rows: list[dict], few_shot: int, seed: int, suffix: str = "") -> list
     for i, r in enumerate(rows):
         others = [o for o in by_cat[r.get("category", "")] if o is not r]
         shots = rng.sample(others, min(few_shot, len(others)))
-        prefix = "".join(f"{s['prompt']}{s['answer']}\n" for s in shots)
         items.append(
             Item(
-                r.get("id", "") + suffix,
-                prefix + r["prompt"],
+                r.get("id", "") + suffix + (f"-{form}" if form != "cloze" else ""),
+                CLOZE_FORMATS[form](shots, r),
                 None,
                 r["answer"],
                 r.get("category", ""),

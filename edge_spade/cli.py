@@ -135,7 +135,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--cascade",
         action="store_true",
-        help="then add a cascade to the free-answer heads (heads first, then a SPADE probe) on the same prompts",
+        help="then add a cascade to the free-answer heads (heads first, then SPADE probes) on the same prompts",
+    )
+    c.add_argument(
+        "--cascade-probes",
+        type=int,
+        default=2,
+        metavar="N",
+        help="the cascade chooses up to N probe layers after the heads, sharing one threshold (default: 2)",
     )
     c.add_argument(
         "--cascade-min-tokens",
@@ -434,6 +441,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         objective=args.objective,
         cascade=args.cascade,
         cascade_min_tokens=args.cascade_min_tokens,
+        cascade_probes=args.cascade_probes,
         progress=lambda xs: tqdm(
             xs, desc=f"calibrate {args.model or 'default model'}", file=sys.stderr, disable=args.quiet
         ),
@@ -447,7 +455,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.cascade and free is not None:
         rule = free.cascade
         print(
-            f"cascade: heads at {rule['head_layers']} (<= {rule['threshold']:.4g} nats), then a probe at "
+            f"cascade: heads at {rule['head_layers']} (<= {rule['threshold']:.4g} nats), then probes at "
             f"{rule['probe_layers']} (<= {rule['probe_threshold']:.4g}); default rule: {free.signal}"
             + (f"; heads gated to their calibration's domain ({free.domain['file']})" if free.domain else "")
             if rule

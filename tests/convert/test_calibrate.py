@@ -274,6 +274,33 @@ def test_several_few_shot_counts_share_the_fact_key(tmp_path):
         load_items(facts, few_shot=[-1])
 
 
+def test_cloze_facts_in_other_prompt_formats(tmp_path):
+    """`form`: the same facts and prefixes as `Q: A:` pairs or arrows, under the same keys (a fact's
+    prompts in every format stay on one side of a split); only cloze facts have formats."""
+    from edge_spade.convert.datasets import DatasetError, load_items
+
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(
+        "".join(
+            json.dumps({"id": f"f{i}", "prompt": f"{i} + 1 =", "answer": f" {i + 1}", "category": "addition"}) + "\n"
+            for i in range(10)
+        )
+    )
+    cloze, qa, arrow = (load_items(facts, few_shot=[0, 2], form=f) for f in ("cloze", "Q/A", "arrow"))
+    assert [i.key for i in qa] == [i.key for i in arrow] == [i.key for i in cloze]
+    assert len({i.id for i in cloze + qa + arrow}) == 60 and qa[0].id == "f0-Q/A" and arrow[0].id == "f0-arrow"
+    assert qa[0].question == "Q: 0 + 1 =\nA:" and arrow[0].question == "0 + 1 = ->"
+    prefix = cloze[10].question.splitlines()[:2]  # 2 shots, then the fact: the same shots in every format
+    assert qa[10].question.splitlines()[::2][:2] == [f"Q: {line.rsplit(' ', 1)[0]}" for line in prefix]
+    assert arrow[10].question.splitlines()[:2] == [" -> ".join(line.rsplit(" ", 1)) for line in prefix]
+    ask = tmp_path / "ask.jsonl"
+    ask.write_text(json.dumps({"question": "the sky is"}) + "\n")
+    with pytest.raises(DatasetError, match="for cloze facts"):
+        load_items(ask, form="Q/A")
+    with pytest.raises(DatasetError, match="unknown prompt format"):
+        load_items(facts, form="yaml")
+
+
 def test_exit_signal_can_be_chosen(heads_dir, tiny_model, capsys):
     head_set = json.loads((heads_dir / "heads.json").read_text())["sets"]["choice"]
     asked = [(i.question, i.choices) for i in items(40)]  # a calibration question inside the heads' domain

@@ -35,35 +35,60 @@ def signals(n: int, seed: int = 0, n_tokens: int = 80) -> list[Signals]:
 def test_the_cost_of_each_outcome():
     m = model()
     n = np.array([50, 50, 50])  # a full pass: 110 ms
-    cost = m.cost(np.array([0, 1, -1]), n, HEADS, 8)
+    cost = m.cost(np.array([0, 1, -1]), n, HEADS, [8])
     assert cost == pytest.approx([2 / L * 110 + 2 + 30, 9 / L * 110 + 2 + 20, 110 + 2 + 20])
-    whole = m.cost(np.array([-1]), n[:1], HEADS, 8, whole=True)  # one question: a context, the whole-model tail
+    whole = m.cost(np.array([-1]), n[:1], HEADS, [8], whole=True)  # one question: a context, the whole-model tail
     assert whole == pytest.approx([40 + 110 + 2 + 35])
-    assert m.cost(np.array([-1]), n[:1], HEADS, None) == pytest.approx([112.0])  # no probe: only the check
+    assert m.cost(np.array([-1]), n[:1], HEADS, ()) == pytest.approx([112.0])  # no probe: only the check
     loads = CostModel(10.0, 2.0, 2.0, 30.0, {4: 25.0, 8: 20.0}, 35.0, 40.0, L, heads_load_ms=50.0)
-    assert loads.cost(np.array([-1]), n[:1], HEADS, 8, whole=True) == pytest.approx([50 + 40 + 110 + 2 + 35])
+    assert loads.cost(np.array([-1]), n[:1], HEADS, [8], whole=True) == pytest.approx([50 + 40 + 110 + 2 + 35])
     # no head stage: neither its checks nor onnxruntime are paid for; a resident process pays neither load
-    assert loads.cost(np.array([-1]), n[:1], HEADS, 8, whole=True, checked=False) == pytest.approx([40 + 110 + 35])
-    assert loads.cost(np.array([-1]), n[:1], HEADS, 8) == pytest.approx([110 + 2 + 20])
+    assert loads.cost(np.array([-1]), n[:1], HEADS, [8], whole=True, checked=False) == pytest.approx([40 + 110 + 35])
+    assert loads.cost(np.array([-1]), n[:1], HEADS, [8]) == pytest.approx([110 + 2 + 20])
+    # two probes: one exiting at 8 has paid for the one at 4 (less what screening saves it), none pays both
+    screened = CostModel(10.0, 2.0, 2.0, 30.0, {4: 25.0, 8: 20.0}, 35.0, 40.0, L, screen_ms=5.0)
+    two = screened.cost(np.array([1, 2, -1]), n, HEADS, [4, 8])
+    assert two == pytest.approx([5 / L * 110 + 2 + 25, 9 / L * 110 + 2 + 20 + 20, 110 + 2 + 20 + 15])
 
 
 def test_outcome_takes_the_head_first_then_the_probe():
     s = signals(6)
-    stage, ok = outcome(s, 1, 1 + PROBES.index(8), 1.0, 1.0)
+    stage, ok = outcome(s, 1, [1 + PROBES.index(8)], 1.0, 1.0)
     assert list(stage) == [0, 1, -1] * 2 and ok.all()
-    stage, ok = outcome(s, 1, 1 + PROBES.index(4), 1.0, 5.0)  # the probe at 4 exits everything left, wrongly
+    stage, ok = outcome(s, 1, [1 + PROBES.index(4)], 1.0, 5.0)  # the probe at 4 exits everything left, wrongly
+    assert list(stage) == [0, 1, 1] * 2 and list(ok) == [True, False, False] * 2
+    stage, ok = outcome(s, 1, [1, 2], 1.0, 1.0)  # two probes, one threshold: the one at 8 takes what 4 leaves
+    assert list(stage) == [0, 2, -1] * 2 and ok.all()
+    stage, ok = outcome(s, 1, [1, 2], 1.0, 5.0)  # ...unless the one at 4 exits first
     assert list(stage) == [0, 1, 1] * 2 and list(ok) == [True, False, False] * 2
 
 
 def test_the_choice_exits_the_sure_prompts_and_keeps_agreement():
     train = signals(300)
     rule = choose(train, HEADS, PROBES, model(), target=0.95, confidence=0.95, objective="total")
-    assert rule["probe_layer"] == 8 and 0.1 <= rule["threshold"] < 3.0 and 0.3 <= rule["probe_threshold"] < 2.9
-    stage, ok = outcome(train, 1, 2, rule["threshold"], rule["probe_threshold"])
+    assert rule["probe_layers"] == [8] and 0.1 <= rule["threshold"] < 3.0 and 0.3 <= rule["probe_threshold"] < 2.9
+    stage, ok = outcome(train, 1, [2], rule["threshold"], rule["probe_threshold"])
     assert ok.all() and (stage >= 0).mean() == pytest.approx(2 / 3)
     full = 10 + 2 * 80
     mean = ((2 / L * full + 2 + 30) + (9 / L * full + 2 + 20) + (full + 2 + 20)) / 3
     assert rule["train_speedup_total"] == pytest.approx(full / mean, abs=1e-4)
+    # allowed two probes, it keeps one: the probe at 4 never lets a prompt exit rightly, only costs
+    assert choose(train, HEADS, PROBES, model(), 0.95, 0.95, "total", max_probes=2)["probe_layers"] == [8]
+
+
+def test_two_probes_are_chosen_where_each_takes_its_own_prompts():
+    """Half the prompts sure at 8 are sure (and right) at 4 already, where a probe is cheap: two probes
+    beat either alone."""
+    train = signals(400)
+    for s in train[1::3][::2]:
+        s.spade_answer, s.spade_ent = np.full(3, s.full), np.array([3.0, 0.3, 0.3])
+    cheap = CostModel(10.0, 2.0, 2.0, 30.0, {4: 5.0, 8: 20.0}, 35.0, 40.0, L)
+    one = choose(train, HEADS, PROBES, cheap, 0.95, 0.95, "total")
+    two = choose(train, HEADS, PROBES, cheap, 0.95, 0.95, "total", max_probes=2)
+    assert two["probe_layers"] == [4, 8] and two["train_speedup_total"] > one["train_speedup_total"]
+    stage, ok = outcome(train, 1, [1, 2], two["threshold"], two["probe_threshold"])
+    sure_at_4 = stage[1::3][::2]
+    assert set(sure_at_4) <= {0, 1} and (sure_at_4 == 1).mean() > 0.5 and ok.mean() >= 0.95  # they leave by 4
 
 
 def test_prompts_outside_the_heads_domain_never_exit_at_a_head():
@@ -73,24 +98,24 @@ def test_prompts_outside_the_heads_domain_never_exit_at_a_head():
     for s in train[::3]:  # the prompts sure at the head, but outside its domain
         s.head_ent = np.array([np.inf])
     rule = choose(train, HEADS, PROBES, model(), target=0.95, confidence=0.95, objective="total")
-    assert np.isfinite(rule["threshold"]) and rule["probe_layer"] == 8
-    stage, ok = outcome(train, 1, 2, rule["threshold"], rule["probe_threshold"])
+    assert np.isfinite(rule["threshold"]) and rule["probe_layers"] == [8]
+    stage, ok = outcome(train, 1, [2], rule["threshold"], rule["probe_threshold"])
     assert (stage[::3] == 1).all() and ok[::3].all()  # the probe at 8 takes them, and agrees
 
 
 def test_the_certificate_scales_back_and_the_plans_follow_length():
-    rule = {"probe_layer": 8, "threshold": 3.5, "probe_threshold": 2.95}  # too loose: wrong exits
+    rule = {"probe_layers": [8], "threshold": 3.5, "probe_threshold": 2.95}  # too loose: wrong exits
     held = signals(150, seed=1, n_tokens=50) + signals(150, seed=2, n_tokens=100)
-    taus = certify(held, HEADS, 2, rule, 0.95, 0.95, by_key=True)
+    taus = certify(held, HEADS, [2], rule, 0.95, 0.95, by_key=True)
     assert taus is not None and taus[0] < 3.0 and taus[1] < 2.9  # scaled under the unsure prompts' entropies
-    overall, plans = cascade_plans(held, HEADS, 2, 8, rule, model(), 0.95, 0.95, min_tokens=32)
+    overall, plans = cascade_plans(held, HEADS, [2], [8], rule, model(), 0.95, 0.95, min_tokens=32)
     by_end = {p["max_tokens"]: p for p in plans}
     assert not by_end[16]["check"] and not by_end[32]["measured"]  # not measured: no checks
     assert by_end[64]["heldout_prompts"] == 150 and by_end[64]["check"] and by_end[64]["exit_share"] == 0.667
     assert by_end[256]["heldout_prompts"] is None and "threshold" not in by_end[256]  # the set's own apply
     assert overall["threshold"] == taus[0]
     wrong = [Signals(s.key, s.n_tokens, s.head_ent, np.full(3, 7), s.spade_ent, s.full) for s in held]
-    assert certify(wrong, HEADS, 2, rule, 0.95, 0.95, by_key=True) is None  # no exit ever agrees
+    assert certify(wrong, HEADS, [2], rule, 0.95, 0.95, by_key=True) is None  # no exit ever agrees
 
 
 def test_a_cascade_added_to_calibrated_heads_end_to_end(tiny_heads, tiny_model, tmp_path, monkeypatch):
@@ -196,3 +221,63 @@ def test_calibrate_with_cascade_from_the_cli(tiny_model, tmp_path, monkeypatch, 
     assert main([*common, "--data", str(choices), "--cascade"]) == 1
     err = capsys.readouterr().err
     assert "--cascade is for free answers" in err and "Traceback" not in err
+
+
+def test_a_cascade_certified_on_other_prompt_formats(tiny_model, tmp_path, monkeypatch):
+    """Heads calibrated on cloze facts; the cascade adds the same facts as `Q: A:` pairs and arrows:
+    every format's prompts join, each fact's on its side of the calibration's split, the heads' gate
+    is fitted on the cloze prompts alone (so it keeps most others from the heads), two probes may be
+    chosen, and the runtime runs what was written."""
+    import json
+
+    from edge_spade import load_model
+    from edge_spade.convert.calibrate import calibrate
+    from edge_spade.convert.cascade import add_cascade
+    from edge_spade.convert.datasets import load_items
+    from tests.support import EXACT
+    from tests.support.tiny import WORDS
+
+    monkeypatch.setenv("EDGE_SPADE_CACHE", str(tmp_path / "cache"))
+    facts = tmp_path / "facts.jsonl"
+    rows = [
+        {"id": f"f{i}", "prompt": f"the {a} of {b} is", "answer": f" {c}", "category": f"c{i % 2}"}
+        for i, (a, b, c) in enumerate(zip(WORDS * 2, WORDS[::-1] * 2, WORDS[3:] + WORDS[:3] + WORDS))
+    ]
+    facts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    heads, few_shot = tmp_path / "heads", [0, 2]
+    with load_model(str(tiny_model[0]), n_ctx=EXACT.n_ctx, kv_type="f32", heads=False) as rt:
+        calibrate(
+            rt,
+            load_items(facts, few_shot=few_shot),
+            heads,
+            data_names=[facts.name],
+            rank=4,
+            steps=40,
+            target_agreement=0.5,
+            free_tail=[2],
+            top_k=8,
+            max_layer=1,
+            few_shot=few_shot,
+        )
+    record = add_cascade(
+        str(tiny_model[0]),
+        heads,
+        tmp_path / "report",
+        data=str(facts),
+        holdout=0.3,
+        probe_layers=[2],
+        min_tokens=0,
+        max_probes=2,
+        formats=["Q/A", "arrow"],
+    )
+    cloze = len(load_items(facts, few_shot=few_shot))
+    assert record["measured_prompts"] == 3 * cloze and record["formats"] == ["calibration's own", "Q/A", "arrow"]
+    assert record["n_train"] + record["n_holdout"] == 3 * cloze and record["n_holdout"] % 3 == 0
+    assert record["max_probes"] == 2 and len(record["chosen_on_train"]["probe_layers"]) <= 2
+    assert record["domain"]["admitted"]["train"] >= 0.9  # of the cloze prompts it was fitted on
+    free = json.loads((heads / "heads.json").read_text())["sets"]["free"]
+    assert free["cascade"]["probe_layers"] == record["chosen_on_train"]["probe_layers"]
+    layers = {None, *free["cascade"]["head_layers"], *free["cascade"]["probe_layers"]}
+    with load_model(str(tiny_model[0]), heads=heads, n_ctx=256, kv_type="f32") as rt:
+        for item in load_items(facts, few_shot=[2], form="arrow")[:6]:
+            assert rt.ask(item.question, signal="cascade").exit_layer in layers
