@@ -1,14 +1,16 @@
-"""Do exit rules hold on prompt formats they were not calibrated on? Agreement with full depth.
+"""Do exit rules hold across prompt formats? Agreement with full depth.
 
     python -m benchmarks.formats --model gemma3-270m --out benchmarks/results/formats-gemma3-270m.json
 
 The free-answer certificate holds for prompts drawn like the calibration's: cloze facts with a
 few-shot prefix of other facts, one per line. People also write `Q: ... A:` pairs, or `... ->`
 arrows. This takes five facts of every category of the calibration side of the broad corpus
-(convert/cloze/cloze-broad.jsonl: never the test split), builds 3- and 8-shot prompts in three
-formats (prefixes drawn from the fact's own category), and answers each with every exit rule
-the heads carry (the default, and each signal by name) and at full depth, in one process; where
-the heads carry a domain gate, the rules that run heads also without it. Agreement only: no timing.
+(convert/cloze/cloze-broad.jsonl), or of `--data` (the test split, once every choice is made:
+a cascade may be calibrated on these formats, convert/cascade.py `--formats`), builds 3- and
+8-shot prompts in three formats (prefixes drawn from the fact's own category), and answers each
+with every exit rule the heads carry (the default, and each signal by name) and at full depth, in
+one process; where the heads carry a domain gate, the rules that run heads also without it.
+Agreement only: no timing.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ CORPUS = Path(__file__).resolve().parents[1] / "convert" / "cloze" / "cloze-broa
 PER_CATEGORY = 5
 
 
-def prompts(shots: int, seed: int = 7, per_category: int = PER_CATEGORY) -> list[tuple[str, str]]:
+def prompts(
+    shots: int, seed: int = 7, per_category: int = PER_CATEGORY, corpus: Path = CORPUS
+) -> list[tuple[str, str]]:
     """(format, prompt) for `per_category` facts of each category, prefixes from the same category."""
-    rows = [json.loads(line) for line in CORPUS.read_text().splitlines()]
+    rows = [json.loads(line) for line in corpus.read_text().splitlines()]
     by_category: dict[str, list[Shot]] = {}
     for row in rows:
         by_category.setdefault(row["category"], []).append(row)
@@ -57,6 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shots", type=int, nargs="+", default=[3, 8])
     p.add_argument("--per-category", type=int, default=PER_CATEGORY, help="facts per category and cell")
     p.add_argument("--default-only", action="store_true", help="only the default rule (a larger run, sooner)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=CORPUS,
+        help="cloze facts (default: the calibration side; convert/cloze/cloze-broad-test.jsonl, the test split, "
+        "once every choice is made)",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
@@ -77,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         rules.update({f"{r} ungated": {"signal": r} for r in ("lspade", "cascade") if r in rules})
     rows = []
     for shots in args.shots:
-        items = prompts(shots, per_category=args.per_category)
+        items = prompts(shots, per_category=args.per_category, corpus=args.data)
         tally: dict[tuple[str, str], list[int]] = {}
         for name, prompt in progress(items, len(items), f"formats {args.model} {shots}-shot"):
             full = rt.ask(prompt, full=True).token
@@ -105,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         "signal": free.signal,
         "cascade": free.cascade,
         "per_category": args.per_category,
+        "data": args.data.name,
         "rows": rows,
     }
     if args.out:

@@ -44,11 +44,19 @@ def prompts(row: dict) -> str:
     return {"ARC-Easy-Test": "ARC-Easy test", "dev": "BoolQ dev"}.get(name, name)
 
 
+def _formats_facts(r: dict) -> str:
+    """Which facts a formats check asked."""
+    if r.get("data") == "cloze-broad-test.jsonl":
+        return "unseen test facts (asked once every choice was made)"
+    return "calibration-side facts (never the test split)"
+
+
 def rule(row: dict) -> str:
     """The rule a row ran, in words."""
     if row["signal"] == "cascade":
         probe, tau = row["probe_layers"], row["probe_threshold"]
-        at = f"a probe at layer {', '.join(map(str, probe))} ({tau:.3g} nats)" if probe else ""
+        at = f"{'probes' if len(probe) > 1 else 'a probe'} at layer {', '.join(map(str, probe))} ({tau:.3g} nats)"
+        at = at if probe else ""
         if row["threshold"] < 0:  # the heads never exit: the probe alone
             return f"{at or 'no exit'}, K={row['tail_k']}"
         layers = ", ".join(map(str, row["eval_layers"]))
@@ -277,8 +285,8 @@ def other_results_md(folder: Path = RESULTS) -> list[str]:
             path,
             "prompt formats",
             [
-                f"Agreement with full depth on calibration-side facts ({r.get('per_category', 5)} per category,",
-                "never the test split) written in three formats, prefixes from the fact's own category; each rule",
+                f"Agreement with full depth on {_formats_facts(r)} ({r.get('per_category', 5)} per category)",
+                "written in three formats, prefixes from the fact's own category; each rule",
                 "the heads carry (`default`: the shipped rule with its plans, the speed guard off; `ungated`:",
                 "without the heads' domain gate). No timing.",
             ],

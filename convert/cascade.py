@@ -138,20 +138,27 @@ def gate_heads(
     states: dict[int, np.ndarray],
     heads: Sequence[int],
     quantile: float,
+    own: Sequence[Signals] | None = None,
 ) -> tuple[bytes, dict[str, float]]:
     """Fit a domain gate per head layer on the training prompts' states; every measured prompt outside
     a layer's gate gets an infinite head entropy there (its head cannot let it exit, as at run time).
-    Returns the domain file and the shares of training and held-out prompts every gate admits."""
+    Returns the domain file and the shares of training and held-out prompts every gate admits,
+    among `own` (the calibration's own format; default: every measured prompt)."""
     gates = domain_gates.fit_gates(np.stack([states[id(s)] for s in train]), heads, quantile)
     admitted = domain_gates.inside(gates, np.stack([states[id(s)] for s in measured]), heads)
     for s, ok in zip(measured, admitted):
         s.head_ent = np.where(ok, s.head_ent, np.inf)
     train_ids = {id(t) for t in train}
-    in_train = np.array([id(s) in train_ids for s in measured])
+    own_ids = {id(s) for s in (measured if own is None else own)}
+    kept = np.array([id(s) in own_ids for s in measured])
+    others = admitted[~kept]
+    admitted, in_train = admitted[kept], np.array([id(s) in train_ids for s in measured])[kept]
     shares = {
         "train": round(float(admitted[in_train].all(1).mean()), 4),
         "held_out": round(float(admitted[~in_train].all(1).mean()) if (~in_train).any() else 0.0, 4),
     }
+    if len(others):  # the other prompt formats' prompts, which the heads were not trained on
+        shares["other_formats"] = round(float(others.all(1).mean()), 4)
     return gates_to_bytes(gates), shares
 
 
@@ -554,7 +561,7 @@ def add_cascade(
         if head_stage and domain_quantile is not None:
             states = domain_states(rt, measured, heads)  # train holds the prompts over min_tokens only
             gate_train = [s for s in train if id(s) in own]  # the heads' own format
-            gate, admitted = gate_heads(gate_train, [s for s, _ in measured], states, heads, domain_quantile)
+            gate, admitted = gate_heads(gate_train, [s for s, _ in measured], states, heads, domain_quantile, every)
         seconds = time.perf_counter() - t0
         screened = measure_screen_ms(rt, measured, probes[len(probes) // 2], head_set.tail, head_set.candidates or [])
         screen_ms = screened if screened >= SCREEN_MIN_MS else 0.0
