@@ -220,9 +220,9 @@ class CostModel:
         layers = np.array([*heads, *probes, self.n_layers - 1], float)
         checks = self.check_ms * np.minimum(np.where(stage < 0, len(heads), stage + 1), len(heads)) * checked
         at = (layers[np.where(stage < 0, len(layers) - 1, stage)] + 1) / self.n_layers * full
-        nth = np.clip(stage - len(heads), 0, None)  # probes passed before the one that exits
+        nth = np.clip(stage - len(heads), 0, len(probes))  # probes passed before the one that exits
         before = np.concatenate([[0.0], np.cumsum(missed)])
-        exit_probe = at + before[np.minimum(nth, len(probes))] + np.append(probe_ms, 0.0)[np.minimum(nth, len(probes))]
+        exit_probe = at + before[nth] + np.append(probe_ms, 0.0)[nth]
         none = full + before[-1]
         exit_head = at + self.after_head_ms
         return first + checks + np.where(stage < 0, none, np.where(stage < len(heads), exit_head, exit_probe))

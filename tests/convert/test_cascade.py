@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -118,6 +120,22 @@ def test_the_certificate_scales_back_and_the_plans_follow_length():
     assert certify(wrong, HEADS, [2], rule, 0.95, 0.95, by_key=True) is None  # no exit ever agrees
 
 
+def tiny_cascade(tiny_model, heads: Path, tmp_path: Path, data: Path, **options) -> dict:
+    """add_cascade on the tiny model: the head at layer 1, a probe at layer 2, every prompt measured."""
+    from edge_spade.convert.cascade import add_cascade
+
+    return add_cascade(
+        str(tiny_model[0]),
+        heads,
+        tmp_path / "report",
+        data=str(data),
+        holdout=0.3,
+        probe_layers=[2],
+        min_tokens=0,
+        **options,
+    )
+
+
 def test_a_cascade_added_to_calibrated_heads_end_to_end(tiny_heads, tiny_model, tmp_path, monkeypatch):
     """On the tiny model's calibrated heads and their own prompts (as an `ask --file` JSONL): the
     split matches the calibration's, the cascade is written beside the heads, and the runtime runs
@@ -127,7 +145,6 @@ def test_a_cascade_added_to_calibrated_heads_end_to_end(tiny_heads, tiny_model, 
     import shutil
 
     from edge_spade import load_model
-    from edge_spade.convert.cascade import add_cascade
     from tests.support.heads import free_items
 
     monkeypatch.setenv("EDGE_SPADE_CACHE", str(tmp_path / "cache"))
@@ -145,9 +162,7 @@ def test_a_cascade_added_to_calibrated_heads_end_to_end(tiny_heads, tiny_model, 
 
     data = tmp_path / "free.jsonl"
     data.write_text("".join(json.dumps({"id": i.id, "question": i.question}) + "\n" for i in free_items()))
-    record = add_cascade(
-        str(tiny_model[0]), heads, tmp_path / "report", data=str(data), holdout=0.3, probe_layers=[2], min_tokens=0
-    )
+    record = tiny_cascade(tiny_model, heads, tmp_path, data)
     after = json.loads((heads / "heads.json").read_text())
     assert record["n_holdout"] == after["sets"]["free"]["calibration"]["n_holdout"]  # the calibration's split
     assert record["measured_prompts"] == len(free_items())
@@ -167,19 +182,10 @@ def test_a_cascade_added_to_calibrated_heads_end_to_end(tiny_heads, tiny_model, 
         assert a.exit_layer == cascade["head_layers"][0]
     (heads / "heads.json").write_text(json.dumps(before))  # again: cached per prompt, nothing traced
     (heads / "domain-free.npz").write_bytes(calibrated_gate)
-    again = add_cascade(
-        str(tiny_model[0]), heads, tmp_path / "report", data=str(data), holdout=0.3, probe_layers=[2], min_tokens=0
-    )
+    again = tiny_cascade(tiny_model, heads, tmp_path, data)
     assert again["traced_now"] == 0 and again["chosen_on_train"] == record["chosen_on_train"]
-    ungated = add_cascade(
-        str(tiny_model[0]),
-        heads,
-        tmp_path / "report",
-        data=str(data),
-        holdout=0.3,
-        probe_layers=[2],
-        min_tokens=0,
-        domain_quantile=None,
+    ungated = tiny_cascade(
+        tiny_model, heads, tmp_path, data, domain_quantile=None
     )  # no gate: the domain file and its hash are gone, the heads decide everywhere
     after = json.loads((heads / "heads.json").read_text())
     assert "domain" not in ungated and after["sets"]["free"]["domain"] == {} and after["hashes"] == others(before)
@@ -232,7 +238,6 @@ def test_a_cascade_certified_on_other_prompt_formats(tiny_model, tmp_path, monke
 
     from edge_spade import load_model
     from edge_spade.convert.calibrate import calibrate
-    from edge_spade.convert.cascade import add_cascade
     from edge_spade.convert.datasets import load_items
     from tests.support import EXACT
     from tests.support.tiny import WORDS
@@ -259,17 +264,7 @@ def test_a_cascade_certified_on_other_prompt_formats(tiny_model, tmp_path, monke
             max_layer=1,
             few_shot=few_shot,
         )
-    record = add_cascade(
-        str(tiny_model[0]),
-        heads,
-        tmp_path / "report",
-        data=str(facts),
-        holdout=0.3,
-        probe_layers=[2],
-        min_tokens=0,
-        max_probes=2,
-        formats=["Q/A", "arrow"],
-    )
+    record = tiny_cascade(tiny_model, heads, tmp_path, facts, max_probes=2, formats=["Q/A", "arrow"])
     cloze = len(load_items(facts, few_shot=few_shot))
     assert record["measured_prompts"] == 3 * cloze and record["formats"] == ["calibration's own", "Q/A", "arrow"]
     assert record["n_train"] + record["n_holdout"] == 3 * cloze and record["n_holdout"] % 3 == 0
