@@ -262,6 +262,45 @@ def other_results_md(folder: Path = RESULTS) -> list[str]:
                 for x in r["rows"]
             ],
         )
+    for path in sorted(folder.glob("exit-frontier-*.json")):
+        r = json.loads(path.read_text())
+        parts += _section(
+            path,
+            "the best median a head-and-probe rule could reach",
+            [
+                f"On {r['data']}: {r['heldout_prompts']} prompts, grouped by few-shot count. For each probe layer, "
+                f"every pair of thresholds (the head at layer {'/'.join(map(str, r['head_layers']))}, then the probe) "
+                "is tried on these prompts themselves, so each figure bounds rules of that shape from above. "
+                f"`certified`: the best median whose agreement is certified at {r['target_agreement']:.0%} "
+                f"({r['confidence']:.0%} confidence, by fact, as calibration certifies); `loose`: the best median at "
+                "the plain agreement, no margin. `exit speedup`: what a prompt of the median length gains when the "
+                "probe lets it exit (the cost model: pass to the layer, check, tail); `oracle`: the share whose "
+                "SPADE answer at the probe agrees. Modelled, not timed."
+            ],
+            [
+                "shots",
+                "probe layer",
+                "prompts",
+                "median tokens",
+                "exit speedup",
+                "oracle",
+                "certified median (exits)",
+                "loose median (exits, agreement)",
+            ],
+            [
+                [
+                    str(x["shots"]),
+                    str(x["probe_layer"]),
+                    str(x["prompts"]),
+                    f"{x['prompt_tokens_median']:.0f}",
+                    f"{x['exit_speedup']:.2f}x",
+                    f"{x['oracle']:.0%}",
+                    f"{x['certified']['median']:.2f}x ({x['certified']['exit_share']:.0%})",
+                    f"{x['loose']['median']:.2f}x ({x['loose']['exit_share']:.0%}, {x['loose']['agreement']:.3f})",
+                ]
+                for x in r["rows"]
+            ],
+        )
     for path in sorted(folder.glob("one-question-*.json")):
         r = json.loads(path.read_text())
         parts += _section(

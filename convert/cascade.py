@@ -72,6 +72,8 @@ class Signals:
     spade_answer: np.ndarray | None = None  # (len(spade layers),): head layers, then probe candidates
     spade_ent: np.ndarray | None = None
     full: int = -1
+    shots: int = 0  # the few-shot count of its prompt, and the prompt's format (datasets.Item)
+    form: str = "cloze"
 
 
 def measure(
@@ -213,7 +215,8 @@ class CostModel:
         A probe that does not exit costs its tail less what screening saves; one that exits, its tail."""
         full = self.full(n_tokens)
         probe_ms = np.array([self.probe_whole_ms if whole else self.probe_ms[p] for p in probes], float)
-        missed = probe_ms - (0.0 if whole else self.screen_ms)  # a probe passed by, not exiting
+        # a probe passed by, not exiting; screening cannot save more than the tail it skips
+        missed = np.maximum(probe_ms - (0.0 if whole else self.screen_ms), 0.0)
         # A one-question process (`whole`) pays once for what a resident one has made already: the
         # probes' context, and onnxruntime with the heads' session.
         first = (self.context_ms if whole and len(probes) else 0.0) + (self.heads_load_ms if whole and checked else 0.0)
@@ -497,88 +500,35 @@ def add_cascade(
     own format (the heads' training prompts), so the others reach the probes."""
     from edge_spade.runtime import load_model
 
-    from .cloze import broad
-    from .datasets import load_items
-
     rt = load_model(model, heads=heads_dir, threads=threads)
     try:
-        if "free" not in rt.manifest.sets:
-            raise NoCascadeError(f"the heads in {heads_dir} have no free-answer set: a cascade is for free answers")
-        head_set = rt.manifest.sets["free"]
-        cal = head_set.calibration
-        if head_set.threshold < 0 or head_set.signal not in ("lspade", "spade") or len(head_set.probe_layers) > 1:
+        head_set = rt.manifest.sets.get("free")
+        if head_set is not None and (
+            head_set.threshold < 0 or head_set.signal not in ("lspade", "spade") or len(head_set.probe_layers) > 1
+        ):
             raise NoCascadeError(
                 f"a cascade is added to a set with a certified L-SPADE threshold whose rule is L-SPADE or one "
                 f"SPADE probe (this one: {head_set.signal!r}, threshold {head_set.threshold}, probes "
                 f"{head_set.probe_layers})"
             )
-        L = rt.n_layers
-        heads = list(head_set.eval_layers)
-        probes = sorted({*(probe_layers or range(max(heads) + 1, 2 * L // 3 + 1, 2)), *head_set.probe_layers})
-        if formats and items is not None:
-            raise ValueError("other prompt formats are built from the calibration's data: give `data`, not `items`")
-        if items is None:
-            items = _calibration_items(cal, data, variants, broad, load_items)
-        measured: list[tuple[Signals, list[int]]] = []
-
-        def signals(items: Sequence[Item]) -> list[Signals]:
-            out = []
-            for item in items:
-                if item.choices:  # the free set's prompts, as calibrate splits them
-                    continue
-                try:
-                    prompt = rt.prompt(item.question, item.choices)
-                except EdgeSpadeError:  # skipped by calibration too (trace.collect)
-                    continue
-                out.append(Signals(item.key or item.id, len(prompt.tokens)))
-                if out[-1].n_tokens > min_tokens:
-                    measured.append((out[-1], prompt.tokens))
-            return out
-
-        every = signals(items)
-        by_key = cal.get("holdout_by", "fact") == "fact"
-        own_train, held = split(every, holdout, 0, by_key)
-        if len(held) != cal["n_holdout"]:
-            raise ValueError(
-                f"the split holds out {len(held)} prompts, the calibration {cal['n_holdout']}: other data or --holdout?"
-            )
-        held_keys = {s.key for s in held}
-        for form in formats:
-            other = signals(_calibration_items(cal, data, variants, broad, load_items, form))
-            held += [s for s in other if s.key in held_keys]
-            own_train += [s for s in other if s.key not in held_keys]
-        own = {id(s) for s in every}
-        train = [s for s in own_train if s.n_tokens > min_tokens]
-        held = [s for s in held if s.n_tokens > min_tokens]
-        if not train or not held:
-            raise NoCascadeError(
-                f"no prompt over {min_tokens} tokens on both sides of the split ({len(train)} training, {len(held)} "
-                "held out): shorter prompts do not check, so there is nothing to calibrate a cascade on"
-            )
-        t0 = time.perf_counter()
-        traced = measure(rt, measured, heads, probes, progress)
-        gate, admitted = None, None
-        if head_stage and domain_quantile is not None:
-            states = domain_states(rt, measured, heads)  # train holds the prompts over min_tokens only
-            gate_train = [s for s in train if id(s) in own]  # the heads' own format
-            gate, admitted = gate_heads(gate_train, [s for s, _ in measured], states, heads, domain_quantile, every)
-        seconds = time.perf_counter() - t0
-        screened = measure_screen_ms(rt, measured, probes[len(probes) // 2], head_set.tail, head_set.candidates or [])
-        screen_ms = screened if screened >= SCREEN_MIN_MS else 0.0
-        cost = CostModel.of(head_set.costs, probes, L, measure_heads_load_ms(heads_dir / head_set.file), screen_ms)
+        g = gather(rt, heads_dir, data, holdout, variants, probe_layers, min_tokens, progress, items, head_stage,
+                   domain_quantile, formats)  # fmt: skip
+        head_set = rt.manifest.sets["free"]
+        heads, probes, cost, train, held = g.heads, g.probes, g.cost, g.train, g.held
+        cal = head_set.calibration
         target, confidence = cal["target_agreement"], cal["confidence"]
         objective = objective or cal.get("probe_objective", "total")
         rule = choose(
-            train, heads, probes, cost, target, confidence, objective, by_key, head_stage, min_probe_layer, max_probes
+            train, heads, probes, cost, target, confidence, objective, g.by_key, head_stage, min_probe_layer, max_probes
         )
         chosen = rule["probe_layers"]
         cols = [len(heads) + probes.index(p) for p in chosen]
-        overall, plans = cascade_plans(held, heads, cols, chosen, rule, cost, target, confidence, min_tokens, by_key)
+        overall, plans = cascade_plans(held, heads, cols, chosen, rule, cost, target, confidence, min_tokens, g.by_key)
         before = _modelled(held, head_set, heads, probes, cost)
         after = _rule_cost(held, heads, cols, chosen, plans, overall, cost)
         record = {
             "data": cal["data"],
-            "measured_prompts": len(measured),
+            "measured_prompts": g.measured,
             "min_tokens": min_tokens,
             "n_train": len(train),
             "n_holdout": len(held),
@@ -592,12 +542,12 @@ def add_cascade(
             "scales": [float(SCALES[0]), float(SCALES[-1]), len(SCALES)],
             "heldout_speedup_model": {"rule_in_force": before, "cascade": after},
             "heads_load_ms": cost.heads_load_ms,  # charged once to a one-question process whose heads run
-            "screen_ms": screened,  # what screening saved a probe that did not exit (median; >= 1 ms: probes screen)
-            "measure_seconds": round(seconds, 1),  # of this run: prompts cached by an earlier one cost nothing
-            "traced_now": traced,
+            "screen_ms": g.screened,  # what screening saved a probe that did not exit (median; >= 1 ms: probes screen)
+            "measure_seconds": round(g.seconds, 1),  # of this run: prompts cached by an earlier one cost nothing
+            "traced_now": g.traced,
         }
-        if gate is not None:
-            record["domain"] = domain_gates.entry(f"domain-{head_set.kind}.npz", heads, domain_quantile, admitted)
+        if g.gate is not None:
+            record["domain"] = domain_gates.entry(f"domain-{head_set.kind}.npz", heads, domain_quantile, g.admitted)
         log.info("cascade: %s", json.dumps(record))
         head_set.cascade = {
             "head_layers": heads,
@@ -606,8 +556,8 @@ def add_cascade(
             "probe_threshold": overall["probe_threshold"] if chosen else -1.0,
         }
         head_set.calibration["cascade"] = record
-        head_set.screen_probes = screen_ms > 0
-        _set_domain(heads_dir, rt.manifest, head_set, gate, record.get("domain"))
+        head_set.screen_probes = cost.screen_ms > 0
+        _set_domain(heads_dir, rt.manifest, head_set, g.gate, record.get("domain"))
         replaces_heads = not head_stage and head_set.runs_heads
         if (after["total"] > before["total"] or replaces_heads) and any(p["check"] for p in plans):
             head_set.signal, head_set.plans = "cascade", plans
@@ -619,6 +569,105 @@ def add_cascade(
         return record
     finally:
         rt.close()
+
+
+@dataclass
+class Gathered:
+    """What a cascade is chosen from: the measured prompts of a free-answer head set's calibration
+    facts, split as the calibration split them, and what checks and tails cost."""
+
+    train: list[Signals]  # over `min_tokens`: shorter prompts are not measured
+    held: list[Signals]
+    heads: list[int]
+    probes: list[int]  # candidate probe layers
+    cost: CostModel
+    by_key: bool  # held out by fact
+    measured: int
+    traced: int  # measured now (the rest came from the cache)
+    seconds: float
+    screened: float  # what screening saved a probe that did not exit, in ms (CostModel.screen_ms: 0 under 1 ms)
+    gate: bytes | None  # the heads' domain gate, refitted on the training prompts of the heads' own format
+    admitted: dict[str, float] | None
+
+
+def gather(
+    rt: Runtime,
+    heads_dir: Path,
+    data: str | None = None,
+    holdout: float = 0.5,
+    variants: int = 1,
+    probe_layers: Sequence[int] | None = None,
+    min_tokens: int = 32,
+    progress: Callable | None = None,
+    items: Sequence[Item] | None = None,
+    head_stage: bool = True,
+    domain_quantile: float | None = domain_gates.QUANTILE,
+    formats: Sequence[str] = (),
+) -> Gathered:
+    """Measure (or read from the cache) the signals of the calibration's prompts over `min_tokens`,
+    in its format and in `formats`, gate the heads, and measure the costs (see add_cascade)."""
+    from .cloze import broad
+    from .datasets import load_items
+
+    if "free" not in rt.manifest.sets:
+        raise NoCascadeError(f"the heads in {heads_dir} have no free-answer set: a cascade is for free answers")
+    head_set = rt.manifest.sets["free"]
+    cal = head_set.calibration
+    L = rt.n_layers
+    heads = list(head_set.eval_layers)
+    probes = sorted({*(probe_layers or range(max(heads) + 1, 2 * L // 3 + 1, 2)), *head_set.probe_layers})
+    if formats and items is not None:
+        raise ValueError("other prompt formats are built from the calibration's data: give `data`, not `items`")
+    if items is None:
+        items = _calibration_items(cal, data, variants, broad, load_items)
+    measured: list[tuple[Signals, list[int]]] = []
+
+    def signals(items: Sequence[Item]) -> list[Signals]:
+        out = []
+        for item in items:
+            if item.choices:  # the free set's prompts, as calibrate splits them
+                continue
+            try:
+                prompt = rt.prompt(item.question, item.choices)
+            except EdgeSpadeError:  # skipped by calibration too (trace.collect)
+                continue
+            out.append(Signals(item.key or item.id, len(prompt.tokens), shots=item.shots, form=item.form))
+            if out[-1].n_tokens > min_tokens:
+                measured.append((out[-1], prompt.tokens))
+        return out
+
+    every = signals(items)
+    by_key = cal.get("holdout_by", "fact") == "fact"
+    own_train, held = split(every, holdout, 0, by_key)
+    if len(held) != cal["n_holdout"]:
+        raise ValueError(
+            f"the split holds out {len(held)} prompts, the calibration {cal['n_holdout']}: other data or --holdout?"
+        )
+    held_keys = {s.key for s in held}
+    for form in formats:
+        other = signals(_calibration_items(cal, data, variants, broad, load_items, form))
+        held += [s for s in other if s.key in held_keys]
+        own_train += [s for s in other if s.key not in held_keys]
+    own = {id(s) for s in every}
+    train = [s for s in own_train if s.n_tokens > min_tokens]
+    held = [s for s in held if s.n_tokens > min_tokens]
+    if not train or not held:
+        raise NoCascadeError(
+            f"no prompt over {min_tokens} tokens on both sides of the split ({len(train)} training, {len(held)} "
+            "held out): shorter prompts do not check, so there is nothing to calibrate a cascade on"
+        )
+    t0 = time.perf_counter()
+    traced = measure(rt, measured, heads, probes, progress)
+    gate, admitted = None, None
+    if head_stage and domain_quantile is not None:
+        states = domain_states(rt, measured, heads)  # train holds the prompts over min_tokens only
+        gate_train = [s for s in train if id(s) in own]  # the heads' own format
+        gate, admitted = gate_heads(gate_train, [s for s, _ in measured], states, heads, domain_quantile, every)
+    seconds = time.perf_counter() - t0
+    screened = measure_screen_ms(rt, measured, probes[len(probes) // 2], head_set.tail, head_set.candidates or [])
+    screen_ms = screened if screened >= SCREEN_MIN_MS else 0.0
+    cost = CostModel.of(head_set.costs, probes, L, measure_heads_load_ms(heads_dir / head_set.file), screen_ms)
+    return Gathered(train, held, heads, probes, cost, by_key, len(measured), traced, seconds, screened, gate, admitted)
 
 
 def _set_domain(heads_dir: Path, manifest, head_set, gate: bytes | None, entry: dict | None) -> None:

@@ -38,6 +38,8 @@ class Item:
     gold: int | str | None  # index into choices, or the expected token text (cloze)
     group: str = ""  # the data set (or cloze category)
     key: str = ""  # what prompts of one source share (the few-shot variants of a cloze fact); "" = id
+    shots: int = 0  # the few-shot count a cloze prompt was written with
+    form: str = "cloze"  # a cloze prompt's format (CLOZE_FORMATS)
 
 
 def load_items(
@@ -157,6 +159,8 @@ def _cloze(rows: list[dict], few_shot: int, seed: int, suffix: str = "", form: s
                 r["answer"],
                 r.get("category", ""),
                 key=r.get("id") or f"row-{i}",
+                shots=few_shot,
+                form=form,
             )
         )
     return items

@@ -290,6 +290,12 @@ def test_cloze_facts_in_other_prompt_formats(tmp_path):
     assert [i.key for i in qa] == [i.key for i in arrow] == [i.key for i in cloze]
     assert len({i.id for i in cloze + qa + arrow}) == 60 and qa[0].id == "f0-Q/A" and arrow[0].id == "f0-arrow"
     assert qa[0].question == "Q: 0 + 1 =\nA:" and arrow[0].question == "0 + 1 = ->"
+    assert [(i.shots, i.form) for i in (cloze[0], cloze[10], qa[10], arrow[19])] == [
+        (0, "cloze"),
+        (2, "cloze"),
+        (2, "Q/A"),
+        (2, "arrow"),
+    ]
     prefix = cloze[10].question.splitlines()[:2]  # 2 shots, then the fact: the same shots in every format
     assert qa[10].question.splitlines()[::2][:2] == [f"Q: {line.rsplit(' ', 1)[0]}" for line in prefix]
     assert arrow[10].question.splitlines()[:2] == [" -> ".join(line.rsplit(" ", 1)) for line in prefix]

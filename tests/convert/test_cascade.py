@@ -51,6 +51,9 @@ def test_the_cost_of_each_outcome():
     screened = CostModel(10.0, 2.0, 2.0, 30.0, {4: 25.0, 8: 20.0}, 35.0, 40.0, L, screen_ms=5.0)
     two = screened.cost(np.array([1, 2, -1]), n, HEADS, [4, 8])
     assert two == pytest.approx([5 / L * 110 + 2 + 25, 9 / L * 110 + 2 + 20 + 20, 110 + 2 + 20 + 15])
+    # a screen timed as saving more than a probe's tail (a busy machine) saves the tail, no more
+    noisy = CostModel(10.0, 2.0, 2.0, 30.0, {4: 25.0, 8: 20.0}, 35.0, 40.0, L, screen_ms=60.0)
+    assert noisy.cost(np.array([-1]), n[:1], HEADS, [4, 8]) == pytest.approx([110 + 2])
 
 
 def test_outcome_takes_the_head_first_then_the_probe():
