@@ -9,10 +9,12 @@ This reads the shipped cascade's measured signals of its calibration facts (the 
 per-prompt cache: seconds once `python -m edge_spade.convert.cascade` has run for these heads;
 no test split is read) and, for each few-shot count and candidate probe layer, tries every pair
 of thresholds (the head at its layer, then the probe) on the held-out facts themselves, so each
-figure is an upper bound for rules of that shape:
+figure is an upper bound for rules of that shape; over the formats the cascade was certified on,
+and over the cloze prompts alone (what benchmarks/exit.py times):
 - `certified`: the rule with the best median whose agreement is certified as calibration
-  certifies it (Clopper-Pearson over facts, a fact agreeing when all its prompts do);
-- `loose`: the best median with the plain agreement at the target, no confidence margin;
+  certifies it (Clopper-Pearson over facts, a fact agreeing when all its prompts do), and the
+  largest exit share any such rule reaches (`max_exit_share`: a median needs more than half);
+- `loose`: the same at the plain agreement at the target, no confidence margin;
 - `oracle`: the share of prompts whose SPADE answer at that layer agrees with full depth.
 """
 
@@ -64,7 +66,8 @@ def best_rules(held, heads, probe, col, cost, target, confidence) -> dict:
                 kinds.append("certified")
             for kind in kinds:
                 if best[kind] is None or (rule["median"], rule["total"]) > (best[kind]["median"], best[kind]["total"]):
-                    best[kind] = rule
+                    best[kind] = {**rule, "max_exit_share": best[kind]["max_exit_share"] if best[kind] else 0.0}
+                best[kind]["max_exit_share"] = max(best[kind]["max_exit_share"], rule["exit_share"])
     return best
 
 
@@ -92,14 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     target, confidence = cal["target_agreement"], cal["confidence"]
     rows = []
-    for shots in sorted({s.shots for s in g.held}):
-        held = [s for s in g.held if s.shots == shots]
+    views = [(shots, form) for shots in sorted({s.shots for s in g.held}) for form in ("every", "cloze")]
+    for shots, form in views:  # the formats mixed as calibrated, and the cloze prompts benchmarks/exit.py times
+        held = [s for s in g.held if s.shots == shots and form in ("every", s.form)]
         n = np.array([s.n_tokens for s in held])
         for probe in g.probes:
             col = len(g.heads) + g.probes.index(probe)
             at = cost_at(g.cost, g.heads, probe, float(np.median(n)))
             row = {
                 "shots": shots,
+                "formats": form,
                 "probe_layer": probe,
                 "prompts": len(held),
                 "prompt_tokens_median": float(np.median(n)),
