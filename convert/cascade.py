@@ -511,8 +511,10 @@ def add_cascade(
                 f"SPADE probe (this one: {head_set.signal!r}, threshold {head_set.threshold}, probes "
                 f"{head_set.probe_layers})"
             )
-        g = gather(rt, heads_dir, data, holdout, variants, probe_layers, min_tokens, progress, items, head_stage,
-                   domain_quantile, formats)  # fmt: skip
+        g = gather(
+            rt, heads_dir, data, holdout, variants, probe_layers, min_tokens, progress, items, head_stage,
+            domain_quantile=domain_quantile, formats=formats,
+        )  # fmt: skip
         head_set = rt.manifest.sets["free"]
         heads, probes, cost, train, held = g.heads, g.probes, g.cost, g.train, g.held
         cal = head_set.calibration

@@ -39,8 +39,8 @@ class OnnxHeads:
     """An onnxruntime session over exported heads: one session, one thread, made on first use.
 
     Lazily: a rule that probes with SPADE or never exits (every shipped choice rule, and a free
-    answer whose plan does not check) never runs a head, and onnxruntime costs tens of MB of resident memory and a
-    noticeable share of a one-question process's start once imported.
+    answer whose plan does not check) never runs a head, and onnxruntime costs tens of MB of
+    resident memory and a noticeable share of a one-question process's start once imported.
     `check` runs once, when the session is made; whatever it or onnxruntime raises there goes
     through `on_error`, which turns it into the caller's own error (a file that does not fit).
     """
