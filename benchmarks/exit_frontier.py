@@ -9,8 +9,9 @@ This reads the shipped cascade's measured signals of its calibration facts (the 
 per-prompt cache: seconds once `python -m edge_spade.convert.cascade` has run for these heads;
 no test split is read) and, for each few-shot count and candidate probe layer, tries every pair
 of thresholds (the head at its layer, then the probe) on the held-out facts themselves, so each
-figure is an upper bound for rules of that shape; over the formats the cascade was certified on,
-and over the cloze prompts alone (what benchmarks/exit.py times):
+figure is an upper bound for rules of that shape (pairs of probes sharing a threshold, the other
+shape the runtime runs, on a coarser grid); over the formats the cascade was certified on, and
+over the cloze prompts alone (what benchmarks/exit.py times):
 - `certified`: the rule with the best median whose agreement is certified as calibration
   certifies it (Clopper-Pearson over facts, a fact agreeing when all its prompts do), and the
   largest exit share any such rule reaches (`max_exit_share`: a median needs more than half);
@@ -21,6 +22,7 @@ and over the cloze prompts alone (what benchmarks/exit.py times):
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import sys
 from pathlib import Path
@@ -37,22 +39,24 @@ from edge_spade.convert.certify import agreement_bound, fact_index
 
 log = logging.getLogger("benchmarks.exit_frontier")
 GRID = 41  # thresholds per stage: quantiles of the signal on these prompts
+PAIR_GRID = 21  # ...for two probes, which are many more rules
 
 
-def best_rules(held, heads, probe, col, cost, target, confidence) -> dict:
-    """The head-then-probe rules at one probe layer with the best median speedup: certified and loose."""
+def best_rules(held, heads, probes, cols, cost, target, confidence, grid: int = GRID) -> dict:
+    """The rules of the head, then the probes at `probes` (their columns `cols`, one shared threshold)
+    with the best median speedup: certified and loose."""
     t = Table.of(held)
     n = np.array([s.n_tokens for s in held])
     full = cost.full(n)
     facts = fact_index([s.key for s in held])
     head_ent = t.head_ent[np.isfinite(t.head_ent)]
-    head_taus = [-1.0, *np.unique(np.quantile(head_ent, np.linspace(0, 1, GRID)))] if head_ent.size else [-1.0]
-    probe_taus = [-1.0, *np.unique(np.quantile(t.spade_ent[:, col], np.linspace(0, 1, GRID)))]
+    head_taus = [-1.0, *np.unique(np.quantile(head_ent, np.linspace(0, 1, grid)))] if head_ent.size else [-1.0]
+    probe_taus = [-1.0, *np.unique(np.quantile(t.spade_ent[:, cols], np.linspace(0, 1, grid)))]
     best = {"certified": None, "loose": None}
     for tau_head in head_taus:
         for tau_probe in probe_taus:
-            stage, ok = outcome(t, len(heads), [col], tau_head, tau_probe)
-            spent = cost.cost(stage, n, heads, [probe] if tau_probe >= 0 else (), checked=tau_head >= 0)
+            stage, ok = outcome(t, len(heads), cols, tau_head, tau_probe)
+            spent = cost.cost(stage, n, heads, probes if tau_probe >= 0 else (), checked=tau_head >= 0)
             rule = {
                 "median": round(float(np.median(full / spent)), 3),
                 "total": round(float(full.sum() / spent.sum()), 3),
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         formats=record.get("formats", [])[1:],  # the first names the calibration's own
     )
     target, confidence = cal["target_agreement"], cal["confidence"]
-    rows = []
+    rows, pairs = [], []
     views = [(shots, form) for shots in sorted({s.shots for s in g.held}) for form in ("every", "cloze")]
     for shots, form in views:  # the formats mixed as calibrated, and the cloze prompts benchmarks/exit.py times
         held = [s for s in g.held if s.shots == shots and form in ("every", s.form)]
@@ -110,10 +114,16 @@ def main(argv: list[str] | None = None) -> int:
                 "prompt_tokens_median": float(np.median(n)),
                 "exit_speedup": at,  # a prompt of the median length leaving at the probe
                 "oracle": round(float(np.mean([s.spade_answer[col] == s.full for s in held])), 3),
-                **best_rules(held, g.heads, probe, col, g.cost, target, confidence),
+                **best_rules(held, g.heads, [probe], [col], g.cost, target, confidence),
             }
             log.info("%s", row)
             rows.append(row)
+        for pair in itertools.combinations(g.probes, 2):  # two probes sharing a threshold (--max-probes 2)
+            cols = [len(g.heads) + g.probes.index(p) for p in pair]
+            row = {"shots": shots, "formats": form, "probe_layers": list(pair), "prompts": len(held)}
+            row.update(best_rules(held, g.heads, list(pair), cols, g.cost, target, confidence, PAIR_GRID))
+            log.info("%s", row)
+            pairs.append(row)
     save_json(
         {
             "model": args.model,
@@ -123,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             "confidence": confidence,
             "heldout_prompts": len(g.held),
             "rows": rows,
+            "pairs": pairs,
         },
         args.out,
         runtimes=[rt],
