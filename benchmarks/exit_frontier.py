@@ -84,61 +84,63 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 
     rt = load_model(args.model, threads=args.threads)
-    head_set = rt.manifest.sets["free"]
-    cal = head_set.calibration
-    record = cal.get("cascade")
-    if not record:
-        log.error("the %s heads carry no cascade record: run python -m edge_spade.convert.cascade first", args.model)
-        return 2
-    g = gather(
-        rt,
-        rt.heads_dir,
-        probe_layers=record["candidate_probe_layers"],
-        min_tokens=record["min_tokens"],
-        formats=record.get("formats", [])[1:],  # the first names the calibration's own
-    )
-    target, confidence = cal["target_agreement"], cal["confidence"]
-    rows, pairs = [], []
-    views = [(shots, form) for shots in sorted({s.shots for s in g.held}) for form in ("every", "cloze")]
-    for shots, form in views:  # the formats mixed as calibrated, and the cloze prompts benchmarks/exit.py times
-        held = [s for s in g.held if s.shots == shots and form in ("every", s.form)]
-        n = np.array([s.n_tokens for s in held])
-        for probe in g.probes:
-            col = len(g.heads) + g.probes.index(probe)
-            at = cost_at(g.cost, g.heads, probe, float(np.median(n)))
-            row = {
-                "shots": shots,
-                "formats": form,
-                "probe_layer": probe,
-                "prompts": len(held),
-                "prompt_tokens_median": float(np.median(n)),
-                "exit_speedup": at,  # a prompt of the median length leaving at the probe
-                "oracle": round(float(np.mean([s.spade_answer[col] == s.full for s in held])), 3),
-                **best_rules(held, g.heads, [probe], [col], g.cost, target, confidence),
-            }
-            log.info("%s", row)
-            rows.append(row)
-        for pair in itertools.combinations(g.probes, 2):  # two probes sharing a threshold (--max-probes 2)
-            cols = [len(g.heads) + g.probes.index(p) for p in pair]
-            row = {"shots": shots, "formats": form, "probe_layers": list(pair), "prompts": len(held)}
-            row.update(best_rules(held, g.heads, list(pair), cols, g.cost, target, confidence, PAIR_GRID))
-            log.info("%s", row)
-            pairs.append(row)
-    save_json(
-        {
-            "model": args.model,
-            "data": f"the cascade's calibration facts, held-out side ({', '.join(record.get('formats', []))})",
-            "head_layers": g.heads,
-            "target_agreement": target,
-            "confidence": confidence,
-            "heldout_prompts": len(g.held),
-            "rows": rows,
-            "pairs": pairs,
-        },
-        args.out,
-        runtimes=[rt],
-    )
-    rt.close()
+    try:
+        head_set = rt.manifest.sets["free"]
+        cal = head_set.calibration
+        record = cal.get("cascade")
+        if not record:
+            log.error("the %s heads carry no cascade record: run edge_spade.convert.cascade first", args.model)
+            return 2
+        g = gather(
+            rt,
+            rt.heads_dir,
+            probe_layers=record["candidate_probe_layers"],
+            min_tokens=record["min_tokens"],
+            formats=record.get("formats", [])[1:],  # the first names the calibration's own
+        )
+        target, confidence = cal["target_agreement"], cal["confidence"]
+        rows, pairs = [], []
+        views = [(shots, form) for shots in sorted({s.shots for s in g.held}) for form in ("every", "cloze")]
+        for shots, form in views:  # the formats mixed as calibrated, and the cloze prompts benchmarks/exit.py times
+            held = [s for s in g.held if s.shots == shots and form in ("every", s.form)]
+            n = np.array([s.n_tokens for s in held])
+            for probe in g.probes:
+                col = len(g.heads) + g.probes.index(probe)
+                at = cost_at(g.cost, g.heads, probe, float(np.median(n)))
+                row = {
+                    "shots": shots,
+                    "formats": form,
+                    "probe_layer": probe,
+                    "prompts": len(held),
+                    "prompt_tokens_median": float(np.median(n)),
+                    "exit_speedup": at,  # a prompt of the median length leaving at the probe
+                    "oracle": round(float(np.mean([s.spade_answer[col] == s.full for s in held])), 3),
+                    **best_rules(held, g.heads, [probe], [col], g.cost, target, confidence),
+                }
+                log.info("%s", row)
+                rows.append(row)
+            for pair in itertools.combinations(g.probes, 2):  # two probes sharing a threshold (--max-probes 2)
+                cols = [len(g.heads) + g.probes.index(p) for p in pair]
+                row = {"shots": shots, "formats": form, "probe_layers": list(pair), "prompts": len(held)}
+                row.update(best_rules(held, g.heads, list(pair), cols, g.cost, target, confidence, PAIR_GRID))
+                log.info("%s", row)
+                pairs.append(row)
+        save_json(
+            {
+                "model": args.model,
+                "data": f"the cascade's calibration facts, held-out side ({', '.join(record.get('formats', []))})",
+                "head_layers": g.heads,
+                "target_agreement": target,
+                "confidence": confidence,
+                "heldout_prompts": len(g.held),
+                "rows": rows,
+                "pairs": pairs,
+            },
+            args.out,
+            runtimes=[rt],
+        )
+    finally:
+        rt.close()
     return 0
 
 
