@@ -34,7 +34,7 @@ if __package__ in (None, ""):
 
 from benchmarks.common import save_json
 from edge_spade import load_model
-from edge_spade.convert.cascade import Table, gather, outcome
+from edge_spade.convert.cascade import Table, gather, outcome, threshold_grid
 from edge_spade.convert.certify import agreement_bound, fact_index
 
 log = logging.getLogger("benchmarks.exit_frontier")
@@ -49,9 +49,7 @@ def best_rules(held, heads, probes, cols, cost, target, confidence, grid: int = 
     n = np.array([s.n_tokens for s in held])
     full = cost.full(n)
     facts = fact_index([s.key for s in held])
-    head_ent = t.head_ent[np.isfinite(t.head_ent)]
-    head_taus = [-1.0, *np.unique(np.quantile(head_ent, np.linspace(0, 1, grid)))] if head_ent.size else [-1.0]
-    probe_taus = [-1.0, *np.unique(np.quantile(t.spade_ent[:, cols], np.linspace(0, 1, grid)))]
+    head_taus, probe_taus = threshold_grid(t, cols, points=grid)
     best = {"certified": None, "loose": None}
     for tau_head in head_taus:
         for tau_probe in probe_taus:

@@ -293,6 +293,9 @@ class Table:
     spade_ent: np.ndarray
     full: np.ndarray  # (prompts,)
 
+    def rows(self, mask: np.ndarray) -> Table:
+        return Table(self.head_ent[mask], self.spade_answer[mask], self.spade_ent[mask], self.full[mask])
+
     @classmethod
     def of(cls, s: Sequence[Signals]) -> Table:
         return cls(
@@ -320,6 +323,22 @@ def outcome(
     return stage, given == t.full
 
 
+def threshold_grid(
+    table: Table, cols: Sequence[int], head_stage: bool = True, points: int = 31
+) -> tuple[list[float], list[float]]:
+    """The thresholds a choice tries for the heads and for the probes at `cols`: -1 (that stage never
+    exits), then `points` quantiles of its entropies (a head's outside its domain gate are infinite,
+    never a threshold)."""
+    head_ent = table.head_ent[np.isfinite(table.head_ent)]
+    head_taus = [-1.0]
+    if head_stage and head_ent.size:
+        head_taus += list(np.unique(np.quantile(head_ent, np.linspace(0, 1, points))))
+    probe_taus = [-1.0]
+    if len(cols):
+        probe_taus += list(np.unique(np.quantile(table.spade_ent[:, list(cols)], np.linspace(0, 1, points))))
+    return head_taus, probe_taus
+
+
 def choose(
     train: list[Signals],
     heads: Sequence[int],
@@ -340,18 +359,13 @@ def choose(
     n = np.array([x.n_tokens for x in train])
     full = model.full(n)
     facts = fact_index([x.key for x in train]) if by_key else None
-    head_ent = np.concatenate([x.head_ent for x in train])
-    head_ent = head_ent[np.isfinite(head_ent)]  # outside a domain gate: infinite, never a threshold
-    use_heads = head_stage and head_ent.size > 0
-    head_taus = [-1.0, *np.unique(np.quantile(head_ent, np.linspace(0, 1, 31)))] if use_heads else [-1.0]
     best, best_key = {"probe_layers": [], "threshold": -1.0, "probe_threshold": -1.0}, (1.0, 1.0)
     speed = {"train_speedup_total": 1.0, "train_speedup_median": 1.0}
     allowed = [p for p in probes if p >= min_probe_layer]
     table = Table.of(train)
     for chosen in [()] + [c for r in range(1, max_probes + 1) for c in itertools.combinations(allowed, r)]:
         cols = [len(heads) + list(probes).index(p) for p in chosen]
-        probe_ent = table.spade_ent[:, cols].ravel()
-        probe_taus = [-1.0, *np.unique(np.quantile(probe_ent, np.linspace(0, 1, 31)))] if cols else [-1.0]
+        head_taus, probe_taus = threshold_grid(table, cols, head_stage)
         for tau_head in head_taus:
             for tau_probe in probe_taus:
                 stage, ok = outcome(table, len(heads), cols, tau_head, tau_probe)
@@ -720,19 +734,19 @@ def _modelled(
 def _rule_cost(held, heads, cols, chosen, plans, overall, cost: CostModel) -> dict[str, float]:
     """Modelled total and median speedup on `held` when each prompt follows its range's plan."""
     n = np.array([x.n_tokens for x in held])
-    spent = np.zeros(len(held))
-    for i, s in enumerate(held):
-        plan = _plan_of(plans, s.n_tokens)
-        if plan is not None and not plan["check"]:
-            spent[i] = cost.full(n[i : i + 1])[0]
-            continue
-        taus = (
-            (plan or {}).get("threshold", overall["threshold"]),
-            (plan or {}).get("probe_threshold", overall.get("probe_threshold", -1.0)),
-        )
-        stage, _ = outcome([s], len(heads), cols, *taus)
-        spent[i] = cost.cost(stage, n[i : i + 1], heads, chosen if taus[1] >= 0 else (), checked=taus[0] >= 0)[0]
     full = cost.full(n)
+    spent = full.copy()  # as is for the prompts whose plan does not check
+    table = Table.of(held)
+    in_plan = [_plan_of(plans, int(k)) for k in n]
+    for plan in [None, *plans]:
+        mask = np.array([p is plan for p in in_plan])
+        if not mask.any() or (plan is not None and not plan["check"]):
+            continue
+        tau_head = (plan or {}).get("threshold", overall["threshold"])
+        tau_probe = (plan or {}).get("probe_threshold", overall.get("probe_threshold", -1.0))
+        stage, _ = outcome(table.rows(mask), len(heads), cols, tau_head, tau_probe)
+        probes = chosen if tau_probe >= 0 else ()
+        spent[mask] = cost.cost(stage, n[mask], heads, probes, checked=tau_head >= 0)
     return {"total": round(float(full.sum() / spent.sum()), 4), "median": round(float(np.median(full / spent)), 4)}
 
 
