@@ -16,7 +16,11 @@ over the cloze prompts alone (what benchmarks/exit.py times):
   certifies it (Clopper-Pearson over facts, a fact agreeing when all its prompts do), and the
   largest exit share any such rule reaches (`max_exit_share`: a median needs more than half);
 - `loose`: the same at the plain agreement at the target, no confidence margin;
-- `oracle`: the share of prompts whose SPADE answer at that layer agrees with full depth.
+- `oracle`: the share of prompts whose SPADE answer at that layer agrees with full depth;
+- `chosen`: what the cascade tool would make of that probe alone for this view, no longer a bound:
+  thresholds chosen on the training facts' prompts of the view for the best median, then scaled
+  until certified on the held-out ones, judged there. Its exit share says how far the median sits
+  from the edge: just over half, and a few prompts more or less decide it.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ if __package__ in (None, ""):
 
 from benchmarks.common import save_json
 from edge_spade import load_model
-from edge_spade.convert.cascade import Table, gather, outcome, threshold_grid
+from edge_spade.convert.cascade import Table, certify, choose, gather, outcome, threshold_grid
 from edge_spade.convert.certify import agreement_bound, fact_index
 
 log = logging.getLogger("benchmarks.exit_frontier")
@@ -73,6 +77,26 @@ def best_rules(held, heads, probes, cols, cost, target, confidence, grid: int = 
     return best
 
 
+def chosen_rule(train, held, heads, probes, probe, cost, target, confidence) -> dict:
+    """The probe at `probe` alone, as the cascade tool makes a rule: both thresholds chosen on `train`
+    (the best median with the agreement bounded at the target), scaled until certified on `held`;
+    its modelled speedups and agreement on `held`."""
+    rule = choose(train, heads, probes, cost, target, confidence, "median", combos=[(probe,)])
+    cols = [len(heads) + probes.index(p) for p in rule["probe_layers"]]
+    taus = certify(held, heads, cols, rule, target, confidence, True) if cols else None
+    tau_head, tau_probe = (taus[0], taus[1]) if taus else (-1.0, -1.0)
+    stage, ok = outcome(held, len(heads), cols, tau_head, tau_probe)
+    n = np.array([s.n_tokens for s in held])
+    full = cost.full(n)
+    spent = cost.cost(stage, n, heads, rule["probe_layers"] if tau_probe >= 0 else (), checked=tau_head >= 0)
+    return {
+        "median": round(float(np.median(full / spent)), 3),
+        "total": round(float(full.sum() / spent.sum()), 3),
+        "exit_share": round(float((stage >= 0).mean()), 3),
+        "agreement": round(float(ok.mean()), 4),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="gemma3-270m")
@@ -101,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         views = [(shots, form) for shots in sorted({s.shots for s in g.held}) for form in ("every", "cloze")]
         for shots, form in views:  # the formats mixed as calibrated, and the cloze prompts benchmarks/exit.py times
             held = [s for s in g.held if s.shots == shots and form in ("every", s.form)]
+            train = [s for s in g.train if s.shots == shots and form in ("every", s.form)]
             n = np.array([s.n_tokens for s in held])
             for probe in g.probes:
                 col = len(g.heads) + g.probes.index(probe)
@@ -114,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                     "exit_speedup": at,  # a prompt of the median length leaving at the probe
                     "oracle": round(float(np.mean([s.spade_answer[col] == s.full for s in held])), 3),
                     **best_rules(held, g.heads, [probe], [col], g.cost, target, confidence),
+                    "chosen": chosen_rule(train, held, g.heads, g.probes, probe, g.cost, target, confidence),
                 }
                 log.info("%s", row)
                 rows.append(row)

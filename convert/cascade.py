@@ -351,11 +351,12 @@ def choose(
     head_stage: bool = True,
     min_probe_layer: int = 0,
     max_probes: int = 1,
+    combos: Sequence[tuple[int, ...]] | None = None,
 ) -> dict:
     """The probe layers (up to `max_probes`, sharing one threshold) and both thresholds that speed the
     training prompts up most (`objective`: "total" or "median" speedup over full depth, or "geomean")
     with their agreement bounded at the target. `head_stage=False`: the heads never exit (probes
-    alone); probes below `min_probe_layer` are not chosen."""
+    alone); probes below `min_probe_layer` are not chosen. `combos`: only these sets of probe layers."""
     n = np.array([x.n_tokens for x in train])
     full = model.full(n)
     facts = fact_index([x.key for x in train]) if by_key else None
@@ -363,7 +364,9 @@ def choose(
     speed = {"train_speedup_total": 1.0, "train_speedup_median": 1.0}
     allowed = [p for p in probes if p >= min_probe_layer]
     table = Table.of(train)
-    for chosen in [()] + [c for r in range(1, max_probes + 1) for c in itertools.combinations(allowed, r)]:
+    if combos is None:
+        combos = [()] + [c for r in range(1, max_probes + 1) for c in itertools.combinations(allowed, r)]
+    for chosen in combos:
         cols = [len(heads) + list(probes).index(p) for p in chosen]
         head_taus, probe_taus = threshold_grid(table, cols, head_stage)
         for tau_head in head_taus:

@@ -79,6 +79,11 @@ def test_the_choice_exits_the_sure_prompts_and_keeps_agreement():
     assert rule["train_speedup_total"] == pytest.approx(full / mean, abs=1e-4)
     # allowed two probes, it keeps one: the probe at 4 never lets a prompt exit rightly, only costs
     assert choose(train, HEADS, PROBES, model(), 0.95, 0.95, "total", max_probes=2)["probe_layers"] == [8]
+    # held to the probe at 4 (the exit frontier's `chosen`), the choice keeps its agreement and gains less
+    at_4 = choose(train, HEADS, PROBES, model(), 0.95, 0.95, "total", combos=[(4,)])
+    assert at_4["probe_layers"] in ([4], []) and at_4["train_speedup_total"] < rule["train_speedup_total"]
+    cols = [1 + PROBES.index(p) for p in at_4["probe_layers"]]
+    assert outcome(train, 1, cols, at_4["threshold"], at_4["probe_threshold"])[1].mean() >= 0.95
 
 
 def test_two_probes_are_chosen_where_each_takes_its_own_prompts():
