@@ -456,7 +456,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         rule = free.cascade
         print(
             f"cascade: heads at {rule['head_layers']} (<= {rule['threshold']:.4g} nats), then probes at "
-            f"{rule['probe_layers']} (<= {rule['probe_threshold']:.4g}); default rule: {free.signal}"
+            f"{rule['probe_layers']} (<= {rule['probe_threshold']:.4g})"
+            + (
+                f", inside the heads' domain at {rule['inside']['probe_layers']} "
+                f"(<= {rule['inside']['probe_threshold']:.4g})"
+                if "inside" in rule
+                else ""
+            )
+            + f"; default rule: {free.signal}"
             + (f"; heads gated to their calibration's domain ({free.domain['file']})" if free.domain else "")
             if rule
             else "cascade: none added (see the warning above); the heads are as calibrated"

@@ -30,6 +30,9 @@ class HeadsMismatchError(EdgeSpadeError):
     """Heads made for another model, or a heads folder whose files do not match its manifest."""
 
 
+OWN_THRESHOLDS = ("threshold", "probe_threshold", "inside_probe_threshold")  # a plan's, for its length range
+
+
 @dataclass
 class HeadSet:
     kind: str  # "choice" | "free"
@@ -45,7 +48,8 @@ class HeadSet:
     signal: str = "lspade"  # the default exit: "lspade" (heads), "spade" (SPADE probes) or "cascade" (both)
     probe_layers: list[int] = field(default_factory=list)  # layers probed by the "spade" signal
     # The "cascade" signal: L-SPADE at "head_layers" (exit at or under "threshold"), then SPADE probes at
-    # "probe_layers" (exit at or under "probe_threshold"), certified together; empty: no cascade.
+    # "probe_layers" (exit at or under "probe_threshold"), certified together; empty: no cascade. With
+    # "inside" ({"probe_layers", "probe_threshold"}), prompts the domain gate admits probe there instead.
     cascade: dict = field(default_factory=dict)
     # Free-answer probes screen with the candidates' logits before the vocabulary's (policy.probe_checks):
     # set where calibration measured that it saves time (a large vocabulary's LM head), else off.
@@ -60,14 +64,14 @@ class HeadSet:
 
     def plan_for(self, n_tokens: int, tail_models: bool = True) -> tuple[str, bool, dict[str, float]]:
         """(the plan's name, whether it checks, its own certified thresholds) for `n_tokens`: the
-        thresholds ("threshold", and a cascade's "probe_threshold") certified on that length range
-        alone, empty where the range had too few held-out prompts (the set's own then apply)."""
+        thresholds (OWN_THRESHOLDS) certified on that length range alone, empty where the range had too
+        few held-out prompts (the set's own then apply)."""
         lo = 1
         for plan in self.plans:
             hi = plan["max_tokens"]
             if hi is None or n_tokens <= hi:
                 name = f"{self.kind}:{lo}-{hi}" if hi is not None else f"{self.kind}:{lo}+"
-                own = {key: plan[key] for key in ("threshold", "probe_threshold") if key in plan}
+                own = {key: plan[key] for key in OWN_THRESHOLDS if key in plan}
                 return name, bool(plan["check"] if tail_models else plan["check_whole_model"]), own
             lo = hi + 1
         return f"{self.kind}:all", True, {}

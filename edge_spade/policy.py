@@ -12,7 +12,10 @@ Three signals, one rule (entropy in nats <= threshold):
 - "cascade": L-SPADE checks at a few early layers, then SPADE probes at later ones for the
   prompts the heads did not let exit. A head is cheap but its entropy lets few prompts exit; a
   probe sees more but costs a tail, so it runs only where the heads left a prompt undecided. The
-  two thresholds are certified together (convert/cascade.py).
+  two thresholds are certified together (convert/cascade.py). A cascade may also pick its probes by
+  the heads' domain gate, whose verdict is known at the head layers, before any probe: prompts like
+  the heads' calibration prompts ("inside") run their own probes and threshold, the other prompt
+  formats the shared ones; each side's thresholds are certified on its own held-out prompts.
 A negative threshold never exits; an infinite one exits at the first evaluation layer.
 """
 
@@ -42,6 +45,10 @@ class ExitPolicy:
     probe_layers: tuple[int, ...] = ()  # "cascade": probes after the head checks at `eval_layers`...
     probe_threshold: float = -1.0  # ...exiting at or below this SPADE entropy (nats)
     screen_probes: bool = False  # free answers: probes screen with the candidates' logits first (probe_checks)
+    # "cascade" by the gate's verdict: prompts the domain gate admits at every head layer probe here instead,
+    # at or under `inside_probe_threshold`; None: every prompt runs `probe_layers`
+    inside_probe_layers: tuple[int, ...] | None = None
+    inside_probe_threshold: float = -1.0
 
     @classmethod
     def from_head_set(cls, head_set, threshold: float | None = None, signal: str | None = None) -> ExitPolicy:
@@ -71,6 +78,7 @@ class ExitPolicy:
                     f"the {head_set.kind} heads have no cascade (calibrate one with convert/cascade.py); "
                     "use --signal lspade or spade"
                 )
+            inside = rule.get("inside")
             return cls(
                 rule["threshold"] if threshold is None else threshold,
                 tuple(rule["head_layers"]),
@@ -81,6 +89,8 @@ class ExitPolicy:
                 tuple(rule["probe_layers"]),
                 rule["probe_threshold"],
                 head_set.screen_probes,
+                tuple(inside["probe_layers"]) if inside is not None else None,
+                inside["probe_threshold"] if inside is not None else -1.0,
             )
         tau = head_set.threshold if threshold is None else threshold
         return cls(tau, tuple(head_set.eval_layers), head_set.head_index(), head_set.top_k, candidates)
@@ -88,17 +98,32 @@ class ExitPolicy:
     @property
     def exits(self) -> bool:
         """Whether this rule can exit at all (one that cannot runs no checks: the plain pass)."""
-        usable = [self.threshold] + ([self.probe_threshold] if self.signal == "cascade" else [])
+        usable = [self.threshold]
+        if self.signal == "cascade":
+            usable += [self.probe_threshold, self.inside_probe_threshold]
         return any(tau >= 0 for tau in usable)
+
+    @property
+    def by_gate(self) -> bool:
+        """Whether the probes depend on the domain gate's verdict at the head layers."""
+        return self.signal == "cascade" and self.inside_probe_layers is not None
+
+    def probes_for(self, inside: bool) -> tuple[tuple[int, ...], float]:
+        """(probe layers, threshold) a cascade runs for a prompt on that side of the gate."""
+        if self.by_gate and inside:
+            return self.inside_probe_layers or (), self.inside_probe_threshold
+        return self.probe_layers, self.probe_threshold
 
     def never(self) -> ExitPolicy:
         """This rule switched off: no checks, the plain full-depth pass."""
-        return replace(self, threshold=-1.0, probe_threshold=-1.0)
+        return replace(self, threshold=-1.0, probe_threshold=-1.0, inside_probe_threshold=-1.0)
 
     def heads_only(self) -> ExitPolicy:
         """A cascade without its probes: what a one-question process runs, where a probe's context and
         whole-model tail cost more than its exits save (a rule of heads or of probes is unchanged)."""
-        return replace(self, probe_threshold=-1.0) if self.signal == "cascade" else self
+        if self.signal != "cascade":
+            return self
+        return replace(self, probe_threshold=-1.0, inside_probe_threshold=-1.0)
 
     def with_own(self, own: dict[str, float]) -> ExitPolicy:
         """With a plan's own thresholds (certified on its prompt-length range), where it has them."""
@@ -106,6 +131,7 @@ class ExitPolicy:
             self,
             threshold=own.get("threshold", self.threshold),
             probe_threshold=own.get("probe_threshold", self.probe_threshold),
+            inside_probe_threshold=own.get("inside_probe_threshold", self.inside_probe_threshold),
         )
 
     def __post_init__(self) -> None:
@@ -118,14 +144,13 @@ class ExitPolicy:
         missing = [layer for layer in self.eval_layers if layer not in self.head_index]
         if missing:
             raise ValueError(f"no head for evaluation layer(s) {missing}")
-        if (
-            self.signal == "cascade"
-            and self.probe_layers
-            and min(self.probe_layers) <= max(self.eval_layers, default=-1)
-        ):
+        probes = (*self.probe_layers, *(self.inside_probe_layers or ()))
+        if self.signal == "cascade" and probes and min(probes) <= max(self.eval_layers, default=-1):
             raise ValueError(
-                f"a cascade probes after its heads: probe layers {self.probe_layers} must come after {self.eval_layers}"
+                f"a cascade probes after its heads: probe layers {probes} must come after {self.eval_layers}"
             )
+        if self.by_gate and not self.eval_layers:
+            raise ValueError("a cascade that probes by the domain gate's verdict needs head layers to take it at")
 
 
 @dataclass
@@ -194,7 +219,8 @@ def exit_checks(
     engine: Engine, heads: OnnxHeads, policy: ExitPolicy, prompt: Prompt, seen: ExitTrace
 ) -> dict[int, Callable[[np.ndarray], bool]]:
     """Per evaluation layer, the callback-side test: head -> decision logits -> entropy <= threshold.
-    Where the heads carry a domain gate (edge_spade/domain.py), a state outside it does not exit there."""
+    Where the heads carry a domain gate (edge_spade/domain.py), a state outside it does not exit there.
+    A head under a negative threshold only takes the gate's verdict (a cascade probing by it)."""
     # Free answers: a full-vocabulary head is a whole LM head per layer (Gemma: 262,144 x 640), so the
     # entropy is taken over the calibration's candidate tokens; the answer still comes from SPADE.
     if prompt.ids is not None:
@@ -213,6 +239,8 @@ def exit_checks(
                 if gate is not None and not gate.admits(states[-1]):  # not a state the head was certified on
                     seen.outside.append(layer)
                     return False
+                if policy.threshold < 0:
+                    return False
                 normed = heads.normed(states[-1], index)
                 logits = engine.head.logits(normed, None) if rows is None else rows @ normed
                 h = judge_logits(prompt, logits, policy.top_k)
@@ -227,6 +255,19 @@ def exit_checks(
     return {layer: check_at(layer) for layer in policy.eval_layers}
 
 
+def _side_check(
+    layer: int, by_side: dict[bool, dict[int, Callable[[np.ndarray], bool]]], seen: ExitTrace
+) -> Callable[[np.ndarray], bool]:
+    """The probe at `layer` for the prompt's side of the domain gate, taken at the head layers (all
+    before any probe): inside where none found the state outside. None at this layer: no exit."""
+
+    def check(states: np.ndarray) -> bool:
+        own = by_side.get(not seen.outside, {}).get(layer)
+        return own(states) if own is not None else False
+
+    return check
+
+
 def spade_exit(
     engine: Engine, heads: OnnxHeads, policy: ExitPolicy, prompt: Prompt, tail: int = 1, answer_from: str = "spade"
 ) -> tuple[Readout, ExitTrace]:
@@ -237,17 +278,28 @@ def spade_exit(
     """
     seen = ExitTrace()
     probe = policy.signal == "spade"
-    head_checks = not probe and policy.threshold >= 0  # NaN: never
-    probes = policy.eval_layers if probe else policy.probe_layers if policy.signal == "cascade" else ()
-    probe_tau = policy.threshold if probe else policy.probe_threshold
+    # NaN: never. A cascade probing by the gate's verdict takes it at the head layers in any case.
+    head_checks = not probe and (policy.threshold >= 0 or (policy.by_gate and policy.exits))
+    if probe:
+        sides = {True: (policy.eval_layers, policy.threshold)}
+    elif policy.signal == "cascade":
+        sides = {inside: policy.probes_for(inside) for inside in (False, True)}
+    else:
+        sides = {}
+    sides = {inside: rule for inside, rule in sides.items() if rule[0] and rule[1] >= 0}
+    probes = sorted({layer for layers, _ in sides.values() for layer in layers})
     checks: dict[int, Callable[[np.ndarray], bool]] = {}  # none: no hooks at all, the plain full-depth pass
     if head_checks:
         checks.update(exit_checks(engine, heads, policy, prompt, seen))
-    if probes and probe_tau >= 0:
+    if probes:
         if engine.settings.tail_models:
             engine.use_tail_models(probes)  # once per layer: probes then skip the layers below
         screen = policy.candidates if policy.screen_probes else None
-        checks.update(probe_checks(engine, probes, probe_tau, policy.top_k, prompt, seen, tail, screen))
+        by_side = {
+            inside: probe_checks(engine, layers, tau, policy.top_k, prompt, seen, tail, screen)
+            for inside, (layers, tau) in sides.items()
+        }
+        checks.update({layer: _side_check(layer, by_side, seen) for layer in probes})
     # After a head's exit SPADE runs from there (unless a lens baseline answers); a probe's tail is the answer.
     then_spade = frozenset(policy.eval_layers) if answer_from == "spade" and not probe else frozenset()
     readout = engine.early_exit(prompt.tokens, prompt.ids, checks, tail=tail, then_spade=then_spade)

@@ -208,8 +208,9 @@ class Runtime:
         exited = readout.layer < self.engine.n_layers - 1
         answer.exit_layer = readout.layer if exited else None
         answer.entropy = {layer: round(h, 5) for layer, h in seen.entropies.items()}
-        at_probe = policy.signal == "cascade" and answer.exit_layer in policy.probe_layers
-        answer.threshold = policy.probe_threshold if at_probe else policy.threshold  # the one that decided
+        probes, probe_tau = policy.probes_for(not seen.outside)
+        at_probe = policy.signal == "cascade" and answer.exit_layer in probes
+        answer.threshold = probe_tau if at_probe else policy.threshold  # the one that decided
         answer.outside_domain = seen.outside or None
         answer.timings_ms["heads"] = round(seen.check_ms, 3)
         if decision is not None:

@@ -7,7 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_spade.convert.cascade import CostModel, Signals, cascade_plans, certify, choose, outcome
+from edge_spade.convert.cascade import (
+    CostModel,
+    Gathered,
+    Signals,
+    better,
+    cascade_plans,
+    certify,
+    choose,
+    choose_by_gate,
+    merge_plans,
+    outcome,
+)
 
 L = 18
 HEADS = [1]
@@ -99,6 +110,60 @@ def test_two_probes_are_chosen_where_each_takes_its_own_prompts():
     stage, ok = outcome(train, 1, [1, 2], two["threshold"], two["probe_threshold"])
     sure_at_4 = stage[1::3][::2]
     assert set(sure_at_4) <= {0, 1} and (sure_at_4 == 1).mean() > 0.5 and ok.mean() >= 0.95  # they leave by 4
+
+
+def test_the_robust_objective_keeps_off_the_edge_of_half():
+    """52% of the prompts are sure (and right) at the cheap probe at 4, 75% at 8: the median objective takes
+    the probe at 4, whose median rests on 2% of the prompts; the robust one (the 40th percentile) the
+    probe at 8, which more than 60% of them leave."""
+    train = []
+    for i in range(600):
+        kind = 0 if i % 100 < 52 else 1 if i % 100 < 75 else 2
+        answers = np.array([7, 100 + i if kind == 0 else 7, 100 + i if kind < 2 else 7])
+        ent = np.array([3.0, 0.3 if kind == 0 else 3.0, 0.3 if kind < 2 else 3.0])
+        train.append(Signals(f"fact{i}", 80, np.array([3.0 + (i % 7) / 10]), answers, ent, 100 + i))
+    cheap = CostModel(10.0, 2.0, 2.0, 30.0, {4: 5.0, 8: 20.0}, 35.0, 40.0, L)
+    median = choose(train, HEADS, PROBES, cheap, 0.95, 0.95, "median", max_probes=2)
+    robust = choose(train, HEADS, PROBES, cheap, 0.95, 0.95, "robust", max_probes=2)
+    assert 4 in median["probe_layers"] and robust["probe_layers"] == [8]
+    assert robust["train_speedup_median"] < median["train_speedup_median"]
+    assert better("robust", {"robust": 1.3, "total": 1.0}, {"robust": 1.2, "total": 1.5})
+    assert not better("total", {"robust": 1.3, "total": 1.0}, {"robust": 1.2, "total": 1.5})
+
+
+def test_each_side_of_the_gate_gets_its_own_probe():
+    """Inside the heads' domain gate, the prompts sure at 8 are sure and right at the cheaper 4 already;
+    outside it (the same facts in other formats) SPADE at 4 is sure and wrong. One rule for both must keep
+    to 8; a rule per side probes at 4 inside and 8 outside, each side's thresholds certified on its own
+    held-out prompts, and the merged plans carry both."""
+    cheap = CostModel(10.0, 2.0, 2.0, 30.0, {4: 5.0, 8: 20.0}, 35.0, 40.0, L)
+
+    def prompts(seed: int) -> list[Signals]:
+        inside, outside = signals(300, seed), signals(300, seed + 10)
+        for s in inside[1::3]:
+            s.spade_answer, s.spade_ent = np.full(3, s.full), np.array([3.0, 0.3, 0.3])
+        for s in outside:
+            s.head_ent = np.array([np.inf])  # what gate_heads gives a prompt the gate keeps out
+        for s in outside[1::3]:
+            s.spade_ent = np.array([3.0, 0.3, 0.3])  # sure at 4 (and wrong there), sure and right at 8
+        return inside + outside
+
+    train, held = prompts(0), prompts(1)
+    g = Gathered(train, held, HEADS, PROBES, cheap, True, 0, 0, 0.0, 0.0, None, None)
+    sides = choose_by_gate(g, 0.95, 0.95, "total", True, 0, 2, 32)
+    assert sides[True].rule["probe_layers"] == [4] and sides[False].rule["probe_layers"] == [8]
+    assert sides[False].rule["threshold"] == -1.0  # outside the gate the heads never decide
+    one = choose(train, HEADS, PROBES, cheap, 0.95, 0.95, "total", max_probes=2)
+    assert one["probe_layers"] == [8]
+    plans = {p["max_tokens"]: p for p in merge_plans(sides[True], sides[False])}
+    assert not plans[32]["measured"] and not plans[32]["check"]
+    at = plans[128]  # the prompts' 80 tokens
+    assert at["check"] and 0.1 <= at["threshold"] < 3.0
+    assert at["inside_probe_threshold"] < 2.5 and at["probe_threshold"] < 2.9  # under the unsure prompts'
+    assert at["inside"]["exit_share"] > 0.3 and at["outside"]["exit_share"] > 0.3
+    for x, cols, tau in ((sides[True], [1], at["inside_probe_threshold"]), (sides[False], [2], at["probe_threshold"])):
+        stage, ok = outcome(x.held, 1, cols, at["threshold"] if x is sides[True] else -1.0, tau)
+        assert ok.mean() >= 0.95 and (stage >= 0).mean() > 0.3  # each side's thresholds keep its agreement
 
 
 def test_prompts_outside_the_heads_domain_never_exit_at_a_head():

@@ -110,3 +110,33 @@ def test_last_rows_are_the_traced_rows(tiny_engine):
     prompt = build_prompt(tiny_engine, "the capital of france is", None)
     rows = tiny_engine.last_rows(prompt.tokens, [0, 2])
     np.testing.assert_array_equal(rows, tiny_engine.trace(prompt.tokens, None).last[[0, 2]])
+
+
+@pytest.mark.parametrize("inside_tau,outside_tau", [(1e9, -1.0), (-1.0, 1e9)])
+def test_a_cascade_by_the_gates_verdict_follows_its_plan_per_side(
+    tiny_model, tiny_heads, tmp_path, inside_tau, outside_tau
+):
+    """The default rule of a cascade with an `inside` probe: the plan's `inside_probe_threshold` for prompts
+    the gate admits, its `probe_threshold` for the others; a side at -1 answers at full depth."""
+    question = "the capital of france is paris and the sky is"
+    for admitted in (True, False):
+        heads = gated(tiny_heads, tmp_path / f"{admitted}{inside_tau}", 1e30 if admitted else -1.0)
+        raw = json.loads((heads / "heads.json").read_text())
+        free = raw["sets"]["free"]
+        free["signal"] = "cascade"
+        free["cascade"] = {
+            "head_layers": [1], "threshold": -1.0, "probe_layers": [2], "probe_threshold": 0.0,
+            "inside": {"probe_layers": [2], "probe_threshold": 0.0},
+        }  # fmt: skip
+        own = {"threshold": -1.0, "inside_probe_threshold": inside_tau, "probe_threshold": outside_tau}
+        free["plans"] = [{"max_tokens": None, "check": True, "check_whole_model": False, **own}]
+        (heads / "heads.json").write_text(json.dumps(raw))
+        with load_model(str(tiny_model[0]), heads=heads, n_ctx=256, kv_type="f32", speed_guard=False) as rt:
+            a, full = rt.ask(question), rt.ask(question, full=True)
+            exits = (inside_tau if admitted else outside_tau) >= 0
+            assert a.outside_domain == (None if admitted else [1]) and a.plan == "free:1+"
+            if exits:
+                assert (a.exit_layer, a.threshold) == (2, 1e9) and list(a.entropy) == [2]
+                assert a.probs == rt.ask(question, layer=2, tail=rt.manifest.sets["free"].tail).probs
+            else:
+                assert a.exit_layer is None and a.entropy == {} and (a.token, a.probs) == (full.token, full.probs)

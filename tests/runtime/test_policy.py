@@ -171,3 +171,38 @@ def test_cascade_exits_at_the_head_or_the_probe_with_spade_there(
 def test_a_cascade_probes_after_its_heads():
     with pytest.raises(ValueError, match="after its heads"):
         ExitPolicy(1.0, (2,), {2: 0}, signal="cascade", probe_layers=(1,), probe_threshold=1.0)
+
+
+def test_a_cascade_by_the_gates_verdict_runs_the_probes_of_the_prompts_side(
+    tiny_engine, identity_heads, tmp_path, monkeypatch
+):
+    """Admitted by the heads' domain gate at the head layer, a prompt runs the inside probe; kept out, the
+    shared one. A head under a negative threshold only takes the verdict: it never decides."""
+    from dataclasses import replace
+
+    from edge_spade.domain import DomainGate
+
+    monkeypatch.setenv("EDGE_SPADE_CACHE", str(tmp_path))
+    p = build_prompt(tiny_engine, "the capital of france is", None)
+    spade = {layer: tiny_engine.spade(p.tokens, layer, None, tail=3).logits for layer in (1, 2)}
+    rule = ExitPolicy(
+        -1.0, (0,), {0: 0}, top_k=8, signal="cascade", probe_layers=(2,), probe_threshold=math.inf,
+        inside_probe_layers=(1,), inside_probe_threshold=math.inf,
+    )  # fmt: skip
+    assert rule.by_gate and rule.exits and rule.probes_for(True) == ((1,), math.inf)
+    assert rule.probes_for(False) == ((2,), math.inf) and not rule.never().exits and not rule.heads_only().exits
+    assert rule.with_own({"inside_probe_threshold": 0.5}).probes_for(True) == ((1,), 0.5)
+    d = tiny.N_EMBD
+    heads = OnnxHeads(identity_heads._data)
+    for admitted, layer in ((True, 1), (False, 2)):  # a gate at distance 0 from everything: admits at threshold >= 0
+        heads.domain = {0: DomainGate(np.zeros(d), np.zeros((1, d)), np.ones(1), 0.0, 0.0 if admitted else -1.0)}
+        readout, seen = spade_exit(tiny_engine, heads, rule, p, tail=3)
+        assert readout.layer == layer and seen.outside == ([] if admitted else [0]) and list(seen.entropies) == [layer]
+        np.testing.assert_array_equal(readout.logits, spade[layer])
+        # that side's probe unsure: the full answer, the other side's probe never ran
+        unsure = replace(rule, **{"inside_probe_threshold" if admitted else "probe_threshold": 1e-12})
+        readout, seen = spade_exit(tiny_engine, heads, unsure, p, tail=3)
+        assert readout.layer == tiny.N_LAYERS - 1 and list(seen.entropies) == [layer]
+        np.testing.assert_array_equal(readout.logits, tiny_engine.full(p.tokens, None).logits)
+    with pytest.raises(ValueError, match="after its heads"):
+        replace(rule, inside_probe_layers=(0,))
