@@ -18,11 +18,14 @@ prompts and in place (convert/domain_gates.py). With `formats`, the same facts w
 pairs or arrows join the choice and the certificate (each on its fact's side of the split): the
 heads' gate keeps them from the heads, so the probes' threshold is certified on them too. Prompts up
 to `min_tokens` are not measured: there a check costs more than the pass it could cut (the set's
-plans say so), and their plans do not check. The cascade becomes the set's default rule when it
-models faster than the rule in force on the held-out prompts.
+plans say so), and their plans do not check. Where the heads' gate keeps prompts from them (other
+formats), each side of the gate gets its own probes and thresholds if that models faster than one rule
+for all (choose_by_gate): prompts like the calibration's can exit earlier than the other formats. The
+cascade becomes the set's default rule when it models faster than the rule in force on the held-out
+prompts, or is certified on more formats than that rule.
 
     python -m edge_spade.convert.cascade --model gemma3-270m --heads models/gemma3-270m \
-        --report benchmarks/calibration/gemma3-270m --max-probes 2 --formats Q/A arrow
+        --report benchmarks/calibration/gemma3-270m --max-probes 2 --formats Q/A arrow --objective robust
 """
 
 from __future__ import annotations
@@ -356,9 +359,10 @@ def choose(
 ) -> dict:
     """The probe layers (up to `max_probes`, sharing one threshold) and both thresholds that speed the
     training prompts up most (`objective`: "total" or "median" speedup over full depth, "geomean", or
-    "robust": the speedup at the 40th percentile, a median with a margin. A median chosen on the training
-    prompts often rests on just over half of them exiting; the held-out certificate then scales the
-    thresholds back and the median falls to 1x; the margin keeps the choice off that edge)
+    "robust": the speedup at the 40th percentile, a median with a margin, then the total. A median chosen
+    on the training prompts often rests on just over half of them exiting; the held-out certificate then
+    scales the thresholds back and the median falls to 1x; the margin keeps the choice off that edge.
+    Where no rule lifts the 40th percentile above 1x, the total decides)
     with their agreement bounded at the target. `head_stage=False`: the heads never exit (probes
     alone); probes below `min_probe_layer` are not chosen. `combos`: only these sets of probe layers."""
     n = np.array([x.n_tokens for x in train])
@@ -401,7 +405,7 @@ def _key(objective: str, speedup: np.ndarray, total: float, median: float) -> tu
     if objective == "geomean":
         return float(np.exp(np.mean(np.log(speedup)))), total
     if objective == "robust":
-        return float(np.quantile(speedup, ROBUST_QUANTILE)), total
+        return max(float(np.quantile(speedup, ROBUST_QUANTILE)), 1.0), total
     raise ValueError(f"unknown objective {objective!r}")
 
 
@@ -708,7 +712,9 @@ def add_cascade(
         head_set.screen_probes = cost.screen_ms > 0
         _set_domain(heads_dir, rt.manifest, head_set, g.gate, record.get("domain"))
         replaces_heads = not head_stage and head_set.runs_heads
-        if (better(objective, after, before) or replaces_heads) and any(p["check"] for p in plans):
+        # the rule in force (calibrate's) is certified on the calibration's own format alone: where the
+        # cascade is certified on more formats, it replaces that rule whatever their modelled speeds
+        if (better(objective, after, before) or replaces_heads or formats) and any(p["check"] for p in plans):
             head_set.signal, head_set.plans = "cascade", plans
         else:
             log.warning(
@@ -880,9 +886,11 @@ def _speedups(full: np.ndarray, spent: np.ndarray) -> dict[str, float]:
 
 
 def better(objective: str, after: dict[str, float], before: dict[str, float]) -> bool:
-    """Whether modelled speedups `after` beat `before` by the objective (then the total)."""
+    """Whether modelled speedups `after` beat `before` by the objective (then the total), as `choose`
+    ranks rules."""
     first = objective if objective in ("median", "robust") else "total"
-    return (after[first], after["total"]) > (before[first], before["total"])
+    clip = 1.0 if first == "robust" else -math.inf
+    return (max(after[first], clip), after["total"]) > (max(before[first], clip), before["total"])
 
 
 def _rule_spent(held, heads, cols, chosen, plans, overall, cost: CostModel) -> tuple[np.ndarray, np.ndarray]:
