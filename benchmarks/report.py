@@ -531,6 +531,8 @@ def results_md(results: list[tuple[Path, dict]]) -> str:
             "The cascades without a domain gate (`-cascade`: a head at layer 1, then a probe; shipped at commits",
             "2728673 and 7a57be2) were replaced for fidelity across prompt formats, not speed (the prompt formats",
             "below); the probes alone that replaced them (`-probe-alone`, commit 01d64cf) by the gated cascades.",
+            "`-by-gate`: a rule per side of the heads' domain gate (`convert/cascade.py --by-gate --objective robust`,",
+            "the heads of commit 997725e), measured on the test facts and not shipped (convert/README.md).",
             "",
         ]
         for path, result in previous:
