@@ -21,9 +21,9 @@ to `min_tokens` are not measured: there a check costs more than the pass it coul
 plans say so), and their plans do not check. With `--by-gate`, where the heads' gate keeps prompts
 from them (other formats), each side of the gate gets its own probes and thresholds if that models
 faster than one rule for all (choose_by_gate): prompts like the calibration's can exit earlier than
-the other formats. (Not shipped: on the test facts it exited less than on the held-out ones; CHANGELOG.) The
-cascade becomes the set's default rule when it models faster than the rule in force on the held-out
-prompts, or is certified on more formats than that rule.
+the other formats (not shipped: on the test facts it exited less than on the held-out ones;
+CHANGELOG). The cascade becomes the set's default rule when it models faster than the rule in force
+on the held-out prompts, or is certified on more formats than that rule.
 
     python -m edge_spade.convert.cascade --model gemma3-270m --heads models/gemma3-270m \
         --report benchmarks/calibration/gemma3-270m --max-probes 2 --formats Q/A arrow
@@ -571,12 +571,14 @@ def merge_plans(inside: GateSide, outside: GateSide) -> list[dict]:
     def own(plan: dict, side: GateSide, key: str) -> float:
         return plan.get(key, side.overall[key]) if plan["check"] else -1.0
 
+    def detail(plan: dict) -> dict:  # what the side's plan measured, its thresholds being merged above
+        return {k: v for k, v in plan.items() if k not in ("max_tokens", "threshold", "probe_threshold")}
+
     merged = []
     for a, b in zip(inside.plans, outside.plans, strict=True):
         if not a.get("measured", True):  # under min_tokens: neither side checks
             merged.append(a)
             continue
-        detail = lambda p: {k: v for k, v in p.items() if k not in ("max_tokens", "threshold", "probe_threshold")}  # noqa: E731
         merged.append(
             {
                 "max_tokens": a["max_tokens"],
@@ -590,6 +592,24 @@ def merge_plans(inside: GateSide, outside: GateSide) -> list[dict]:
             }
         )
     return merged
+
+
+def cascade_rule(heads: list[int], overall: dict, chosen: list[int], sides: dict[bool, GateSide] | None) -> dict:
+    """The set's `cascade` entry (HeadSet.cascade): the heads, the shared probes and, with a rule per
+    side of the gate, the inside side's probes; thresholds certified over every length range."""
+    rule = {
+        "head_layers": heads,
+        "threshold": overall["threshold"],
+        "probe_layers": chosen,
+        "probe_threshold": overall["probe_threshold"] if chosen else -1.0,
+    }
+    if sides is not None:
+        inside = sides[True]
+        rule["inside"] = {
+            "probe_layers": inside.rule["probe_layers"],
+            "probe_threshold": inside.overall["probe_threshold"] if inside.rule["probe_layers"] else -1.0,
+        }
+    return rule
 
 
 def add_cascade(
@@ -694,20 +714,11 @@ def add_cascade(
         if g.gate is not None:
             record["domain"] = domain_gates.entry(f"domain-{head_set.kind}.npz", heads, domain_quantile, g.admitted)
         log.info("cascade: %s", json.dumps(record))
-        head_set.cascade = {
-            "head_layers": heads,
-            "threshold": overall["threshold"],
-            "probe_layers": chosen,
-            "probe_threshold": overall["probe_threshold"] if chosen else -1.0,
-        }
+        head_set.cascade = cascade_rule(heads, overall, chosen, sides)
         if sides is not None:
             record["gate_sides"] = {
                 side: {"n_train": len(x.train), "n_holdout": len(x.held)}
                 for side, x in (("inside", sides[True]), ("outside", sides[False]))
-            }
-            head_set.cascade["inside"] = {
-                "probe_layers": sides[True].rule["probe_layers"],
-                "probe_threshold": sides[True].overall["probe_threshold"] if sides[True].rule["probe_layers"] else -1.0,
             }
         head_set.calibration["cascade"] = record
         head_set.screen_probes = cost.screen_ms > 0

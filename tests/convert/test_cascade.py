@@ -13,12 +13,15 @@ from edge_spade.convert.cascade import (
     Signals,
     better,
     cascade_plans,
+    cascade_rule,
     certify,
     choose,
     choose_by_gate,
     merge_plans,
     outcome,
 )
+from edge_spade.manifest import HeadSet
+from edge_spade.policy import ExitPolicy
 
 L = 18
 HEADS = [1]
@@ -161,6 +164,13 @@ def test_each_side_of_the_gate_gets_its_own_probe():
     assert at["check"] and 0.1 <= at["threshold"] < 3.0
     assert at["inside_probe_threshold"] < 2.5 and at["probe_threshold"] < 2.9  # under the unsure prompts'
     assert at["inside"]["exit_share"] > 0.3 and at["outside"]["exit_share"] > 0.3
+    # what heads.json gets, and the rule the runtime makes of it: the side's probes by the gate's verdict
+    overall = {**sides[False].overall, "threshold": sides[True].overall["threshold"]}
+    entry = cascade_rule(HEADS, overall, sides[False].rule["probe_layers"], sides)
+    head_set = HeadSet("free", "heads.onnx", HEADS, HEADS, 1.0, signal="cascade", cascade=entry, top_k=8)
+    policy = ExitPolicy.from_head_set(head_set).with_own({k: at[k] for k in ("threshold", "inside_probe_threshold")})
+    assert policy.by_gate and policy.probes_for(True) == ((4,), at["inside_probe_threshold"])
+    assert policy.probes_for(False) == ((8,), entry["probe_threshold"]) and entry["inside"]["probe_threshold"] >= 0
     for x, cols, tau in ((sides[True], [1], at["inside_probe_threshold"]), (sides[False], [2], at["probe_threshold"])):
         stage, ok = outcome(x.held, 1, cols, at["threshold"] if x is sides[True] else -1.0, tau)
         assert ok.mean() >= 0.95 and (stage >= 0).mean() > 0.3  # each side's thresholds keep its agreement
