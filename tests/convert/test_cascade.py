@@ -132,6 +132,7 @@ def test_the_robust_objective_keeps_off_the_edge_of_half():
     assert robust["train_speedup_median"] < median["train_speedup_median"]
     assert better("robust", {"robust": 1.3, "total": 1.0}, {"robust": 1.2, "total": 1.5})
     assert not better("total", {"robust": 1.3, "total": 1.0}, {"robust": 1.2, "total": 1.5})
+    assert not better("median", {"median": 1.9, "total": 1.0}, {"median": 1.0, "total": 1.5})  # by the total
 
 
 def test_each_side_of_the_gate_gets_its_own_probe():
