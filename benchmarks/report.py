@@ -330,6 +330,46 @@ def other_results_md(folder: Path = RESULTS) -> list[str]:
             ],
             _frontier_rows(r),
         )
+    for path in sorted(folder.glob("prefix-reuse-*.json")):
+        r = json.loads(path.read_text())
+        parts += _section(
+            path,
+            "questions behind one fixed few-shot prefix",
+            [
+                "Per category of calibration-side cloze facts: its first facts solved as the prefix, the next ones",
+                "asked behind it, interleaved in one process. llama-cpp-python's `create_completion` (one greedy",
+                "token; it tokenizes the text itself) reuses the prefix's KV cache from the call before;",
+                "`Llama.eval` after `reset()` runs the same",
+                "tokens anew, as our passes do (our engine clears its cache on every pass). Median ms per answer;",
+                "ratios are summed times (above 1: ours is faster).",
+            ],
+            [
+                "category",
+                "shots",
+                "questions",
+                "tokens",
+                "completion (reused prefix)",
+                "eval after reset",
+                "ours, full depth",
+                "ours, default",
+                "default vs completion",
+                "full vs eval after reset",
+                "same answer as completion",
+            ],
+            [
+                [
+                    x["category"],
+                    str(x["shots"]),
+                    str(x["n"]),
+                    f"{x['prompt_tokens_median']:.0f}",
+                    *(f"{x['median_ms'][k]:.1f}" for k in ("completion", "eval_reset", "full", "default")),
+                    f"{x['default_vs_completion_total']:.2f}x",
+                    f"{x['full_vs_eval_reset_total']:.2f}x",
+                    f"{x['same_answer_as_completion']:.3f}",
+                ]
+                for x in r["rows"]
+            ],
+        )
     for path in sorted(folder.glob("one-question-*.json")):
         r = json.loads(path.read_text())
         parts += _section(
