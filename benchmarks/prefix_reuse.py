@@ -10,7 +10,9 @@ are the prefix, the next `--limit` the questions; per question, interleaved in o
 same threads, in an order rotated from question to question: llama-cpp-python's completion (greedy,
 one token; the call before it asked the previous question, so the prefix is in its cache),
 `Llama.eval` after `reset()` (the issue's comparison: the same tokens, nothing reused), our
-full-depth answer and our default answer (the speed guard off). Answers are compared by token text.
+full-depth answer and our default answer (the speed guard off), and our default with
+`load_model(reuse_prefix=True)` (a second runtime on the same weights, whose cache holds the
+question before). Answers are compared by token text.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from edge_spade.bench.run import last_logits
 
 log = logging.getLogger("benchmarks.prefix_reuse")
 FACTS = Path(__file__).resolve().parents[1] / "convert" / "cloze" / "cloze-broad.jsonl"
-RUNS = ("completion", "eval_reset", "full", "default")
+RUNS = ("completion", "eval_reset", "full", "default", "reuse")
 
 
 def questions(category: str, shots: int, limit: int) -> list[str]:
@@ -58,10 +60,10 @@ def ask(rt, q: str, **options) -> str:
     return rt.ask(q, **options).answer
 
 
-def run_category(rt, llm, category: str, shots: int, limit: int) -> dict:
+def run_category(rt, reuse, llm, category: str, shots: int, limit: int) -> dict:
     qs = questions(category, shots, limit)
     ms: dict[str, list[float]] = {k: [] for k in RUNS}
-    same, tokens = [], []
+    same, same_reuse, reused, tokens = [], [], [], []
     for i, q in enumerate(progress(qs, len(qs), category)):
         prompt = rt.prompt(q, None)
         answers: dict[str, str] = {}
@@ -70,6 +72,7 @@ def run_category(rt, llm, category: str, shots: int, limit: int) -> dict:
             ("eval_reset", partial(eval_reset, rt, llm, prompt.tokens)),
             ("full", partial(ask, rt, q, full=True)),
             ("default", partial(ask, rt, q)),
+            ("reuse", partial(reuse.ask, q)),
         ]
         for name, call in calls[i % len(calls) :] + calls[: i % len(calls)]:
             if name == "completion":  # its cache holds whatever ran last: put the previous question back
@@ -79,6 +82,8 @@ def run_category(rt, llm, category: str, shots: int, limit: int) -> dict:
             if i:  # the first question warms up graphs and caches
                 ms[name].append((time.perf_counter() - t0) * 1000)
         same.append(answers["completion"] == answers["full"])
+        same_reuse.append(answers["reuse"].answer == answers["full"])
+        reused.append(answers["reuse"].reused_tokens)
         tokens.append(len(prompt.tokens))
     return {
         "category": category,
@@ -89,7 +94,10 @@ def run_category(rt, llm, category: str, shots: int, limit: int) -> dict:
         "total_ms": {k: round(sum(v), 1) for k, v in ms.items()},
         "default_vs_completion_total": round(sum(ms["completion"]) / sum(ms["default"]), 3),
         "full_vs_eval_reset_total": round(sum(ms["eval_reset"]) / sum(ms["full"]), 3),
+        "reuse_vs_completion_total": round(sum(ms["completion"]) / sum(ms["reuse"]), 3),
         "same_answer_as_completion": round(float(np.mean(same)), 3),
+        "reuse_same_answer_as_full": round(float(np.mean(same_reuse)), 3),
+        "reused_tokens_median": float(np.median(reused)),
     }
 
 
@@ -108,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     from edge_spade.engine import llama_cpp_python_buffers
 
     rt = load_model(args.model, threads=args.threads, speed_guard=False)
+    reuse = load_model(args.model, threads=args.threads, speed_guard=False, reuse_prefix=True, share_with=rt)
     with llama_cpp_python_buffers():  # the engine's buffer choice: the same kernels
         llm = Llama(
             str(rt.engine.path),
@@ -118,19 +127,22 @@ def main(argv: list[str] | None = None) -> int:
             n_threads_batch=rt.engine.threads,
             verbose=False,
         )
-    rows = [run_category(rt, llm, c, args.shots, args.limit) for c in args.categories]
+    rows = [run_category(rt, reuse, llm, c, args.shots, args.limit) for c in args.categories]
     print(
-        f"{'category':<12}{'tokens':>7}{'completion':>11}{'eval+reset':>11}{'full':>8}{'default':>8}{'dflt/compl':>11}"
+        f"{'category':<12}{'tokens':>7}{'completion':>11}{'eval+reset':>11}{'full':>8}{'default':>8}{'reuse':>8}"
+        f"{'dflt/compl':>11}{'reuse/compl':>12}"
     )
     for r in rows:
         m = r["median_ms"]
         print(
             f"{r['category']:<12}{r['prompt_tokens_median']:>7.0f}{m['completion']:>11.1f}{m['eval_reset']:>11.1f}"
-            f"{m['full']:>8.1f}{m['default']:>8.1f}{r['default_vs_completion_total']:>11.2f}"
+            f"{m['full']:>8.1f}{m['default']:>8.1f}{m['reuse']:>8.1f}{r['default_vs_completion_total']:>11.2f}"
+            f"{r['reuse_vs_completion_total']:>12.2f}"
             "   (median ms; ratio of totals, >1 = ours faster)"
         )
     if args.out:
         save_json({"model": rt.name, "threads": rt.engine.threads, "rows": rows}, args.out, [rt])
+    reuse.close()
     rt.close()
     return 0
 

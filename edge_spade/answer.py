@@ -33,6 +33,7 @@ class Answer:
     guard: str | None = None  # spade-exit: why checks ran or not (see guard.SpeedGuard.decide; "plan": not here)
     outside_domain: list[int] | None = None  # spade-exit: head layers where the prompt lay outside the heads'
     # calibration domain (edge_spade/domain.py), so the head there did not decide
+    reused_tokens: int = 0  # leading prompt tokens whose cache the last pass left (load_model(reuse_prefix=True))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -24,6 +24,12 @@ log = logging.getLogger("edge_spade")
 MODEL_HELP = "registry name, bundle folder or .gguf path (default: the default model; see `models`)"
 
 
+REUSE_HELP = (
+    "keep each completed pass's cache and run only what the next prompt adds to the prefix it shares "
+    "(questions behind one fixed few-shot prefix); probabilities may differ a little from a fresh pass's"
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-spade", description="Fast single-token answers from quantized LLMs.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
@@ -76,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
         help="use a downloaded model whose sha256 cannot be checked (none pinned, hub unreachable)",
     )
     p.add_argument("--threads", type=int, help="CPU threads (default: all this process may use)")
+    p.add_argument("--reuse-prefix", action="store_true", help=REUSE_HELP)
     p.add_argument("--gpu-layers", type=int, default=0, help="layers offloaded to Metal/GPU backends")
     p.add_argument("--ctx", type=int, default=2048, help="context size in tokens (the longest prompt)")
 
@@ -208,6 +215,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--threads", type=int)
     v.add_argument("--no-guard", action="store_true", help="the speed guard off (answers independent of history)")
+    v.add_argument("--reuse-prefix", action="store_true", help=REUSE_HELP)
 
     k = sub.add_parser("cache", help="what edge-spade keeps in its cache folder, and clearing it")
     k.add_argument(
@@ -314,6 +322,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
             tail_models=args.file is not None,
             speed_guard=not args.no_guard,
             allow_unverified=args.allow_unverified,
+            reuse_prefix=args.reuse_prefix,
         )
     options = dict(
         layer=args.layer,
@@ -524,6 +533,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         api_key=args.api_key,
         threads=args.threads,
+        speed_guard=not args.no_guard,
+        reuse_prefix=args.reuse_prefix,
     )
     return 0
 

@@ -177,6 +177,12 @@ class EngineSettings:
     # SPADE probes run their tails on tail models (only the layers above) and free answers' LM head on the
     # head model: two more files to load (small: no tokenizer), repaid after a few answers
     tail_models: bool = True
+    # Keep the main context's KV cache after a pass that completes, and run a plain full-depth pass on
+    # the tokens after the prefix it shares with the last one (the way llama-cpp-python's completions
+    # do). Off by default: a suffix batch's numerics differ from a whole pass's (on Gemma with an f16
+    # cache a logit moved by up to 1.0, a top probability by up to 0.06), so answers are no longer bit
+    # for bit a fresh pass's, and agreement is certified against fresh passes.
+    reuse_prefix: bool = False
 
     def __post_init__(self) -> None:
         def bad(what: str, value) -> SettingsError:
@@ -200,6 +206,7 @@ class Readout:
     layer: int  # the layer whose state produced them (n_layers - 1 for the full model)
     prefill_ms: float  # the prompt pass, stopped or not
     tail_ms: float = 0.0  # SPADE's short pass, or the numpy head
+    reused: int = 0  # leading prompt tokens whose cache the pass kept from the one before (reuse_prefix)
 
 
 @dataclass
@@ -343,10 +350,22 @@ class Engine:
     # -- readouts -----------------------------------------------------------------------
 
     def full(self, tokens: Sequence[int], ids: np.ndarray | None) -> Readout:
-        """The whole model's logits over `ids` (None: the vocabulary)."""
+        """The whole model's logits over `ids` (None: the vocabulary); with `reuse_prefix`, from the
+        tokens after the prefix this prompt shares with the last completed pass."""
         t0 = time.perf_counter()
-        capture = self._decode(tokens, self._final_taps(ids))
-        return Readout(self._final_logits(capture, ids), self.n_layers - 1, _ms(t0))
+        capture = self._decode(tokens, self._final_taps(ids), reuse=self.settings.reuse_prefix)
+        return Readout(self._final_logits(capture, ids), self.n_layers - 1, _ms(t0), reused=capture.reused)
+
+    def reusable(self, tokens: Sequence[int]) -> int:
+        """How many leading tokens of this prompt a full pass would not run again (reuse_prefix)."""
+        return self._main.reusable(tokens) if self.settings.reuse_prefix and self._main is not None else 0
+
+    def repeats(self, tokens: Sequence[int]) -> int:
+        """How many leading tokens this prompt shares with the main context's last pass, kept or not
+        (reuse_prefix; 0 without): a pass that stopped kept nothing, but the next plain one will."""
+        if not self.settings.reuse_prefix or self._main is None:
+            return 0
+        return max(self._main.reusable(tokens), _shared(self._main.last, tokens))
 
     def logit_lens(self, tokens: Sequence[int], layer: int, ids: np.ndarray | None) -> Readout:
         """Final norm + LM head applied to the last row after `layer`."""
@@ -522,10 +541,10 @@ class Engine:
         }
         taps.update(self._final_taps(ids))
         t0 = time.perf_counter()
-        capture = self._decode(tokens, taps)
+        capture = self._decode(tokens, taps, reuse=self.settings.reuse_prefix and not checks)  # a plain pass
         t1 = time.perf_counter()
         if capture.stop_node is None:
-            return Readout(self._final_logits(capture, ids), last, _ms(t0, t1))
+            return Readout(self._final_logits(capture, ids), last, _ms(t0, t1), reused=capture.reused)
         layer = next(layer for layer in checks if self.arch.layer_node(layer) == capture.stop_node)
         if not (then_spade if isinstance(then_spade, bool) else layer in then_spade):
             return Readout(np.empty(0, np.float32), layer, _ms(t0, t1))
@@ -562,12 +581,15 @@ class Engine:
         taps: dict[str, Tap],
         side: bool = False,
         context: _Context | None = None,
+        reuse: bool = False,
     ):
         """Decode `tokens` (or embeddings, (n, n_embd)) as sequence 0 on an empty cache, logits
         for the last token only.
 
         `side=True` runs on the second context: the way to decode from inside the main
-        context's eval callback (the main pass waits in the callback meanwhile).
+        context's eval callback (the main pass waits in the callback meanwhile). `reuse=True`
+        (taps that read only rows counted from the end): keep the cache of the prefix shared
+        with the context's last completed pass and decode the rest (_Context.decode).
         """
         n = len(tokens)
         if n == 0:
@@ -582,7 +604,7 @@ class Engine:
         # numpy inside the callback (exit checks) must not wake OpenBLAS's thread pool: its
         # spinning threads fight llama.cpp's for the cores and slow the pass several times over.
         with _blas_controller().limit(limits=1, user_api="blas"):
-            rc, capture = context.decode(tokens, taps)
+            rc, capture = context.decode(tokens, taps, reuse)
         if rc != 0 and not (rc == 2 and capture.stopped):
             raise DecodeError(f"llama_decode failed with status {rc} on a {n}-token batch")
         missing = [
@@ -641,6 +663,16 @@ def release_mapped(path: Path, ranges: Sequence[tuple[int, int]]) -> int:
     return released
 
 
+def _shared(before: Sequence[int], tokens: Sequence[int]) -> int:
+    """The leading tokens of `tokens` equal to `before`'s, short of the last (whose logits a pass makes)."""
+    n = 0
+    for a, b in zip(before, tokens[:-1]):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
 QUICK_PASS_TOKENS = 64  # plain passes up to this long run without an abort callback (_Context.decode)
 
 
@@ -672,9 +704,23 @@ class _Context:
         self.n_ctx = min(ll.llama_n_ctx(self.ctx), n_ctx)
         self.n_embd = engine.n_embd if embd else 0
         self.batch = ll.llama_batch_init(self.n_ctx, self.n_embd, 1)
+        self.kept: list[int] = []  # the tokens whose KV cache the last pass left complete (reuse_prefix)
+        self.last: list[int] = []  # the last prompt passed, whatever its pass left (reuse_prefix)
+        self.keeps = engine.settings.reuse_prefix and not embd
 
-    def decode(self, tokens: Sequence[int] | np.ndarray, taps: dict[str, Tap]):
-        batch, n = self.batch, len(tokens)
+    def reusable(self, tokens: Sequence[int]) -> int:
+        """The leading tokens shared with the kept cache, short of the last (whose logits a pass makes)."""
+        return _shared(self.kept, tokens)
+
+    def decode(self, tokens: Sequence[int] | np.ndarray, taps: dict[str, Tap], reuse: bool = False):
+        """One llama_decode of `tokens` as sequence 0. With `reuse`, the cache of the prefix shared with
+        the last completed pass stays and only the rest runs (a tap's rows then count from the end).
+        Where the context keeps caches (reuse_prefix), a pass that completes without writing into the
+        graph leaves its cache for the next; one that stops has had its batch rolled back by llama.cpp."""
+        start = self.reusable(tokens) if reuse and self.keeps else 0
+        if start and any(r >= 0 for tap in taps.values() for r in tap.read_rows):
+            raise ValueError("a pass that reuses a prefix reads rows counted from the end only")
+        batch, n = self.batch, len(tokens) - start
         batch.n_tokens = n
         if self.n_embd:  # hidden states in: the batch holds embeddings instead of token ids
             rows = np.ascontiguousarray(tokens, dtype=np.float32)
@@ -682,17 +728,23 @@ class _Context:
                 raise ValueError(f"embeddings of shape {rows.shape}, expected ({n}, {self.n_embd})")
             ctypes.memmove(batch.embd, rows.ctypes.data, rows.nbytes)
         else:
-            for i, tok in enumerate(tokens):
-                batch.token[i] = int(tok)
+            for i in range(n):
+                batch.token[i] = int(tokens[start + i])
         for i in range(n):
-            batch.pos[i] = i
+            batch.pos[i] = start + i
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = 0
             batch.logits[i] = i == n - 1
         ll = self._ll
         # Metadata only: emptied cells are masked out, so their stale (finite) K/V never count, and
         # zeroing the buffers costs time on every clear (the exact tests compare bit for bit).
-        ll.llama_memory_clear(self.mem, False)
+        if start:
+            ll.llama_memory_seq_rm(self.mem, 0, start, -1)
+        else:
+            ll.llama_memory_clear(self.mem, False)
+        self.kept = []  # until this pass says what its cache holds
+        if self.keeps and all(tap.write is None for tap in taps.values()):  # a prompt's pass, not a SPADE tail's
+            self.last = list(tokens)
         # The CPU backend calls the abort callback after every node, into Python: on a short pass
         # that no tap stops, that is a share of the pass worth saving. Ctrl-C there is raised when
         # the pass ends (LayerHooks.run), as soon as a person would notice; a failing tap (reading
@@ -701,10 +753,17 @@ class _Context:
         if wanted != self._abort_set:
             ll.llama_set_abort_callback(self.ctx, self.hooks.abort_callback if wanted else self._no_abort, None)
             self._abort_set = wanted
+        completed = False
         try:
-            return self.hooks.run(taps, lambda: ll.llama_decode(self.ctx, batch))
+            rc, capture = self.hooks.run(taps, lambda: ll.llama_decode(self.ctx, batch))
+            capture.reused = start
+            completed = rc == 0 and not capture.stopped and all(tap.write is None for tap in taps.values())
+            if self.keeps and (completed or rc == 2):  # 2: stopped, the batch rolled back, the prefix kept
+                self.kept = list(tokens) if completed else list(tokens[:start])
+            return rc, capture
         finally:
-            ll.llama_memory_clear(self.mem, False)
+            if not self.kept:
+                ll.llama_memory_clear(self.mem, False)
 
     def last_logits(self) -> np.ndarray:
         ptr = self._ll.llama_get_logits_ith(self.ctx, -1)

@@ -145,6 +145,7 @@ class Capture:
     stopped: bool = False
     stop_node: str | None = None  # the node whose `decide` stopped the decode
     logits: Callable[[], np.ndarray] | None = None  # the last position's logits, when the decode completed
+    reused: int = 0  # leading prompt tokens whose KV cache the decode kept from the one before (reuse_prefix)
 
 
 class LayerHooks:

@@ -34,6 +34,11 @@ from .registry import resolve_model, shipped_heads
 log = logging.getLogger(__name__)
 
 Lens = Literal["spade", "logit"]
+# With reuse_prefix, the default rule answers by a plain pass when the prompt repeats at least
+# 1/REUSE_OVER_CHECKS of the last one's: on a kept cache that pass runs only the rest, at most about two
+# thirds of a full one, and no shipped plan models a checked pass at more than 1.5x (the plans'
+# speedup_model); after a pass that stopped early (and so kept nothing) it runs whole and keeps it.
+REUSE_OVER_CHECKS = 3
 _TOP_BLOCK = 512  # logits per block when cutting a large vocabulary to its top-k contenders
 
 
@@ -196,7 +201,10 @@ class Runtime:
         plan, decision = None, None
         if threshold is None and signal is None and policy.exits:  # a rule that never exits runs no checks
             plan, planned, own = head_set.plan_for(len(prompt.tokens), self.engine.settings.tail_models)
-            decision = self.guard.decide(plan) if planned else GuardDecision(False, "plan")
+            if REUSE_OVER_CHECKS * self.engine.repeats(prompt.tokens) >= len(prompt.tokens):
+                decision = GuardDecision(False, "prefix")  # a plain pass: it reuses the kept prefix, or keeps it
+            else:
+                decision = self.guard.decide(plan) if planned else GuardDecision(False, "plan")
             if not decision.check:
                 policy = policy.never()  # no hooks at all: the plain full-depth pass
             else:
@@ -224,7 +232,7 @@ class Runtime:
         """Tell the guard what this answer's passes cost: a full-depth pass, or checks that exited or not."""
         n = len(prompt.tokens)
         if not decision.check:
-            if decision.reason != "plan":
+            if decision.reason not in ("plan", "prefix"):  # a reused prefix's pass is no full pass's cost
                 self.guard.record_full(plan, n, readout.prefill_ms)
             return
         self.guard.record_checked(
@@ -281,6 +289,7 @@ class Runtime:
             self.name,
             token,
             tail if mode in ("spade", "spade-exit") else 1,
+            reused_tokens=readout.reused,
         )
 
     def __enter__(self) -> Runtime:
@@ -308,6 +317,7 @@ def load_model(
     speed_guard: bool = True,
     allow_unverified: bool = False,
     share_with: Runtime | None = None,
+    reuse_prefix: bool = False,
 ) -> Runtime:
     """A registry name, a bundle folder or a GGUF path (None: the default model), loaded and ready.
 
@@ -320,11 +330,19 @@ def load_model(
     far (reproducible benchmarks); see guard.SpeedGuard. `allow_unverified`: use a downloaded
     file whose sha256 cannot be checked (none pinned, the hub unreachable) instead of refusing it.
     `share_with`: a loaded Runtime of the same model whose weights this one uses too (its own
-    context and guard: one more answer at a time, for little more memory).
+    context and guard: one more answer at a time, for little more memory). `reuse_prefix`: keep the
+    cache of each completed pass and run only what the next prompt adds to the prefix it shares, as
+    llama-cpp-python's completions do (questions behind one fixed few-shot prefix, a chat's system
+    prompt); the default rule then answers those by a plain pass (EngineSettings.reuse_prefix).
     """
     resolved = resolve_model(model, allow_unverified=allow_unverified)
     settings = EngineSettings(
-        n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers, kv_type=kv_type, tail_models=tail_models
+        n_ctx=n_ctx,
+        n_threads=threads,
+        n_gpu_layers=gpu_layers,
+        kv_type=kv_type,
+        tail_models=tail_models,
+        reuse_prefix=reuse_prefix,
     )
     if heads is False:
         heads_dir = None

@@ -353,6 +353,7 @@ def serve(
     api_key: str | None = None,
     threads: int | None = None,
     speed_guard: bool = True,
+    reuse_prefix: bool = False,
 ) -> None:
     """Load `parallel` runtimes of `model` and serve them until SIGINT or SIGTERM (in-flight answers finish)."""
     import uvicorn
@@ -365,10 +366,10 @@ def serve(
         raise EdgeSpadeError(f"--parallel must be from 1 to 64, got {parallel}")
 
     def load() -> list[Runtime]:
-        first = load_model(model, heads=heads, threads=threads, speed_guard=speed_guard)
+        options = dict(heads=heads, threads=threads, speed_guard=speed_guard, reuse_prefix=reuse_prefix)
+        first = load_model(model, **options)
         runtimes = [first] + [  # more contexts on the same loaded weights
-            load_model(model, heads=heads, threads=threads, speed_guard=speed_guard, share_with=first)
-            for _ in range(parallel - 1)
+            load_model(model, **options, share_with=first) for _ in range(parallel - 1)
         ]
         log.info("%s loaded: %d runtime(s) answering", runtimes[0].name, parallel)
         return runtimes
