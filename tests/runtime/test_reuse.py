@@ -108,3 +108,44 @@ def test_ask_file_reuses_prefixes_from_the_command_line(capsys, tmp_path, tiny_m
     assert [a["reused_tokens"] for a in fresh] == [0, 0, 0]
     assert reused[0]["reused_tokens"] == 0 and all(a["reused_tokens"] > 0 for a in reused[1:])
     assert [a["token"] for a in reused] == [a["token"] for a in fresh]
+
+
+def test_serve_reuse_prefix_answers_over_http(tiny_model):
+    """`edge-spade serve --reuse-prefix` in a process of its own, asked twice behind one prefix by a real
+    HTTP client: the second answer reports the reused tokens; SIGINT ends it cleanly."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["serve", "--model", str(tiny_model[0]), "--port", str(port), "--reuse-prefix", "--no-guard"]
+    code = f"from edge_spade.cli import main; raise SystemExit(main({args!r}))"
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+
+    def post(question: str) -> dict:
+        body = json.dumps({"question": question, "full": True}).encode()
+        request = urllib.request.Request(url + "/v1/ask", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return json.loads(r.read())
+
+    try:
+        for _ in range(300):
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                    if json.loads(r.read())["status"] == "ready":
+                        break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        first, second = post(QUESTIONS[0]), post(QUESTIONS[1])
+        assert first["reused_tokens"] == 0 and second["reused_tokens"] > 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and b"Traceback" not in err
