@@ -30,7 +30,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import data_path, progress, save_json
+from benchmarks.common import data_path, llama_cpp_python, progress, save_json
 from edge_spade import load_model
 from edge_spade.bench.run import last_logits
 from edge_spade.bench.sets import load_set
@@ -139,25 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    from llama_cpp import Llama
-
-    from edge_spade.engine import llama_cpp_python_buffers
-
     rt = load_model(args.model, threads=args.threads, speed_guard=False)
-    with llama_cpp_python_buffers():  # the engine's buffer choice: the same kernels, no AMX crash
-        llm, llm_fa = [
-            Llama(
-                str(rt.engine.path),
-                n_ctx=1024,
-                n_batch=1024,
-                n_ubatch=1024,
-                n_threads=rt.engine.threads,
-                n_threads_batch=rt.engine.threads,
-                flash_attn=fa,
-                verbose=False,
-            )
-            for fa in (False, True)
-        ]
+    llm, llm_fa = (llama_cpp_python(rt, flash_attn=fa) for fa in (False, True))
     rows = [run_set(rt, llm, llm_fa, data, shots, args.limit) for data, shots in SETS]
     result = {"model": rt.name, "threads": rt.engine.threads, "rows": rows}
     print(

@@ -89,6 +89,26 @@ def save_json(obj: dict, out: str | Path, runtimes: list | None = None) -> Path:
     return out
 
 
+def llama_cpp_python(rt, flash_attn: bool = False):
+    """llama-cpp-python's `Llama` on a loaded runtime's model file, with its threads and the engine's
+    buffer choice (the same kernels, no AMX crash): what a user would run instead of us."""
+    from llama_cpp import Llama
+
+    from edge_spade.engine import llama_cpp_python_buffers
+
+    with llama_cpp_python_buffers():
+        return Llama(
+            str(rt.engine.path),
+            n_ctx=1024,
+            n_batch=1024,
+            n_ubatch=1024,
+            n_threads=rt.engine.threads,
+            n_threads_batch=rt.engine.threads,
+            flash_attn=flash_attn,
+            verbose=False,
+        )
+
+
 def pyplot():
     """matplotlib's pyplot on a headless backend, or None (install edge-spade[plots])."""
     try:

@@ -31,7 +31,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import progress, save_json
+from benchmarks.common import llama_cpp_python, progress, save_json
 from edge_spade import load_model
 from edge_spade.bench.run import last_logits
 
@@ -111,22 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    from llama_cpp import Llama
-
-    from edge_spade.engine import llama_cpp_python_buffers
-
     rt = load_model(args.model, threads=args.threads, speed_guard=False)
     reuse = load_model(args.model, threads=args.threads, speed_guard=False, reuse_prefix=True, share_with=rt)
-    with llama_cpp_python_buffers():  # the engine's buffer choice: the same kernels
-        llm = Llama(
-            str(rt.engine.path),
-            n_ctx=1024,
-            n_batch=1024,
-            n_ubatch=1024,
-            n_threads=rt.engine.threads,
-            n_threads_batch=rt.engine.threads,
-            verbose=False,
-        )
+    llm = llama_cpp_python(rt)
     rows = [run_category(rt, reuse, llm, c, args.shots, args.limit) for c in args.categories]
     print(
         f"{'category':<12}{'tokens':>7}{'completion':>11}{'eval+reset':>11}{'full':>8}{'default':>8}{'reuse':>8}"
