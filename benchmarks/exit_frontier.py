@@ -38,7 +38,7 @@ if __package__ in (None, ""):
 
 from benchmarks.common import save_json
 from edge_spade import load_model
-from edge_spade.convert.cascade import Table, certify, choose, gather, outcome, threshold_grid
+from edge_spade.convert.cascade import Table, certify, choose, gather, outcome, probe_columns, threshold_grid
 from edge_spade.convert.certify import agreement_bound, fact_index
 
 log = logging.getLogger("benchmarks.exit_frontier")
@@ -82,7 +82,7 @@ def chosen_rule(train, held, heads, probes, probe, cost, target, confidence) -> 
     (the best median with the agreement bounded at the target), scaled until certified on `held`;
     its modelled speedups and agreement on `held`."""
     rule = choose(train, heads, probes, cost, target, confidence, "median", combos=[(probe,)])
-    cols = [len(heads) + probes.index(p) for p in rule["probe_layers"]]
+    cols = probe_columns(heads, probes, rule["probe_layers"])
     taus = certify(held, heads, cols, rule, target, confidence, True) if cols else None
     tau_head, tau_probe = (taus[0], taus[1]) if taus else (-1.0, -1.0)
     stage, ok = outcome(held, len(heads), cols, tau_head, tau_probe)
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             train = [s for s in g.train if s.shots == shots and form in ("every", s.form)]
             n = np.array([s.n_tokens for s in held])
             for probe in g.probes:
-                col = len(g.heads) + g.probes.index(probe)
+                (col,) = probe_columns(g.heads, g.probes, [probe])
                 at = cost_at(g.cost, g.heads, probe, float(np.median(n)))
                 row = {
                     "shots": shots,
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("%s", row)
                 rows.append(row)
             for pair in itertools.combinations(g.probes, 2):  # two probes sharing a threshold (--max-probes 2)
-                cols = [len(g.heads) + g.probes.index(p) for p in pair]
+                cols = probe_columns(g.heads, g.probes, pair)
                 row = {"shots": shots, "formats": form, "probe_layers": list(pair), "prompts": len(held)}
                 row.update(best_rules(held, g.heads, list(pair), cols, g.cost, target, confidence, PAIR_GRID))
                 log.info("%s", row)

@@ -208,6 +208,23 @@ def _frontier_rows(r: dict) -> list[list[str]]:
     return out
 
 
+def _prefix_reuse_rows(r: dict) -> list[list[str]]:
+    return [
+        [
+            x["category"],
+            str(x["shots"]),
+            str(x["n"]),
+            f"{x['prompt_tokens_median']:.0f}",
+            *(f"{x['median_ms'][k]:.1f}" for k in ("completion", "eval_reset", "full", "default", "reuse")),
+            f"{x['default_vs_completion_total']:.2f}x",
+            f"{x['reuse_vs_completion_total']:.2f}x",
+            f"{x['full_vs_eval_reset_total']:.2f}x",
+            f"{x['same_answer_as_completion']:.3f}, {x['reuse_same_answer_as_full']:.3f}",
+        ]
+        for x in r["rows"]
+    ]
+
+
 def _question_cell(question: str) -> str:
     """A question as one table cell: a few-shot prompt shows its last line and how many came before."""
     lines = question.split("\n")
@@ -359,20 +376,7 @@ def other_results_md(folder: Path = RESULTS) -> list[str]:
                 "full vs eval after reset",
                 "same answer: completion, reuse (as full)",
             ],
-            [
-                [
-                    x["category"],
-                    str(x["shots"]),
-                    str(x["n"]),
-                    f"{x['prompt_tokens_median']:.0f}",
-                    *(f"{x['median_ms'][k]:.1f}" for k in ("completion", "eval_reset", "full", "default", "reuse")),
-                    f"{x['default_vs_completion_total']:.2f}x",
-                    f"{x['reuse_vs_completion_total']:.2f}x",
-                    f"{x['full_vs_eval_reset_total']:.2f}x",
-                    f"{x['same_answer_as_completion']:.3f}, {x['reuse_same_answer_as_full']:.3f}",
-                ]
-                for x in r["rows"]
-            ],
+            _prefix_reuse_rows(r),
         )
     for path in sorted(folder.glob("one-question-*.json")):
         r = json.loads(path.read_text())

@@ -311,6 +311,12 @@ class Table:
         )
 
 
+def probe_columns(heads: Sequence[int], probes: Sequence[int], layers: Sequence[int]) -> list[int]:
+    """The signals' columns (Signals.spade_ent, spade_answer) of probe `layers`, among the measured
+    `probes`: after one column per head layer."""
+    return [len(heads) + list(probes).index(p) for p in layers]
+
+
 def outcome(
     s: Sequence[Signals] | Table, n_heads: int, probe_cols: Sequence[int], tau_head: float, tau_probe: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -376,7 +382,7 @@ def choose(
     if combos is None:
         combos = [()] + [c for r in range(1, max_probes + 1) for c in itertools.combinations(allowed, r)]
     for chosen in combos:
-        cols = [len(heads) + list(probes).index(p) for p in chosen]
+        cols = probe_columns(heads, probes, chosen)
         head_taus, probe_taus = threshold_grid(table, cols, head_stage)
         for tau_head in head_taus:
             for tau_probe in probe_taus:
@@ -525,7 +531,7 @@ class GateSide:
 
     @property
     def cols(self) -> list[int]:
-        return [len(self.heads) + self.probes.index(p) for p in self.rule["probe_layers"]]
+        return probe_columns(self.heads, self.probes, self.rule["probe_layers"])
 
     def spent(self, cost: CostModel) -> tuple[np.ndarray, np.ndarray]:
         return _rule_spent(self.held, self.heads, self.cols, self.rule["probe_layers"], self.plans, self.overall, cost)
@@ -556,7 +562,7 @@ def choose_by_gate(
             train, g.heads, g.probes, g.cost, target, confidence, objective, g.by_key, head_stage and inside,
             min_probe_layer, max_probes,
         )  # fmt: skip
-        cols = [len(g.heads) + g.probes.index(p) for p in rule["probe_layers"]]
+        cols = probe_columns(g.heads, g.probes, rule["probe_layers"])
         overall, plans = cascade_plans(
             held, g.heads, cols, rule["probe_layers"], rule, g.cost, target, confidence, min_tokens, g.by_key
         )
@@ -671,7 +677,7 @@ def add_cascade(
             train, heads, probes, cost, target, confidence, objective, g.by_key, head_stage, min_probe_layer, max_probes
         )
         chosen = rule["probe_layers"]
-        cols = [len(heads) + probes.index(p) for p in chosen]
+        cols = probe_columns(heads, probes, chosen)
         overall, plans = cascade_plans(held, heads, cols, chosen, rule, cost, target, confidence, min_tokens, g.by_key)
         after = one_rule = _rule_cost(held, heads, cols, chosen, plans, overall, cost)
         before = _modelled(held, head_set, heads, probes, cost)
@@ -879,7 +885,7 @@ def _modelled(
     plans = [
         {**p, "threshold": -1.0, "probe_threshold": p["threshold"]} if "threshold" in p else p for p in head_set.plans
     ]
-    return _rule_cost(held, heads, [len(heads) + list(probes).index(p) for p in own], own, plans, rule, cost)
+    return _rule_cost(held, heads, probe_columns(heads, probes, own), own, plans, rule, cost)
 
 
 def _rule_cost(held, heads, cols, chosen, plans, overall, cost: CostModel) -> dict[str, float]:

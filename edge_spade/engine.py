@@ -365,7 +365,7 @@ class Engine:
         (reuse_prefix; 0 without): a pass that stopped kept nothing, but the next plain one will."""
         if not self.settings.reuse_prefix or self._main is None:
             return 0
-        return max(self._main.reusable(tokens), _shared(self._main.last, tokens))
+        return _shared(self._main.last, tokens)  # what is kept is a prefix of the last prompt
 
     def logit_lens(self, tokens: Sequence[int], layer: int, ids: np.ndarray | None) -> Readout:
         """Final norm + LM head applied to the last row after `layer`."""
@@ -743,7 +743,8 @@ class _Context:
         else:
             ll.llama_memory_clear(self.mem, False)
         self.kept = []  # until this pass says what its cache holds
-        if self.keeps and all(tap.write is None for tap in taps.values()):  # a prompt's pass, not a SPADE tail's
+        writes = any(tap.write is not None for tap in taps.values())  # a SPADE tail's pass, not a prompt's
+        if self.keeps and not writes:
             self.last = list(tokens)
         # The CPU backend calls the abort callback after every node, into Python: on a short pass
         # that no tap stops, that is a share of the pass worth saving. Ctrl-C there is raised when
@@ -753,11 +754,10 @@ class _Context:
         if wanted != self._abort_set:
             ll.llama_set_abort_callback(self.ctx, self.hooks.abort_callback if wanted else self._no_abort, None)
             self._abort_set = wanted
-        completed = False
         try:
             rc, capture = self.hooks.run(taps, lambda: ll.llama_decode(self.ctx, batch))
             capture.reused = start
-            completed = rc == 0 and not capture.stopped and all(tap.write is None for tap in taps.values())
+            completed = rc == 0 and not capture.stopped and not writes
             if self.keeps and (completed or rc == 2):  # 2: stopped, the batch rolled back, the prefix kept
                 self.kept = list(tokens) if completed else list(tokens[:start])
             return rc, capture

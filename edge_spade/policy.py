@@ -282,8 +282,8 @@ def spade_exit(
     head_checks = not probe and (policy.threshold >= 0 or (policy.by_gate and policy.exits))
     if probe:
         sides = {True: (policy.eval_layers, policy.threshold)}
-    elif policy.signal == "cascade":
-        sides = {inside: policy.probes_for(inside) for inside in (False, True)}
+    elif policy.signal == "cascade":  # by the gate's verdict: a rule per side; else one for every prompt
+        sides = {inside: policy.probes_for(inside) for inside in ((False, True) if policy.by_gate else (True,))}
     else:
         sides = {}
     sides = {inside: rule for inside, rule in sides.items() if rule[0] and rule[1] >= 0}
@@ -299,7 +299,10 @@ def spade_exit(
             inside: probe_checks(engine, layers, tau, policy.top_k, prompt, seen, tail, screen)
             for inside, (layers, tau) in sides.items()
         }
-        checks.update({layer: _side_check(layer, by_side, seen) for layer in probes})
+        if policy.by_gate:  # the prompt's side is known once the head layers have run, before any probe
+            checks.update({layer: _side_check(layer, by_side, seen) for layer in probes})
+        else:
+            checks.update(by_side[True])
     # After a head's exit SPADE runs from there (unless a lens baseline answers); a probe's tail is the answer.
     then_spade = frozenset(policy.eval_layers) if answer_from == "spade" and not probe else frozenset()
     readout = engine.early_exit(prompt.tokens, prompt.ids, checks, tail=tail, then_spade=then_spade)
